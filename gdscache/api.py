@@ -1,0 +1,326 @@
+"""GDSCache: the engine-agnostic store / lookup / retrieve API over the DRAM, local and remote tiers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from gdscache import keys
+from gdscache.codecs import Codec, get_codec
+from gdscache.config import Config
+from gdscache.format.chunkfile import ChunkMeta, make_meta
+from gdscache.metrics import Metrics
+from gdscache.spec import KVSpec, dtype_name, parse_dtype
+from gdscache.tiers.dram import DramTier
+from gdscache.tiers.local import LocalTier
+from gdscache.writeback import WriteBehind
+from io_backends import make_file_backend
+
+log = logging.getLogger("gdscache")
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+Fetched = tuple[ChunkMeta, torch.Tensor] | None
+
+
+class GDSCache:
+    """A KV-cache store keyed by token prefixes.
+
+    ``GDSCache(path=..., chunk_size=..., model_id=...)`` or ``GDSCache(Config(...))``. Safe to use
+    from several threads; several processes may share one path.
+    """
+
+    def __init__(self, config: Config | None = None, /, **fields: Any) -> None:
+        if config is not None and fields:
+            raise TypeError("pass either a Config or keyword fields, not both")
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"GDSCache() takes a gdscache.Config, got {type(config).__name__}")
+        self.config = config if config is not None else Config.build(fields)
+        cfg = self.config
+        _check_writable(cfg.path)
+        self.metrics = Metrics()
+        self._codec: Codec = get_codec(cfg.codec, **_codec_kwargs(cfg))
+        self._backend = make_file_backend(cfg.storage, cfg.io_threads, cfg.o_direct)
+        self._local = LocalTier(cfg.path, self._backend, max_bytes=cfg.max_disk_bytes, durable=cfg.durable)
+        self._dram = DramTier(cfg.cpu_cache_bytes) if cfg.cpu_cache_bytes else None
+        self._remote = _make_remote(cfg)
+        self._writer = (
+            WriteBehind(self._persist, depth=cfg.write_queue_depth, workers=cfg.io_threads)
+            if cfg.write_mode == "async" else None
+        )
+        self._spec_lock = threading.Lock()
+        self._spec: KVSpec | None = None
+        self._namespace = b""
+        self._closed = False
+        if cfg.kv_shape is not None:
+            shape = cfg.kv_shape
+            self._bind(KVSpec(shape.num_layers, shape.kv_planes, shape.num_kv_heads, shape.head_dim, parse_dtype(shape.dtype)))
+        log.info("gdscache at %s: storage=%s io_mode=%s codec=%s", cfg.path, cfg.storage, self.io_mode, cfg.codec)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def io_mode(self) -> str:
+        """The I/O path that actually runs (gds, cufile-compat, kvikio-posix, posix-odirect, posix-buffered)."""
+        return self._backend.io_mode
+
+    @property
+    def namespace(self) -> bytes:
+        """Digest of the fingerprint (model, dtype, shape, layout, TP, codec) that seeds every key."""
+        if self._spec is None:
+            raise RuntimeError("no KV spec yet: store or retrieve a tensor first, or set Config.kv_shape")
+        return self._namespace
+
+    def chunk_keys(self, tokens: Tokens) -> list[bytes]:
+        """Keys of the whole chunks of ``tokens`` under this cache's namespace."""
+        return keys.chunk_keys(self.namespace, keys.as_token_array(tokens), self.config.chunk_size)
+
+    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
+        """Persist the whole chunks of ``kv`` not stored yet; returns how many tokens were newly stored."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        spec = KVSpec.of(kv)
+        self._bind(spec)
+        chunk = self.config.chunk_size
+        n_chunks = len(arr) // chunk
+        if kv.shape[2] < n_chunks * chunk:
+            raise ValueError(
+                f"kv holds {kv.shape[2]} tokens but tokens has {len(arr)} ({n_chunks} whole chunks of {chunk} need "
+                f"{n_chunks * chunk}); kv shape {tuple(kv.shape)}"
+            )
+        started = time.perf_counter()
+        jobs: list[Future[bool]] = []
+        new_tokens = 0
+        for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
+            if self._present(key):
+                continue
+            payload = self._codec.encode(kv[:, :, i * chunk : (i + 1) * chunk])
+            meta = make_meta(key, self._namespace, spec, chunk, self._codec.name, self._codec.params(), payload)
+            self.metrics.inc("bytes_encoded", payload.numel())
+            if self._writer is not None:
+                self._writer.submit(meta, payload)
+                new_tokens += chunk
+            else:
+                jobs.append(self._backend.submit(self._persist, meta, payload))
+        for job in jobs:
+            new_tokens += chunk if job.result() else 0
+        if jobs or new_tokens:
+            self.metrics.observe("store", (time.perf_counter() - started) / max(1, len(jobs) or new_tokens // chunk))
+        self.metrics.inc("stored_tokens", new_tokens)
+        return new_tokens
+
+    def lookup(self, tokens: Tokens) -> int:
+        """Length of the longest stored prefix of ``tokens``, a multiple of ``chunk_size``."""
+        self._check_open()
+        hits = 0
+        for key in self.chunk_keys(tokens):
+            if not (self._present(key) or (self._remote is not None and self._remote.contains(self._namespace, key))):
+                break
+            hits += 1
+        self.metrics.inc("lookups")
+        return hits * self.config.chunk_size
+
+    def retrieve(self, tokens: Tokens, out: torch.Tensor) -> int:
+        """Fill ``out[:, :, :n]`` with the KV of the longest retrievable prefix; returns ``n``.
+
+        A chunk that is missing, corrupt or unreadable ends the prefix: ``out`` beyond ``n`` is
+        unspecified, and nothing before ``n`` is ever wrong.
+        """
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        spec = KVSpec.of(out)
+        self._bind(spec)
+        chunk = self.config.chunk_size
+        n_chunks = len(arr) // chunk
+        if out.shape[2] < n_chunks * chunk:
+            raise ValueError(
+                f"out has room for {out.shape[2]} tokens but tokens has {n_chunks * chunk} in whole chunks; "
+                f"out shape {tuple(out.shape)}"
+            )
+        started = time.perf_counter()
+        chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
+        window = max(2, 2 * self.config.io_threads)
+        inflight: list[Future[Fetched]] = []
+        n_read = 0
+        next_submit = 0
+        while n_read < len(chunk_keys):
+            while next_submit < len(chunk_keys) and len(inflight) < window:
+                inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], out.device))
+                next_submit += 1
+            fetched = inflight.pop(0).result()
+            if fetched is None or not self._decode(fetched, spec, out[:, :, n_read * chunk : (n_read + 1) * chunk]):
+                break
+            n_read += 1
+        for job in inflight:
+            job.cancel()
+        misses = len(chunk_keys) - n_read
+        self.metrics.inc("hit_chunks", n_read)
+        self.metrics.inc("miss_chunks", misses)
+        self.metrics.inc("retrieved_tokens", n_read * chunk)
+        if n_read:
+            self.metrics.observe("retrieve", (time.perf_counter() - started) / n_read)
+        return n_read * chunk
+
+    def flush(self) -> None:
+        """Wait until every accepted chunk is written (async mode) and uploaded (remote tier)."""
+        if self._writer is not None:
+            self._writer.flush()
+        if self._remote is not None:
+            self._remote.flush()
+
+    def close(self) -> None:
+        """Flush, then release threads and handles. Idempotent."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        if self._remote is not None:
+            self._remote.close()
+        self._backend.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, bytes, hit/miss totals, latencies and the I/O mode that runs."""
+        out: dict[str, Any] = {
+            "io_mode": self.io_mode,
+            "storage": self.config.storage,
+            "codec": self._codec.name,
+            "chunk_size": self.config.chunk_size,
+            "local_chunks": len(self._local),
+            "local_bytes": self._local.used_bytes,
+        }
+        out.update(self.metrics.snapshot())
+        out.update({f"local_{k}": v for k, v in vars(self._local.stats).items()})
+        if self._dram is not None:
+            out.update(self._dram.stats())
+        if self._writer is not None:
+            out["write_queue_depth"] = self._writer.depth()
+        if self._remote is not None:
+            out.update({f"remote_{k}": v for k, v in self._remote.stats().items()})
+        return out
+
+    def __enter__(self) -> GDSCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GDSCache(path={self.config.path!r}, codec={self._codec.name!r}, io_mode={self.io_mode!r})"
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this GDSCache is closed")
+
+    def _bind(self, spec: KVSpec) -> None:
+        """Fix the KV spec (and so the namespace) on first use; later tensors must match it."""
+        if self._spec == spec:
+            return
+        with self._spec_lock:
+            if self._spec is None:
+                cfg = self.config
+                fp = keys.fingerprint(
+                    model_id=cfg.model_id, spec=spec, layout=cfg.layout, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size,
+                    chunk_size=cfg.chunk_size, codec=self._codec.name, codec_params=self._codec.params(),
+                )
+                self._namespace = keys.namespace_of(fp)
+                self._local.ensure_namespace(self._namespace, fp)
+                if self._remote is not None:
+                    self._remote.put_namespace_info(self._namespace, fp)
+                self._spec = spec
+            elif self._spec != spec:
+                have, got = self._spec, spec
+                raise ValueError(
+                    f"KV tensor does not match this cache: expected [layers={have.num_layers}, planes={have.kv_planes}, "
+                    f"tokens, heads={have.num_kv_heads}, dim={have.head_dim}] {dtype_name(have.dtype)}, got "
+                    f"[{got.num_layers}, {got.kv_planes}, tokens, {got.num_kv_heads}, {got.head_dim}] {dtype_name(got.dtype)}"
+                )
+
+    def _present(self, key: bytes) -> bool:
+        return (
+            (self._writer is not None and self._writer.pending(key) is not None)
+            or (self._dram is not None and key in self._dram)
+            or self._local.contains(self._namespace, key)
+        )
+
+    def _persist(self, meta: ChunkMeta, payload: torch.Tensor) -> bool:
+        """Write one encoded chunk to every tier; never raises for storage faults."""
+        ok = self._local.write(self._namespace, meta, payload)
+        self.metrics.inc("chunks_written" if ok else "chunk_write_failures")
+        if ok:
+            self.metrics.inc("bytes_written", payload.numel())
+        if self._dram is not None:
+            self._dram.put(meta.key, meta, payload)
+        if self._remote is not None:
+            self._remote.put(self._namespace, meta.key, meta, payload)
+            ok = True
+        return ok
+
+    def _fetch(self, key: bytes, device: torch.device) -> Fetched:
+        """Find one chunk in the fastest tier that has it, promoting it into the faster tiers."""
+        if self._writer is not None and (pending := self._writer.pending(key)) is not None:
+            return pending
+        if self._dram is not None and (hit := self._dram.get(key)) is not None:
+            self.metrics.inc("dram_hits")
+            return hit
+        hit = self._local.read(self._namespace, key, device)
+        if hit is not None:
+            self.metrics.inc("local_hits")
+        elif self._remote is not None and (hit := self._remote.get(self._namespace, key)) is not None:
+            self.metrics.inc("remote_hits")
+            self._local.write(self._namespace, *hit)
+        if hit is not None and self._dram is not None:
+            self._dram.put(key, *hit)
+        return hit
+
+    def _decode(self, fetched: tuple[ChunkMeta, torch.Tensor], spec: KVSpec, out: torch.Tensor) -> bool:
+        meta, payload = fetched
+        if meta.spec != spec or meta.codec != self._codec.name or meta.codec_params != self._codec.params() \
+                or meta.num_tokens != self.config.chunk_size:
+            log.warning("chunk %s was written with other settings; treating as a miss", meta.key.hex())
+            self.metrics.inc("mismatched_chunks")
+            return False
+        if payload.device != out.device:
+            payload = payload.to(out.device, non_blocking=True)
+        try:
+            self._codec.decode(payload, spec, meta.num_tokens, out)
+        except ValueError as exc:
+            log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), exc)
+            self.metrics.inc("decode_errors")
+            return False
+        self.metrics.inc("bytes_read", payload.numel())
+        return True
+
+
+def _check_writable(path: str) -> None:
+    """Create ``path`` if needed and prove it is a writable directory, or raise a ValueError naming it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".gdscache-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"path {path!r} is not a writable directory: {exc.strerror or exc}") from None
+
+
+def _codec_kwargs(cfg: Config) -> dict[str, Any]:
+    params = dict(cfg.codec_params)
+    if cfg.codec_profile is not None:
+        params["profile"] = cfg.codec_profile
+    return params
+
+
+def _make_remote(cfg: Config):  # noqa: ANN202 - the remote tier imports fsspec lazily
+    if cfg.remote_url is None:
+        return None
+    from gdscache.tiers.remote import RemoteTier
+
+    return RemoteTier(cfg.remote_url, cfg.remote_options, timeout_s=cfg.remote_timeout_s,
+                      concurrency=cfg.remote_concurrency, write_mode=cfg.remote_write)

@@ -1,0 +1,128 @@
+"""The chunk file: a 4 KiB header, then the payload on a 4 KiB boundary. See docs/FORMAT.md.
+
+The same bytes are a file in the local tier and an object in the remote tier.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gdscache.format import checksum
+from gdscache.spec import KVSpec
+
+MAGIC = b"GDSCHUNK"
+VERSION = 1
+HEADER_SIZE = 4096
+PAYLOAD_OFFSET = HEADER_SIZE
+# magic, version, header crc32, checksum algorithm, key, namespace, payload offset, payload length,
+# tokens, metadata length, payload digest
+_FIXED = struct.Struct("<8sHIH16s16sQQII24s")
+_CRC_OFFSET = 10
+_MAX_META = HEADER_SIZE - _FIXED.size
+
+
+class CorruptChunk(ValueError):
+    """A chunk file or object that fails validation: the caller treats it as a miss."""
+
+
+@dataclass
+class ChunkMeta:
+    """Everything the header says about one chunk."""
+
+    key: bytes
+    namespace: bytes
+    spec: KVSpec
+    num_tokens: int
+    codec: str
+    codec_params: dict[str, Any]
+    payload_len: int
+    checksum_alg: int
+    payload_digest: bytes
+    created: float = field(default_factory=time.time)
+
+    @property
+    def file_size(self) -> int:
+        return PAYLOAD_OFFSET + self.payload_len
+
+
+def pack_header(meta: ChunkMeta) -> bytes:
+    """The 4 KiB header for ``meta``."""
+    blob = json.dumps(
+        {"spec": meta.spec.to_json(), "codec": meta.codec, "codec_params": meta.codec_params, "created": meta.created},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    if len(blob) > _MAX_META:
+        raise ValueError(f"chunk metadata is {len(blob)} bytes; at most {_MAX_META} fit in the header")
+    fixed = _FIXED.pack(
+        MAGIC, VERSION, 0, meta.checksum_alg, meta.key, meta.namespace, PAYLOAD_OFFSET,
+        meta.payload_len, meta.num_tokens, len(blob), meta.payload_digest,
+    )
+    header = bytearray(fixed + blob)
+    header.extend(b"\0" * (HEADER_SIZE - len(header)))
+    struct.pack_into("<I", header, _CRC_OFFSET, zlib.crc32(header))
+    return bytes(header)
+
+
+def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
+    """Parse and validate a header; raises :class:`CorruptChunk` naming what is wrong."""
+    if len(header) < HEADER_SIZE:
+        raise CorruptChunk(f"header is {len(header)} bytes, expected {HEADER_SIZE}")
+    header = bytes(header[:HEADER_SIZE])
+    magic, version, crc, alg, key, namespace, offset, payload_len, tokens, meta_len, dig = _FIXED.unpack_from(header)
+    if magic != MAGIC:
+        raise CorruptChunk(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise CorruptChunk(f"unsupported chunk format version {version} (this build reads {VERSION})")
+    zeroed = bytearray(header)
+    struct.pack_into("<I", zeroed, _CRC_OFFSET, 0)
+    if zlib.crc32(zeroed) != crc:
+        raise CorruptChunk("header checksum mismatch")
+    if offset != PAYLOAD_OFFSET or meta_len > _MAX_META or alg not in checksum.NAMES:
+        raise CorruptChunk("inconsistent header fields")
+    if file_size is not None and file_size < PAYLOAD_OFFSET + payload_len:
+        raise CorruptChunk(f"truncated: {file_size} bytes, header promises {PAYLOAD_OFFSET + payload_len}")
+    try:
+        meta = json.loads(header[_FIXED.size : _FIXED.size + meta_len])
+        spec = KVSpec.from_json(meta["spec"])
+        return ChunkMeta(key, namespace, spec, tokens, meta["codec"], meta["codec_params"], payload_len, alg, dig, meta["created"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptChunk(f"bad header metadata: {exc}") from exc
+
+
+def make_meta(key: bytes, namespace: bytes, spec: KVSpec, num_tokens: int, codec: str,
+              codec_params: dict[str, Any], payload: torch.Tensor) -> ChunkMeta:
+    """Header fields for ``payload``, with its checksum computed on the payload's device."""
+    alg = checksum.algorithm_for(payload)
+    return ChunkMeta(key, namespace, spec, num_tokens, codec, codec_params, payload.numel(), alg,
+                     checksum.digest(payload, alg))
+
+
+def verify_payload(meta: ChunkMeta, payload: torch.Tensor) -> None:
+    """Raise :class:`CorruptChunk` unless ``payload`` matches the header's length and checksum."""
+    if payload.numel() != meta.payload_len:
+        raise CorruptChunk(f"payload is {payload.numel()} bytes, header says {meta.payload_len}")
+    if checksum.digest(payload, meta.checksum_alg) != meta.payload_digest:
+        raise CorruptChunk(f"payload checksum ({checksum.NAMES[meta.checksum_alg]}) mismatch")
+
+
+def pack_object(meta: ChunkMeta, payload: torch.Tensor) -> bytes:
+    """Header and payload as one byte string (the remote tier's object)."""
+    return pack_header(meta) + payload.cpu().numpy().tobytes()
+
+
+def unpack_object(data: bytes | memoryview, expected_key: bytes | None = None) -> tuple[ChunkMeta, torch.Tensor]:
+    """Parse and verify a whole object; raises :class:`CorruptChunk`."""
+    meta = unpack_header(bytes(data[:HEADER_SIZE]), len(data))
+    if expected_key is not None and meta.key != expected_key:
+        raise CorruptChunk("object holds another key")
+    payload = torch.frombuffer(bytearray(data[PAYLOAD_OFFSET : PAYLOAD_OFFSET + meta.payload_len]), dtype=torch.uint8)
+    verify_payload(meta, payload)
+    return meta, payload

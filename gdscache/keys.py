@@ -1,0 +1,76 @@
+"""Chunk keys: a fingerprint namespace, then a prefix hash chain over token ids.
+
+Keys depend only on bytes (never on Python's ``hash``), so every process on every host derives
+the same key for the same prefix of the same model, dtype, layout, TP rank and codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gdscache.spec import KVSpec
+
+KEY_SIZE = 16
+
+
+def fingerprint(*, model_id: str, spec: KVSpec, layout: str, tp_rank: int, tp_size: int, chunk_size: int,
+                codec: str, codec_params: dict[str, Any]) -> dict[str, Any]:
+    """Everything that makes two chunks incompatible, as a JSON-able dict."""
+    return {
+        "model_id": model_id,
+        "kv": spec.to_json(),
+        "layout": layout,
+        "tp_rank": tp_rank,
+        "tp_size": tp_size,
+        "chunk_size": chunk_size,
+        "codec": codec,
+        "codec_params": codec_params,
+    }
+
+
+def namespace_of(fp: dict[str, Any]) -> bytes:
+    """16-byte digest of a fingerprint; the seed of every key chain under it."""
+    blob = json.dumps(fp, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(blob, digest_size=KEY_SIZE, person=b"gdscache-ns").digest()
+
+
+def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Tokens as a 1-D little-endian int64 array; TypeError/ValueError name what is wrong."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integers, got a tensor of dtype {tokens.dtype}")
+        arr = tokens.detach().cpu().numpy()
+    elif isinstance(tokens, np.ndarray):
+        arr = tokens
+    elif isinstance(tokens, (list, tuple, range)):
+        if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) for t in tokens):
+            bad = next(t for t in tokens if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+            raise TypeError(f"tokens must be ints, found {bad!r} ({type(bad).__name__})")
+        arr = np.asarray(tokens, dtype=np.int64)
+    else:
+        raise TypeError(f"tokens must be a list, numpy array or torch tensor of ints, got {type(tokens).__name__}")
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"token ids must be >= 0, found {int(arr.min())}")
+    return np.ascontiguousarray(arr, dtype="<i8")
+
+
+def chunk_keys(namespace: bytes, tokens: np.ndarray, chunk_size: int) -> list[bytes]:
+    """Keys of the whole chunks of ``tokens``: key[i] = blake2b(key[i-1] || tokens of chunk i)."""
+    keys: list[bytes] = []
+    prev = namespace
+    for start in range(0, len(tokens) - chunk_size + 1, chunk_size):
+        h = hashlib.blake2b(prev, digest_size=KEY_SIZE, person=b"gdscache-kv")
+        h.update(tokens[start : start + chunk_size].tobytes())
+        prev = h.digest()
+        keys.append(prev)
+    return keys

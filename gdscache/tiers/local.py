@@ -1,0 +1,309 @@
+"""The local tier: one chunk file per key in a directory, LRU eviction under a byte quota.
+
+Several processes may share one directory. Files are published atomically by the backend, so a
+reader sees a whole chunk or none; each process keeps its own index and discovers the others'
+files on demand. A file that fails validation is moved to ``.quarantine/`` and reads as a miss.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from gdscache.format.chunkfile import HEADER_SIZE, PAYLOAD_OFFSET, ChunkMeta, CorruptChunk, pack_header, unpack_header, verify_payload
+from io_backends.base import FileBackend, Part, align_up
+from io_backends.buffers import aligned_empty
+
+log = logging.getLogger(__name__)
+SUFFIX = ".gdc"
+NAMESPACE_FILE = "namespace.json"
+QUARANTINE = ".quarantine"
+STALE_TEMP_S = 600.0
+_HOST = socket.gethostname().replace(".", "_")
+
+
+@dataclass
+class LocalStats:
+    writes: int = 0
+    write_errors: int = 0
+    enospc: int = 0
+    reads: int = 0
+    read_misses: int = 0
+    corrupt: int = 0
+    evictions: int = 0
+    temps_removed: int = 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalTier:
+    """Chunk files under ``root/<namespace>/<kk>/<key>.gdc`` with an in-memory LRU index."""
+
+    def __init__(self, root: str, backend: FileBackend, *, max_bytes: int | None = None, durable: bool = True) -> None:
+        self.root = root
+        self.backend = backend
+        self.max_bytes = max_bytes
+        self.durable = durable
+        self.stats = LocalStats()
+        self._index: OrderedDict[bytes, tuple[str, int]] = OrderedDict()  # key -> (path, bytes on disk), LRU first
+        self._bytes = 0
+        self._in_use: Counter[bytes] = Counter()
+        self._lock = threading.Lock()
+        self._known_dirs: set[str] = set()
+        self._scan()
+
+    # ----------------------------------------------------------------- index and layout
+    def path_of(self, namespace: bytes, key: bytes) -> str:
+        khex = key.hex()
+        return os.path.join(self.root, namespace.hex(), khex[:2], khex + SUFFIX)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _scan(self) -> None:
+        """Index every chunk file under root (LRU order by mtime); clear dead temps and stray files."""
+        found: list[tuple[float, bytes, str, int]] = []
+        now = time.time()
+        for ns_entry in _scandir(self.root):
+            if not ns_entry.is_dir() or ns_entry.name == QUARANTINE:
+                continue
+            for kk in _scandir(ns_entry.path):
+                if not kk.is_dir():
+                    continue
+                for entry in _scandir(kk.path):
+                    name = entry.name
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    if name.endswith(".tmp"):
+                        self._maybe_remove_temp(entry.path, name, st.st_mtime, now)
+                    elif name.endswith(SUFFIX) and len(name) == 32 + len(SUFFIX):
+                        if st.st_size < HEADER_SIZE:
+                            self.quarantine(entry.path, "shorter than a header")
+                            continue
+                        found.append((st.st_mtime, bytes.fromhex(name[:32]), entry.path, st.st_size))
+        found.sort()
+        for _, key, path, size in found:
+            self._index[key] = (path, size)
+            self._bytes += size
+        if self.max_bytes is not None and self._bytes > self.max_bytes:
+            self._evict(self._bytes - self.max_bytes)
+
+    def _maybe_remove_temp(self, path: str, name: str, mtime: float, now: float) -> None:
+        parts = name.split(".")  # ['', keyname, 'gdc', host, pid, rand, 'tmp']
+        dead = len(parts) >= 5 and parts[-4] == _HOST and parts[-3].isdigit() and not _pid_alive(int(parts[-3]))
+        if dead or now - mtime > STALE_TEMP_S:
+            try:
+                os.unlink(path)
+                self.stats.temps_removed += 1
+            except FileNotFoundError:
+                pass
+
+    def contains(self, namespace: bytes, key: bytes) -> bool:
+        """True if the chunk is indexed or another process has published it."""
+        with self._lock:
+            if key in self._index:
+                return True
+        path = self.path_of(namespace, key)
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return False
+        self._add(key, path, size)
+        return True
+
+    def _add(self, key: bytes, path: str, size: int) -> None:
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+                return
+            self._index[key] = (path, size)
+            self._bytes += size
+
+    def _forget(self, key: bytes) -> None:
+        with self._lock:
+            entry = self._index.pop(key, None)
+            if entry is not None:
+                self._bytes -= entry[1]
+
+    # ----------------------------------------------------------------- write
+    def ensure_namespace(self, namespace: bytes, info: dict) -> None:
+        """Create the namespace directory and its human-readable ``namespace.json`` once."""
+        ns_dir = os.path.join(self.root, namespace.hex())
+        target = os.path.join(ns_dir, NAMESPACE_FILE)
+        if os.path.exists(target):
+            return
+        os.makedirs(ns_dir, exist_ok=True)
+        data = json.dumps(info, indent=2, sort_keys=True).encode()
+        try:
+            _write_small(target, data)
+        except OSError as exc:
+            log.warning("could not write %s: %s", target, exc)
+
+    def write(self, namespace: bytes, meta: ChunkMeta, payload: torch.Tensor) -> bool:
+        """Publish one chunk; returns False (with a warning) when the disk refuses it."""
+        path = self.path_of(namespace, meta.key)
+        size = align_up(meta.file_size)
+        directory = os.path.dirname(path)
+        if directory not in self._known_dirs:
+            os.makedirs(directory, exist_ok=True)
+            self._known_dirs.add(directory)
+        if self.max_bytes is not None:
+            if size > self.max_bytes:
+                log.warning("chunk of %d bytes exceeds the %d-byte disk quota; not stored", size, self.max_bytes)
+                return False
+            with self._lock:
+                excess = self._bytes + size - self.max_bytes
+            if excess > 0:
+                self._evict(excess)
+        parts = [Part(0, pack_header(meta)), Part(PAYLOAD_OFFSET, payload)]
+        for attempt in (1, 2):
+            try:
+                self.backend.write_file(path, parts, durable=self.durable)
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self.stats.enospc += 1
+                    if attempt == 1 and self._evict(max(size * 4, self._bytes // 10)) > 0:
+                        continue
+                    log.warning("disk full under %s; chunk not stored (reads keep working)", self.root)
+                else:
+                    log.warning("could not write chunk %s: %s", path, exc)
+                self.stats.write_errors += 1
+                return False
+        self.stats.writes += 1
+        self._add(meta.key, path, size)
+        return True
+
+    def _evict(self, nbytes: int) -> int:
+        """Remove least-recently-used chunks not in use until ``nbytes`` are freed; returns bytes freed."""
+        freed = 0
+        victims: list[tuple[bytes, str, int]] = []
+        with self._lock:
+            for key, (path, size) in self._index.items():
+                if freed >= nbytes:
+                    break
+                if self._in_use[key]:
+                    continue
+                victims.append((key, path, size))
+                freed += size
+            for key, _, size in victims:
+                del self._index[key]
+                self._bytes -= size
+        for _, path, _ in victims:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            self.stats.evictions += 1
+        return freed
+
+    def evict_to(self, max_bytes: int) -> int:
+        """Evict down to ``max_bytes``; returns bytes freed."""
+        with self._lock:
+            excess = self._bytes - max_bytes
+        return self._evict(excess) if excess > 0 else 0
+
+    # ----------------------------------------------------------------- read
+    def read(self, namespace: bytes, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor] | None:
+        """Read and verify one chunk into a new buffer on ``device``; None on a miss or a bad file."""
+        path = self.path_of(namespace, key)
+        with self._lock:
+            self._in_use[key] += 1
+        try:
+            return self._read(path, key, device)
+        finally:
+            with self._lock:
+                self._in_use[key] -= 1
+                if not self._in_use[key]:
+                    del self._in_use[key]
+
+    def _read(self, path: str, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor] | None:
+        try:
+            with self.backend.open_read(path) as handle:
+                meta = unpack_header(handle.read_bytes(0, HEADER_SIZE), handle.size)
+                if meta.key != key:
+                    raise CorruptChunk("file holds another key")
+                if device.type == "cuda" and self.backend.gpu_native:
+                    payload = torch.empty(meta.payload_len, dtype=torch.uint8, device=device)
+                else:
+                    payload = aligned_empty(meta.payload_len, pin=device.type == "cuda")
+                handle.read_into(payload, PAYLOAD_OFFSET)
+            verify_payload(meta, payload)
+        except FileNotFoundError:
+            self._forget(key)
+            self.stats.read_misses += 1
+            return None
+        except CorruptChunk as exc:
+            self.quarantine(path, str(exc))
+            self._forget(key)
+            return None
+        except OSError as exc:
+            log.warning("read of %s failed: %s; treating as a miss", path, exc)
+            self.stats.read_misses += 1
+            return None
+        self.stats.reads += 1
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return meta, payload
+
+    def quarantine(self, path: str, why: str) -> None:
+        """Move a bad chunk file aside (or delete it if that fails) and log why."""
+        self.stats.corrupt += 1
+        log.warning("corrupt chunk %s (%s): quarantined; it reads as a miss", path, why)
+        qdir = os.path.join(self.root, QUARANTINE)
+        try:
+            os.makedirs(qdir, exist_ok=True)
+            os.rename(path, os.path.join(qdir, f"{os.path.basename(path)}.{int(time.time() * 1e6)}"))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _scandir(path: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _write_small(path: str, data: bytes) -> None:
+    """Atomically write a small metadata file with plain buffered I/O."""
+    tmp = f"{path}.{_HOST}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,150 @@
+"""The two small interfaces every byte mover implements.
+
+``FileBackend`` moves bytes between buffers (host or GPU ``torch.uint8`` tensors) and files on a
+local or parallel filesystem; ``ObjectStore`` does the same for an object store. Nothing here knows
+what the bytes mean: gdscache builds its chunk format on top.
+
+A *buffer* is a 1-D, contiguous ``torch.uint8`` tensor on the CPU or on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures as cf
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+ALIGN = 4096
+"""Offsets and lengths that O_DIRECT and GPUDirect Storage need aligned are multiples of this."""
+
+T = TypeVar("T")
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    """Smallest multiple of ``align`` that is >= ``n``."""
+    return (n + align - 1) // align * align
+
+
+def check_buffer(buf: torch.Tensor, name: str = "buffer") -> None:
+    """Raise a clear error unless ``buf`` is a 1-D contiguous uint8 tensor."""
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(buf).__name__}")
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+        raise TypeError(
+            f"{name} must be a 1-D contiguous torch.uint8 tensor, got dtype={buf.dtype} "
+            f"shape={tuple(buf.shape)} contiguous={buf.is_contiguous()}"
+        )
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of a file to write: ``data`` (bytes or a buffer) placed at byte ``offset``."""
+
+    offset: int
+    data: bytes | torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if isinstance(self.data, (bytes, bytearray)) else self.data.numel()
+
+
+class ReadHandle(abc.ABC):
+    """An open file to read from; use as a context manager."""
+
+    size: int
+
+    @abc.abstractmethod
+    def read_bytes(self, offset: int, nbytes: int) -> bytes:
+        """Read ``nbytes`` at ``offset`` into host memory. Raises ``OSError`` on a short read."""
+
+    @abc.abstractmethod
+    def read_into(self, dest: torch.Tensor, offset: int) -> None:
+        """Fill all of ``dest`` (host or GPU buffer) from ``offset``. Raises ``OSError`` on a short read."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ReadHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FileBackend(abc.ABC):
+    """Moves bytes between buffers and files. Thread-safe; owns a thread pool for parallel I/O."""
+
+    name: str
+    gpu_native: bool = False
+    """True when reads land in GPU buffers without a host copy (GDS or cuFile compat)."""
+
+    def __init__(self, threads: int = 8) -> None:
+        self._pool = cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"io-{self.name}")
+
+    @property
+    @abc.abstractmethod
+    def io_mode(self) -> str:
+        """What actually runs: ``gds``, ``cufile-compat``, ``kvikio-posix``, ``posix-odirect`` or ``posix-buffered``."""
+
+    @abc.abstractmethod
+    def write_file(self, path: str, parts: Sequence[Part], *, durable: bool = True) -> None:
+        """Atomically publish a new file at ``path`` made of ``parts``.
+
+        The bytes go to a temporary name in the same directory, are fsynced when ``durable``, and
+        the temporary file is renamed over ``path``: readers see the old file, the whole new file, or
+        nothing. Gaps between parts read as zeros. Raises ``OSError`` (e.g. ``ENOSPC``) and leaves no
+        temporary file behind.
+        """
+
+    @abc.abstractmethod
+    def open_read(self, path: str) -> ReadHandle:
+        """Open ``path`` for reading. Raises ``FileNotFoundError`` when it is gone."""
+
+    def drop_page_cache(self, path: str) -> None:
+        """Ask the kernel to drop cached pages of ``path`` (for cold-read measurements); no root needed."""
+        import os
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def submit(self, fn: Callable[..., T], *args: object) -> cf.Future[T]:
+        """Run ``fn(*args)`` on the backend's I/O thread pool."""
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class ObjectStore(abc.ABC):
+    """Moves bytes between host memory and objects named by string keys (S3, GCS, memory, ...)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Store ``data`` under ``key``; a reader sees the old object, the whole new one, or nothing."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the whole object. Raises ``FileNotFoundError`` when it does not exist."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix``, relative to the store's root."""
+
+    def close(self) -> None:
+        """Release connections and threads."""
