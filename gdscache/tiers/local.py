@@ -28,6 +28,7 @@ SUFFIX = ".gdc"
 NAMESPACE_FILE = "namespace.json"
 QUARANTINE = ".quarantine"
 STALE_TEMP_S = 600.0
+ENOSPC_BACKOFF_S = 5.0
 _HOST = socket.gethostname().replace(".", "_")
 
 
@@ -67,6 +68,7 @@ class LocalTier:
         self._in_use: Counter[bytes] = Counter()
         self._lock = threading.Lock()
         self._known_dirs: set[str] = set()
+        self._no_evict_until = 0.0
         self._scan()
 
     # ----------------------------------------------------------------- index and layout
@@ -170,14 +172,14 @@ class LocalTier:
         if directory not in self._known_dirs:
             os.makedirs(directory, exist_ok=True)
             self._known_dirs.add(directory)
-        if self.max_bytes is not None:
-            if size > self.max_bytes:
-                log.warning("chunk of %d bytes exceeds the %d-byte disk quota; not stored", size, self.max_bytes)
-                return False
-            with self._lock:
-                excess = self._bytes + size - self.max_bytes
-            if excess > 0:
-                self._evict(excess)
+        if self.max_bytes is not None and size > self.max_bytes:
+            log.warning("chunk of %d bytes exceeds the %d-byte disk quota; not stored", size, self.max_bytes)
+            return False
+        with self._lock:  # reserve the bytes first, so parallel writers cannot overshoot the quota together
+            self._bytes += size
+            excess = self._bytes - self.max_bytes if self.max_bytes is not None else 0
+        if excess > 0:
+            self._evict(excess)
         parts = [Part(0, pack_header(meta)), Part(PAYLOAD_OFFSET, payload)]
         for attempt in (1, 2):
             try:
@@ -186,16 +188,33 @@ class LocalTier:
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     self.stats.enospc += 1
-                    if attempt == 1 and self._evict(max(size * 4, self._bytes // 10)) > 0:
+                    if attempt == 1 and self._make_room_after_enospc(size):
                         continue
-                    log.warning("disk full under %s; chunk not stored (reads keep working)", self.root)
+                    if attempt == 2:  # eviction did not help: the disk is full of other data
+                        self._no_evict_until = time.monotonic() + ENOSPC_BACKOFF_S
+                    log.warning("disk full under %s; chunk not stored (stored chunks and reads are unaffected)", self.root)
                 else:
                     log.warning("could not write chunk %s: %s", path, exc)
                 self.stats.write_errors += 1
+                with self._lock:
+                    self._bytes -= size
                 return False
         self.stats.writes += 1
-        self._add(meta.key, path, size)
+        with self._lock:
+            if meta.key in self._index:  # a duplicate store replaced the same bytes
+                self._bytes -= size
+                self._index.move_to_end(meta.key)
+            else:
+                self._index[meta.key] = (path, size)
         return True
+
+    def _make_room_after_enospc(self, size: int) -> bool:
+        """Evict two chunks' worth for a retry, unless a recent retry showed that eviction does not help.
+
+        A disk filled by someone else must not drain the cache: after an eviction that did not make
+        room, eviction on ENOSPC pauses for ``ENOSPC_BACKOFF_S`` seconds.
+        """
+        return time.monotonic() >= self._no_evict_until and self._evict(2 * size) > 0
 
     def _evict(self, nbytes: int) -> int:
         """Remove least-recently-used chunks not in use until ``nbytes`` are freed; returns bytes freed."""

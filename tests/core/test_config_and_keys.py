@@ -1,0 +1,75 @@
+"""Config sources and key derivation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from gdscache import Config, GDSCache, KVSpec
+from gdscache.config import parse_size
+from gdscache.keys import as_token_array, chunk_keys, fingerprint, namespace_of
+
+
+def test_yaml_with_env_overrides(tmp_path, monkeypatch):
+    f = tmp_path / "gdscache.yaml"
+    f.write_text(f"path: {tmp_path / 'kv'}\nchunk_size: 128\nmax_disk_bytes: 2GiB\ncodec_params: {{}}\n")
+    monkeypatch.setenv("GDSCACHE_CHUNK_SIZE", "64")
+    monkeypatch.setenv("GDSCACHE_REMOTE_OPTIONS", '{"endpoint_url": "http://127.0.0.1:9"}')
+    cfg = Config.from_yaml(f)
+    assert cfg.chunk_size == 64 and cfg.max_disk_bytes == 2 * 2**30
+    assert cfg.remote_options == {"endpoint_url": "http://127.0.0.1:9"}
+    monkeypatch.setenv("GDSCACHE_NOT_A_FIELD", "1")
+    with pytest.raises(ValueError, match="GDSCACHE_NOT_A_FIELD names no config field"):
+        Config.from_yaml(f)
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        Config.from_yaml(f)
+
+
+def test_keyword_fields_and_config_object_agree(tmp_path):
+    a = GDSCache(path=str(tmp_path), chunk_size=32, model_id="x")
+    b = GDSCache(Config(path=str(tmp_path), chunk_size=32, model_id="x"))
+    assert a.config == b.config
+    with pytest.raises(TypeError, match="either a Config or keyword"):
+        GDSCache(Config(path=str(tmp_path)), chunk_size=4)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("text, value", [("512", 512), ("4KiB", 4096), ("1.5 GB", 1_500_000_000), ("2gib", 2 * 2**30)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+def test_key_chain_matches_its_definition():
+    spec = KVSpec(2, 2, 4, 8, torch.bfloat16)
+    fp = fingerprint(model_id="m", spec=spec, layout="LPTHD", tp_rank=0, tp_size=1, chunk_size=4, codec="raw",
+                     codec_params={})
+    ns = namespace_of(fp)
+    tokens = as_token_array(list(range(10)))
+    keys = chunk_keys(ns, tokens, 4)
+    assert len(keys) == 2  # the partial third chunk has no key
+    k0 = hashlib.blake2b(ns, digest_size=16, person=b"gdscache-kv")
+    k0.update(np.arange(4, dtype="<i8").tobytes())
+    assert keys[0] == k0.digest()
+    k1 = hashlib.blake2b(keys[0], digest_size=16, person=b"gdscache-kv")
+    k1.update(np.arange(4, 8, dtype="<i8").tobytes())
+    assert keys[1] == k1.digest()
+
+
+def test_every_fingerprint_field_changes_the_namespace():
+    spec = KVSpec(2, 2, 4, 8, torch.bfloat16)
+    base = dict(model_id="m", spec=spec, layout="L", tp_rank=0, tp_size=2, chunk_size=4, codec="raw", codec_params={})
+    variants = [
+        dict(model_id="m2"), dict(spec=KVSpec(2, 2, 4, 8, torch.float16)), dict(spec=KVSpec(3, 2, 4, 8, torch.bfloat16)),
+        dict(spec=KVSpec(2, 1, 4, 8, torch.bfloat16)), dict(layout="K"), dict(tp_rank=1), dict(tp_size=4),
+        dict(chunk_size=8), dict(codec="cachegen"), dict(codec_params={"bits": 4}),
+    ]
+    namespaces = {namespace_of(fingerprint(**base))} | {namespace_of(fingerprint(**{**base, **v})) for v in variants}
+    assert len(namespaces) == len(variants) + 1

@@ -1,0 +1,88 @@
+"""Damaged chunk files read as misses, never as wrong KV and never as exceptions."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from kvtestlib import make_kv
+
+from gdscache import GDSCache
+from gdscache.format.chunkfile import HEADER_SIZE
+
+
+def _damage(path: str, how: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    if how == "payload-bitflip":
+        data[HEADER_SIZE + 100] ^= 0x01
+    elif how == "payload-zeroed":
+        data[HEADER_SIZE:] = bytes(len(data) - HEADER_SIZE)
+    elif how == "truncated":
+        data = data[: HEADER_SIZE + 10]
+    elif how == "header-field":
+        data[60] ^= 0xFF  # payload length
+    elif how == "bad-magic":
+        data[0:8] = b"NOTACHNK"
+    elif how == "random-bytes":
+        data = bytearray(os.urandom(len(data)))
+    elif how == "empty":
+        data = bytearray()
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+HOWS = ["payload-bitflip", "payload-zeroed", "truncated", "header-field", "bad-magic", "random-bytes", "empty"]
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_damaged_chunk_is_a_miss_and_quarantined(cache_dir, how):
+    kv = make_kv(2, 48, 2, 8, dtype=torch.bfloat16)
+    tokens = list(range(48))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        keys = cache.chunk_keys(tokens)
+    second = glob.glob(os.path.join(cache_dir, "*", keys[1].hex()[:2], keys[1].hex() + ".gdc"))
+    assert len(second) == 1
+    _damage(second[0], how)
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens, out) == 16  # chunk 0 good, chunk 1 bad: the prefix ends there
+        assert torch.equal(out[:, :, :16], kv[:, :, :16])
+        assert not os.path.exists(second[0])  # moved aside
+        assert cache.lookup(tokens) == 16
+        assert cache.stats()["local_corrupt"] == 1
+    assert glob.glob(os.path.join(cache_dir, ".quarantine", "*"))
+
+
+def test_chunk_file_of_another_key_is_rejected(cache_dir):
+    kv = make_kv(2, 32, 2, 8)
+    tokens = list(range(32))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        k0, k1 = cache.chunk_keys(tokens)
+        p0, p1 = (cache._local.path_of(cache.namespace, k) for k in (k0, k1))
+    os.replace(p0, p1 + ".x")
+    os.replace(p1, p0)
+    os.replace(p1 + ".x", p1)  # chunks swapped: each file now holds the other key
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens, out) == 0
+
+
+def test_header_written_with_other_codec_settings_is_a_miss(cache_dir):
+    """A file whose header names other settings than the namespace promises is never decoded."""
+    from gdscache.format.chunkfile import pack_header, unpack_header
+
+    kv = make_kv(2, 16, 2, 8)
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(list(range(16)), kv)
+        path = cache._local.path_of(cache.namespace, cache.chunk_keys(list(range(16)))[0])
+    with open(path, "r+b") as f:
+        meta = unpack_header(f.read(HEADER_SIZE))
+        meta.codec = "cachegen"
+        f.seek(0)
+        f.write(pack_header(meta))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        assert cache.retrieve(list(range(16)), torch.zeros_like(kv)) == 0

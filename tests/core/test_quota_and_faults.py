@@ -1,0 +1,125 @@
+"""Quota, eviction, disk-full and other storage faults."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+
+import pytest
+import torch
+from kvtestlib import make_kv
+
+from gdscache import GDSCache
+from io_backends.posix import PosixBackend
+
+CHUNK_ON_DISK = 8192  # 4 KiB header + 4 KiB payload for make_kv(2, ., 2, 8) float32 chunks of 16 tokens
+
+
+def test_quota_holds_while_storing_three_times_the_quota(cache_dir):
+    quota = 20 * CHUNK_ON_DISK
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m", max_disk_bytes=quota) as cache:
+        for i in range(6):  # 6 prompts x 10 chunks = 3x the quota
+            tokens = list(range(i * 1000, i * 1000 + 160))
+            assert cache.store(tokens, make_kv(2, 160, 2, 8, seed=i)) == 160
+            assert cache.stats()["local_bytes"] <= quota
+        on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir) for f in fs if f.endswith(".gdc"))
+        assert on_disk <= quota
+        last = list(range(5000, 5160))
+        out = torch.zeros(2, 2, 160, 2, 8)
+        assert cache.retrieve(last, out) == 160 and torch.equal(out, make_kv(2, 160, 2, 8, seed=5))
+        assert cache.stats()["local_evictions"] == 40
+
+
+def test_eviction_never_removes_a_chunk_being_read(cache_dir):
+    kv = make_kv(2, 16, 2, 8)
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m", max_disk_bytes=CHUNK_ON_DISK * 2) as cache:
+        cache.store(list(range(16)), kv)
+        key = cache.chunk_keys(list(range(16)))[0]
+        local = cache._local
+        entered, release = threading.Event(), threading.Event()
+        real_read = local._read
+
+        def slow_read(*args):
+            entered.set()
+            release.wait(10)
+            return real_read(*args)
+
+        local._read = slow_read
+        reader = threading.Thread(target=lambda: local.read(cache.namespace, key, torch.device("cpu")))
+        reader.start()
+        entered.wait(10)
+        freed = local.evict_to(0)  # asks to evict everything while the chunk is in use
+        assert freed == 0 and os.path.exists(local.path_of(cache.namespace, key))
+        release.set()
+        reader.join()
+        assert local.evict_to(0) == CHUNK_ON_DISK
+
+
+class _FullDisk(PosixBackend):
+    """A POSIX backend whose disk reports ENOSPC for every write after the first ``room`` ones."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__(threads=1)  # one writer at a time keeps the fault sequence deterministic
+        self.room = room
+
+    def write_file(self, path, parts, *, durable=True):
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        self.room -= 1
+        super().write_file(path, parts, durable=durable)
+
+
+def test_injected_enospc_fails_soft_and_keeps_existing_chunks(cache_dir, monkeypatch, caplog):
+    import gdscache.api
+
+    monkeypatch.setattr(gdscache.api, "make_file_backend", lambda *a, **k: _FullDisk(room=4))
+    first, second = make_kv(2, 64, 2, 8, seed=1), make_kv(2, 64, 2, 8, seed=2)
+    a, b = list(range(64)), list(range(1000, 1064))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        assert cache.store(a, first) == 64
+        # the disk is now full: the first ENOSPC evicts two LRU chunks once, the retry still fails,
+        # and eviction then stays off so a disk filled by others does not drain the cache
+        assert cache.store(b, second) == 0
+        assert "disk full" in caplog.text
+        stats = cache.stats()
+        assert stats["local_enospc"] == 5 and stats["local_evictions"] == 2 and stats["local_chunks"] == 2
+        kept = cache.chunk_keys(a)[2:]
+        for i, key in enumerate(kept, start=2):
+            meta, payload = cache._local.read(cache.namespace, key, torch.device("cpu"))
+            assert torch.equal(payload.view(torch.float32).view(2, 2, 16, 2, 8), first[:, :, 16 * i : 16 * (i + 1)])
+        assert cache.retrieve(b, torch.zeros_like(second)) == 0
+    temps = [f for _, _, fs in os.walk(cache_dir) for f in fs if f.endswith(".tmp")]
+    assert temps == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/bin/mount"), reason="mounting a tmpfs needs root")
+def test_real_full_filesystem(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        prompts = [(list(range(i * 100, i * 100 + 32)), make_kv(2, 32, 2, 8, seed=i)) for i in range(32)]
+        with GDSCache(path=str(mnt), chunk_size=16, model_id="m") as cache:  # 64 chunks of 8 KiB: twice the disk
+            for tokens, kv in prompts:
+                cache.store(tokens, kv)
+            assert cache.stats()["local_enospc"] >= 1
+            tokens, kv = prompts[-1]
+            out = torch.zeros_like(kv)
+            assert cache.retrieve(tokens, out) == 32 and torch.equal(out, kv)  # the newest prompt survived
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_unreadable_file_is_a_miss_not_an_exception(cache_dir):
+    kv = make_kv(2, 32, 2, 8)
+    tokens = list(range(32))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        path = cache._local.path_of(cache.namespace, cache.chunk_keys(tokens)[1])
+        os.unlink(path)
+        os.mkdir(path)  # reading a directory raises IsADirectoryError
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens, out) == 16
