@@ -6,6 +6,7 @@ import torch
 
 from gdscache.codecs.base import Codec
 from gdscache.spec import KVSpec
+from io_backends.buffers import aligned_empty
 
 
 class RawCodec(Codec):
@@ -13,10 +14,14 @@ class RawCodec(Codec):
     lossless = True
 
     def encode(self, chunk: torch.Tensor) -> torch.Tensor:
-        flat = chunk.contiguous()
-        if flat.data_ptr() == chunk.data_ptr():
-            flat = flat.clone()
-        return flat.view(torch.uint8).reshape(-1)
+        """One copy of the (strided) chunk into a new buffer; on the host, page-aligned for O_DIRECT."""
+        nbytes = chunk.numel() * chunk.element_size()
+        if chunk.is_cuda:
+            payload = torch.empty(nbytes, dtype=torch.uint8, device=chunk.device)
+        else:
+            payload = aligned_empty(nbytes)
+        payload.view(chunk.dtype).view(chunk.shape).copy_(chunk)
+        return payload
 
     def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor) -> None:
         expected = spec.bytes_per_token() * num_tokens
