@@ -33,17 +33,24 @@ def xxh3_digest(payload: torch.Tensor) -> bytes:
     return xxhash.xxh3_64_digest(_host_bytes(payload)).ljust(DIGEST_SIZE, b"\0")
 
 
+def _weighted_sum(words: torch.Tensor, period: int) -> torch.Tensor:
+    """``Σ words[i] * (i mod period + 1)`` as int64, via per-column sums of a (rows, period) view."""
+    body = words.numel() // period * period
+    weights = torch.arange(1, period + 1, device=words.device, dtype=torch.int64)
+    total = (words[body:].to(torch.int64) * weights[: words.numel() - body]).sum()
+    if body:
+        total = total + (words[:body].view(-1, period).sum(dim=0, dtype=torch.int64) * weights).sum()
+    return total
+
+
 def halfsum3_digest(payload: torch.Tensor) -> bytes:
     n = payload.numel()
     if n >= _MAX_HALFSUM_BYTES:
         raise ValueError(f"halfsum3 covers payloads below 4 GiB, got {n} bytes")
     if n % 2:
         payload = torch.cat([payload, payload.new_zeros(1)])
-    words = payload.view(torch.int16).to(torch.int64) & 0xFFFF
-    index = torch.arange(words.numel(), device=words.device, dtype=torch.int64)
-    sums = torch.stack(
-        [words.sum(), (words * (index % 65521 + 1)).sum(), (words * (index % 65519 + 1)).sum()]
-    )
+    words = payload.view(torch.int16).to(torch.int32) & 0xFFFF
+    sums = torch.stack([words.sum(dtype=torch.int64), _weighted_sum(words, 65521), _weighted_sum(words, 65519)])
     return struct.pack("<3q", *sums.tolist())
 
 
