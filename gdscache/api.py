@@ -18,16 +18,18 @@ from gdscache import keys
 from gdscache.codecs import Codec, get_codec
 from gdscache.config import Config
 from gdscache.format.chunkfile import ChunkMeta, make_meta
-from gdscache.metrics import Metrics
+from gdscache.metrics import Metrics, start_metrics_server
 from gdscache.spec import KVSpec, dtype_name, parse_dtype
 from gdscache.tiers.dram import DramTier
 from gdscache.tiers.local import LocalTier
 from gdscache.writeback import WriteBehind
 from io_backends import make_file_backend
+from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
-Fetched = tuple[ChunkMeta, torch.Tensor] | None
+Fetched = tuple[ChunkMeta, torch.Tensor, bool] | None
+"""(meta, payload, owned): ``owned`` payloads were read for this call alone and may be recycled."""
 
 
 class GDSCache:
@@ -52,7 +54,7 @@ class GDSCache:
         self._dram = DramTier(cfg.cpu_cache_bytes) if cfg.cpu_cache_bytes else None
         self._remote = _make_remote(cfg)
         self._writer = (
-            WriteBehind(self._persist, depth=cfg.write_queue_depth, workers=cfg.io_threads)
+            WriteBehind(self._persist, depth=cfg.write_queue_depth, workers=cfg.io_threads, release=self._recycle)
             if cfg.write_mode == "async" else None
         )
         self._spec_lock = threading.Lock()
@@ -62,6 +64,9 @@ class GDSCache:
         if cfg.kv_shape is not None:
             shape = cfg.kv_shape
             self._bind(KVSpec(shape.num_layers, shape.kv_planes, shape.num_kv_heads, shape.head_dim, parse_dtype(shape.dtype)))
+        self._metrics_server = (
+            start_metrics_server(cfg.metrics_port, self.metrics, self.stats) if cfg.metrics_port is not None else None
+        )
         log.info("gdscache at %s: storage=%s io_mode=%s codec=%s", cfg.path, cfg.storage, self.io_mode, cfg.codec)
 
     # ------------------------------------------------------------------ public API
@@ -69,6 +74,11 @@ class GDSCache:
     def io_mode(self) -> str:
         """The I/O path that actually runs (gds, cufile-compat, kvikio-posix, posix-odirect, posix-buffered)."""
         return self._backend.io_mode
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving Prometheus metrics (useful with ``metrics_port=0``), or None."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
     def namespace(self) -> bytes:
@@ -95,7 +105,7 @@ class GDSCache:
                 f"{n_chunks * chunk}); kv shape {tuple(kv.shape)}"
             )
         started = time.perf_counter()
-        jobs: list[Future[bool]] = []
+        jobs: list[tuple[Future[bool], torch.Tensor]] = []
         new_tokens = 0
         for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
             if self._present(key):
@@ -107,9 +117,10 @@ class GDSCache:
                 self._writer.submit(meta, payload)
                 new_tokens += chunk
             else:
-                jobs.append(self._backend.submit(self._persist, meta, payload))
-        for job in jobs:
+                jobs.append((self._backend.submit(self._persist, meta, payload), payload))
+        for job, payload in jobs:
             new_tokens += chunk if job.result() else 0
+            self._recycle(payload)
         if jobs or new_tokens:
             self.metrics.observe("store", (time.perf_counter() - started) / max(1, len(jobs) or new_tokens // chunk))
         self.metrics.inc("stored_tokens", new_tokens)
@@ -180,6 +191,8 @@ class GDSCache:
             return
         self.flush()
         self._closed = True
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self._writer is not None:
             self._writer.close()
         if self._remote is not None:
@@ -246,7 +259,7 @@ class GDSCache:
 
     def _present(self, key: bytes) -> bool:
         return (
-            (self._writer is not None and self._writer.pending(key) is not None)
+            (self._writer is not None and self._writer.has(key))
             or (self._dram is not None and key in self._dram)
             or self._local.contains(self._namespace, key)
         )
@@ -267,22 +280,39 @@ class GDSCache:
     def _fetch(self, key: bytes, device: torch.device) -> Fetched:
         """Find one chunk in the fastest tier that has it, promoting it into the faster tiers."""
         if self._writer is not None and (pending := self._writer.pending(key)) is not None:
-            return pending
+            return (*pending, False)
         if self._dram is not None and (hit := self._dram.get(key)) is not None:
             self.metrics.inc("dram_hits")
-            return hit
+            return (*hit, False)
+        owned = True
         hit = self._local.read(self._namespace, key, device)
         if hit is not None:
             self.metrics.inc("local_hits")
         elif self._remote is not None and (hit := self._remote.get(self._namespace, key)) is not None:
             self.metrics.inc("remote_hits")
             self._local.write(self._namespace, *hit)
-        if hit is not None and self._dram is not None:
+            owned = False
+        if hit is None:
+            return None
+        if self._dram is not None:
             self._dram.put(key, *hit)
-        return hit
+        return (*hit, owned)
 
-    def _decode(self, fetched: tuple[ChunkMeta, torch.Tensor], spec: KVSpec, out: torch.Tensor) -> bool:
-        meta, payload = fetched
+    def _recycle(self, payload: torch.Tensor) -> None:
+        """Return a host payload to the buffer pool once no tier can still be reading it."""
+        if self._remote is None and not payload.is_cuda:
+            host_pool.release(payload)
+
+    def _decode(self, fetched: tuple[ChunkMeta, torch.Tensor, bool], spec: KVSpec, out: torch.Tensor) -> bool:
+        """Decode into ``out``; a payload this call owns is recycled once decoding no longer needs it."""
+        meta, payload, owned = fetched
+        try:
+            return self._decode_into(meta, payload, spec, out)
+        finally:
+            if owned and not out.is_cuda:  # a copy to the GPU may still be reading the host buffer
+                self._recycle(payload)
+
+    def _decode_into(self, meta: ChunkMeta, payload: torch.Tensor, spec: KVSpec, out: torch.Tensor) -> bool:
         if meta.spec != spec or meta.codec != self._codec.name or meta.codec_params != self._codec.params() \
                 or meta.num_tokens != self.config.chunk_size:
             log.warning("chunk %s was written with other settings; treating as a miss", meta.key.hex())

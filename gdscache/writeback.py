@@ -16,13 +16,16 @@ import torch
 from gdscache.format.chunkfile import ChunkMeta
 
 log = logging.getLogger(__name__)
-Writer = Callable[[ChunkMeta, torch.Tensor], None]
+Writer = Callable[[ChunkMeta, torch.Tensor], object]
+Release = Callable[[torch.Tensor], None]
 _STOP = object()
 
 
 class WriteBehind:
-    def __init__(self, write: Writer, *, depth: int, workers: int) -> None:
+    def __init__(self, write: Writer, *, depth: int, workers: int, release: Release | None = None) -> None:
+        """``write(meta, payload)`` persists a chunk; ``release(payload)`` runs once nothing can read it."""
         self._write = write
+        self._release = release
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._pending: dict[bytes, tuple[ChunkMeta, torch.Tensor]] = {}
         self._lock = threading.Lock()
@@ -42,9 +45,15 @@ class WriteBehind:
             self._pending[meta.key] = (meta, payload)
         self._queue.put((meta, payload, ready))
 
-    def pending(self, key: bytes) -> tuple[ChunkMeta, torch.Tensor] | None:
+    def has(self, key: bytes) -> bool:
         with self._lock:
-            return self._pending.get(key)
+            return key in self._pending
+
+    def pending(self, key: bytes) -> tuple[ChunkMeta, torch.Tensor] | None:
+        """A private copy of a queued chunk (the queued buffer is recycled once written)."""
+        with self._lock:
+            entry = self._pending.get(key)
+            return None if entry is None else (entry[0], entry[1].clone())
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -74,5 +83,7 @@ class WriteBehind:
                     log.exception("write-behind of chunk %s failed", meta.key.hex())
                 with self._lock:
                     self._pending.pop(meta.key, None)
+                if self._release is not None:
+                    self._release(payload)
             finally:
                 self._queue.task_done()

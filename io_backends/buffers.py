@@ -43,3 +43,46 @@ class BounceBuffers:
             buf = aligned_empty(align_up(max(nbytes, ALIGN)), pin=self._pin)
             self._local.buf = buf
         return buf[:nbytes]
+
+
+class HostBufferPool:
+    """Page-aligned host buffers, reused by size so that their pages are already mapped and touched.
+
+    A fresh large buffer costs a page fault per 4 KiB on first touch, which on a VM can take as
+    long as the disk read itself. ``acquire`` hands out a buffer; ``release`` gives back one that
+    ``acquire`` returned and that nothing uses any more. A buffer never released is simply freed by
+    the garbage collector. At most ``max_bytes`` of free buffers are kept.
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20, *, pin: bool = False) -> None:
+        self.max_bytes = max_bytes
+        self._pin = pin
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        size = align_up(max(nbytes, 1))
+        with self._lock:
+            stack = self._free.get(size)
+            base = stack.pop() if stack else None
+            if base is not None:
+                self._free_bytes -= size
+        if base is None:
+            base = aligned_empty(size, pin=self._pin)
+        return base[:nbytes]
+
+    def release(self, buf: torch.Tensor) -> None:
+        size = align_up(max(buf.numel(), 1))
+        if buf.untyped_storage().nbytes() < buf.storage_offset() + size or not is_aligned(buf):
+            return  # not one of ours
+        base = torch.as_strided(buf, (size,), (1,), buf.storage_offset())
+        with self._lock:
+            if self._free_bytes + size > self.max_bytes:
+                return
+            self._free.setdefault(size, []).append(base)
+            self._free_bytes += size
+
+
+host_pool = HostBufferPool(pin=cuda_usable())
+"""The process-wide pool used for chunk payloads in host memory."""

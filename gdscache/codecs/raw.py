@@ -6,7 +6,7 @@ import torch
 
 from gdscache.codecs.base import Codec
 from gdscache.spec import KVSpec
-from io_backends.buffers import aligned_empty
+from io_backends.buffers import host_pool
 
 
 class RawCodec(Codec):
@@ -14,12 +14,12 @@ class RawCodec(Codec):
     lossless = True
 
     def encode(self, chunk: torch.Tensor) -> torch.Tensor:
-        """One copy of the (strided) chunk into a new buffer; on the host, page-aligned for O_DIRECT."""
+        """One copy of the (strided) chunk into a new buffer; on the host, a pooled page-aligned one."""
         nbytes = chunk.numel() * chunk.element_size()
         if chunk.is_cuda:
             payload = torch.empty(nbytes, dtype=torch.uint8, device=chunk.device)
         else:
-            payload = aligned_empty(nbytes)
+            payload = host_pool.acquire(nbytes)
         payload.view(chunk.dtype).view(chunk.shape).copy_(chunk)
         return payload
 

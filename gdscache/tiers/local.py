@@ -21,7 +21,7 @@ import torch
 
 from gdscache.format.chunkfile import HEADER_SIZE, PAYLOAD_OFFSET, ChunkMeta, CorruptChunk, pack_header, unpack_header, verify_payload
 from io_backends.base import FileBackend, Part, align_up
-from io_backends.buffers import aligned_empty
+from io_backends.buffers import host_pool
 
 log = logging.getLogger(__name__)
 SUFFIX = ".gdc"
@@ -247,7 +247,10 @@ class LocalTier:
 
     # ----------------------------------------------------------------- read
     def read(self, namespace: bytes, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor] | None:
-        """Read and verify one chunk into a new buffer on ``device``; None on a miss or a bad file."""
+        """Read and verify one chunk into a new buffer on ``device``; None on a miss or a bad file.
+
+        A host payload comes from ``io_backends.buffers.host_pool``: the caller may release it there.
+        """
         path = self.path_of(namespace, key)
         with self._lock:
             self._in_use[key] += 1
@@ -260,6 +263,7 @@ class LocalTier:
                     del self._in_use[key]
 
     def _read(self, path: str, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor] | None:
+        payload = None
         try:
             with self.backend.open_read(path) as handle:
                 meta = unpack_header(handle.read_bytes(0, HEADER_SIZE), handle.size)
@@ -268,20 +272,21 @@ class LocalTier:
                 if device.type == "cuda" and self.backend.gpu_native:
                     payload = torch.empty(meta.payload_len, dtype=torch.uint8, device=device)
                 else:
-                    payload = aligned_empty(meta.payload_len, pin=device.type == "cuda")
+                    payload = host_pool.acquire(meta.payload_len)
                 handle.read_into(payload, PAYLOAD_OFFSET)
             verify_payload(meta, payload)
-        except FileNotFoundError:
-            self._forget(key)
-            self.stats.read_misses += 1
-            return None
-        except CorruptChunk as exc:
-            self.quarantine(path, str(exc))
-            self._forget(key)
-            return None
-        except OSError as exc:
-            log.warning("read of %s failed: %s; treating as a miss", path, exc)
-            self.stats.read_misses += 1
+        except (OSError, CorruptChunk) as exc:
+            if payload is not None and not payload.is_cuda:
+                host_pool.release(payload)
+            if isinstance(exc, FileNotFoundError):
+                self._forget(key)
+                self.stats.read_misses += 1
+            elif isinstance(exc, CorruptChunk):
+                self.quarantine(path, str(exc))
+                self._forget(key)
+            else:
+                log.warning("read of %s failed: %s; treating as a miss", path, exc)
+                self.stats.read_misses += 1
             return None
         self.stats.reads += 1
         with self._lock:
