@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import logging
+
 from io_backends.base import ALIGN, FileBackend, ObjectStore, Part, ReadHandle, align_up
 from io_backends.posix import PosixBackend
+
+log = logging.getLogger("gdscache")
+STORAGE = ("gds", "posix")
+O_DIRECT = ("auto", "on", "off")
+
+
+def gds_unavailable_reason() -> str | None:
+    """Why kvikio cannot run here (no CUDA driver or device, kvikio missing or broken), or None if it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA driver or device"
+    try:
+        import kvikio  # noqa: F401
+    except ImportError as exc:
+        return f"kvikio is not importable ({exc}); install gdscache[cu13] or gdscache[cu12]"
+    except OSError as exc:
+        return f"kvikio's libraries failed to load ({exc})"
+    return None
 
 
 def make_file_backend(storage: str, threads: int = 8, o_direct: str = "auto") -> FileBackend:
     """``posix``: POSIX always. ``gds``: kvikio/cuFile when a CUDA driver exists, else POSIX with a warning."""
-    if storage not in ("gds", "posix"):
-        raise ValueError(f"storage must be 'gds' or 'posix', got {storage!r}")
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {STORAGE}, got {storage!r}")
+    if o_direct not in O_DIRECT:
+        raise ValueError(f"o_direct must be one of {O_DIRECT}, got {o_direct!r}")
+    if storage == "gds":
+        reason = gds_unavailable_reason()
+        if reason is None:
+            from io_backends.kvikio_backend import KvikioBackend
+
+            return KvikioBackend(threads=threads, o_direct=o_direct)  # type: ignore[arg-type]
+        log.warning("storage 'gds' unavailable: %s; using the POSIX backend", reason)
     return PosixBackend(threads=threads, o_direct=o_direct)  # type: ignore[arg-type]
 
 
-__all__ = ["ALIGN", "FileBackend", "ObjectStore", "Part", "PosixBackend", "ReadHandle", "align_up", "make_file_backend"]
+__all__ = [
+    "ALIGN", "FileBackend", "ObjectStore", "Part", "PosixBackend", "ReadHandle", "align_up",
+    "gds_unavailable_reason", "make_file_backend",
+]

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, run the GPU tests, then the GPU benchmarks.
+#
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"])        # on the device
+#   GPU_CHECK_STEPS="probe tests" bash benchmarks/gpu_check.sh          # a subset
+#
+# Everything lands in $OUT (the device tool returns at most 8 files from it): gpu_check.log (all output),
+# and one JSON (+ PNG) per benchmark. Each step runs under its own deadline; a failing step is recorded
+# in the summary at the end and the next one still runs. To add a step: write a function step_<name>
+# and add <name> to STEPS.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/.device/out}
+mkdir -p "$OUT"
+export REPO OUT
+LOG=$OUT/gpu_check.log
+SUMMARY=()
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+STEPS=(${GPU_CHECK_STEPS:-probe tests bench_gds})  # other areas: add e.g. codecs (benchmarks/gpu_codecs.py), bench_cli
+
+install() {
+    # wheels carried in .whl/: kvikio-cu13, libkvikio-cu13, rapids-logger, pydantic and its deps (absent there)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$REPO
+}
+
+step_probe() {
+    nvidia-smi -L; uname -r; df -hT "$REPO" /tmp; ls -ld /run/udev 2>&1; lsmod 2>/dev/null | grep -i nvidia_fs || echo "no nvidia_fs module"
+    grep -nE '"allow_compat_mode"|"use_poll_mode"|"use_pci_p2pdma"|"force_compat_mode"' /etc/cufile.json 2>&1 | head
+    python3 - <<'EOF'
+import json, torch, kvikio, kvikio.defaults as d, kvikio.cufile_driver as drv
+from io_backends.kvikio_backend import detect_io_mode
+info = {"kvikio": kvikio.__version__, "torch": torch.__version__, "card": torch.cuda.get_device_name(),
+        "compat_mode": str(d.get("compat_mode")), "compat_preferred": d.is_compat_mode_preferred(),
+        "io_mode": detect_io_mode(kvikio)}
+for key in ("num_threads", "task_size", "bounce_buffer_size", "gds_threshold", "auto_direct_io_read", "auto_direct_io_write"):
+    info[key] = d.get(key)
+try:
+    info["libcufile"] = drv.libcufile_version()
+    for key in ("is_gds_available", "major_version", "minor_version", "allow_compat_mode", "poll_mode"):
+        info["driver." + key] = drv.get(key)
+except Exception as exc:
+    info["driver"] = repr(exc)
+try:
+    from cuda.bindings import cufile
+    info["cuda.bindings.cufile"] = [n for n in dir(cufile) if n[0].isupper() and ("Prop" in n or "Descr" in n)]
+except Exception as exc:
+    info["cuda.bindings.cufile"] = repr(exc)
+print(json.dumps(info, indent=1, default=str))
+EOF
+}
+
+step_tests() {
+    python3 -m pytest -m gpu tests --continue-on-collection-errors -q -rs -p no:cacheprovider
+}
+
+step_bench_gds() {
+    # GDS_BENCH_ARGS: e.g. "--skip-raw --shapes llama8b"; default: everything
+    python3 benchmarks/bench_gds.py --dir "$REPO/.bench/gds" --total-gib "${GDS_TOTAL_GIB:-4}" \
+        --out "$OUT/gds.json" --png "$OUT/gds.png" ${GDS_BENCH_ARGS:---breakdown}
+}
+
+run_step() {
+    local name=$1 deadline=${2:-300} start rc
+    start=$(date +%s)
+    echo "=================== $name" | tee -a "$LOG"
+    ( set -o pipefail; timeout "$deadline" bash -c "$(declare -f step_$name); step_$name" 2>&1 | tee -a "$LOG" )
+    rc=$?
+    SUMMARY+=("$name rc=$rc $(( $(date +%s) - start ))s")
+}
+
+echo "gpu_check $(date -u +%FT%TZ) on $(hostname)" | tee "$LOG"
+install >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+for s in "${STEPS[@]}"; do
+    case $s in
+        tests) run_step tests 180 ;;
+        bench_gds) run_step bench_gds 300 ;;
+        *) run_step "$s" 60 ;;
+    esac
+done
+printf '%s\n' "=================== summary" "${SUMMARY[@]}" | tee -a "$LOG"

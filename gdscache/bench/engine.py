@@ -1,0 +1,348 @@
+"""The benchmark: store and retrieve through GDSCache against the raw ceiling of the same path.
+
+For each (chunk size, codec) it writes ``requests`` prompts of ``tokens`` tokens through
+``GDSCache.store``, reads them back with ``GDSCache.retrieve`` after dropping their pages from the
+page cache (cold) and again without (warm), then times single-chunk requests one at a time for
+per-chunk latency. The raw ceiling is one large sequential write and read of the same bytes through
+the same ``FileBackend`` (same O_DIRECT mode), measured before and after the codecs; the best of the
+two is the ceiling each result is a percentage of.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gdscache import GDSCache
+from gdscache.bench.data import kv_buffer, synthetic_kv
+from gdscache.bench.models import ModelShape
+from gdscache.bench.prefill import DEFAULT_TFLOPS, Prefill, estimate_prefill, measure_prefill
+from gdscache.bench.sysinfo import describe, resolve_device
+from gdscache.codecs import codec_names, get_codec
+from gdscache.spec import KVSpec, dtype_name
+from io_backends import FileBackend, Part, make_file_backend
+
+CHUNK_SUFFIX = ".gdc"
+Progress = Callable[[str, int], None]
+"""``progress(description, steps_done)``: called after each step; :func:`plan_steps` says how many come."""
+
+
+@dataclass
+class BenchOptions:
+    """Everything ``gdscache bench`` can vary; see docs/CLI.md."""
+
+    path: str
+    model: ModelShape
+    dtype: torch.dtype = torch.bfloat16
+    tokens: int = 4096
+    chunk_sizes: list[int] = field(default_factory=lambda: [256])
+    codecs: list[str] = field(default_factory=lambda: ["raw"])
+    device: str = "cpu"
+    storage: str = "gds"
+    o_direct: str = "auto"
+    threads: int = 8
+    total_bytes: int = 512 << 20
+    cold: bool = True
+    warm: bool = True
+    latency_chunks: int = 8
+    keep: bool = False
+    prefill_tflops: float = DEFAULT_TFLOPS
+    seed: int = 0
+    command: str | None = None
+
+    def validate(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"--tokens must be >= 1, got {self.tokens}")
+        if not self.chunk_sizes or any(c < 1 for c in self.chunk_sizes):
+            raise ValueError(f"--chunk-size must be positive integers, got {self.chunk_sizes}")
+        too_big = [c for c in self.chunk_sizes if c > self.tokens]
+        if too_big:
+            raise ValueError(f"--chunk-size {too_big[0]} exceeds --tokens {self.tokens}: a request needs whole chunks")
+        if not self.codecs:
+            raise ValueError("--codecs is empty")
+        unknown = [c for c in self.codecs if c not in codec_names()]
+        if unknown:
+            raise ValueError(f"unknown codec {unknown[0]!r}; available: {', '.join(codec_names())}")
+        if self.storage not in ("gds", "posix"):
+            raise ValueError(f"--storage must be 'gds' or 'posix', got {self.storage!r}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.total_bytes < 1:
+            raise ValueError(f"--total-size must be > 0, got {self.total_bytes}")
+        if self.latency_chunks < 0:
+            raise ValueError(f"--latency-chunks must be >= 0, got {self.latency_chunks}")
+        if not (self.cold or self.warm):
+            raise ValueError("nothing to measure: both cold and warm retrieval are off")
+        dtype_name(self.dtype)
+
+    @property
+    def spec(self) -> KVSpec:
+        return self.model.kv_spec(self.dtype)
+
+    def requests(self) -> int:
+        """Prompts per configuration: ``total_bytes`` of KV in prompts of ``tokens`` tokens (at least one)."""
+        return max(1, round(self.total_bytes / (self.tokens * self.spec.bytes_per_token())))
+
+
+def plan_steps(opts: BenchOptions) -> int:
+    """Number of progress steps :func:`run_bench` reports."""
+    raw_steps = 2 * (1 + opts.cold + opts.warm)
+    per_config = 1 + opts.cold + opts.warm + (1 if opts.latency_chunks else 0)
+    return 1 + raw_steps + per_config * len(opts.codecs) * len(opts.chunk_sizes)
+
+
+def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, object]:
+    """Run every measurement and return the JSON-able report (``meta``, ``raw``, ``results``)."""
+    opts.validate()
+    device = resolve_device(opts.device)
+    tick = progress or (lambda _desc, _n: None)
+    os.makedirs(opts.path, exist_ok=True)
+    spec = opts.spec
+    n_req = opts.requests()
+    req_bytes = opts.tokens * spec.bytes_per_token()
+    _check_space(opts, n_req * req_bytes)
+    root = tempfile.mkdtemp(prefix="gdscache-bench-", dir=opts.path)
+    backend = make_file_backend(opts.storage, opts.threads, opts.o_direct)
+    try:
+        meta = describe(opts.path, device, opts.command)
+        kv = synthetic_kv(spec, opts.tokens, device, opts.seed)
+        out = kv_buffer(spec, opts.tokens, device)
+        tick("synthetic KV generated", 1)
+        raw_runs = [_raw_ceiling(backend, kv, out, n_req, root, opts, tick, "before")]
+        prefills: dict[int, Prefill] = {}
+        results = []
+        for chunk in opts.chunk_sizes:
+            req_tokens = opts.tokens // chunk * chunk
+            if req_tokens not in prefills:
+                prefills[req_tokens] = _prefill(opts, req_tokens, device)
+            for codec in opts.codecs:
+                results.append(_measure_config(opts, codec, chunk, kv, out, n_req, root, backend, tick))
+        raw_runs.append(_raw_ceiling(backend, kv, out, n_req, root, opts, tick, "after"))
+        raw = _best_of(raw_runs)
+        for res in results:
+            _relate(res, raw, prefills[res["request_tokens"]])
+        meta.update({
+            "io_mode": results[0]["io_mode"] if results else backend.io_mode,
+            "raw_io_mode": backend.io_mode,
+            "storage": opts.storage,
+            "o_direct": opts.o_direct,
+            "threads": opts.threads,
+            "model": vars(opts.model),
+            "kv_dtype": dtype_name(opts.dtype),
+            "bytes_per_token": spec.bytes_per_token(),
+            "tokens_per_request": opts.tokens,
+            "requests": n_req,
+            "kv_bytes_per_config": n_req * req_bytes,
+            "latency_chunks": opts.latency_chunks,
+            "cold": opts.cold,
+            "warm": opts.warm,
+            "cold_method": f"{type(backend).__name__}.drop_page_cache (fsync + posix_fadvise DONTNEED) per file",
+            "data": "synthetic KV: smooth random walk along tokens + noise, log-normal channel scales (gdscache.bench.data)",
+            "throughput_unit": "GB/s = 1e9 bytes of uncompressed KV per second",
+            "kept": root if opts.keep else None,
+            "load_average_end": os.getloadavg(),
+        })
+        return {
+            "meta": meta,
+            "raw": raw,
+            "raw_runs": raw_runs,
+            "prefill": {str(t): p.to_json() for t, p in prefills.items()},
+            "results": results,
+        }
+    finally:
+        backend.close()
+        if not opts.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- measurements
+def _raw_ceiling(backend: FileBackend, kv: torch.Tensor, out: torch.Tensor, n_req: int, root: str,
+                 opts: BenchOptions, tick: Progress, when: str) -> dict[str, object]:
+    """One sequential write of ``n_req`` copies of the KV bytes into one file, then sequential reads."""
+    src = kv.reshape(-1).view(torch.uint8)
+    dest = out.reshape(-1).view(torch.uint8)
+    nbytes = src.numel()
+    path = os.path.join(root, f"raw-ceiling-{when}.bin")
+    result: dict[str, object] = {"when": when, "bytes": nbytes * n_req}
+    start = _now(kv.device)
+    backend.write_file(path, [Part(i * nbytes, src) for i in range(n_req)], durable=True)
+    result["write_gbps"] = nbytes * n_req / (_now(kv.device) - start) / 1e9
+    tick(f"raw write ({when})", 1)
+    for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
+        if not wanted:
+            continue
+        if temp == "cold":
+            backend.drop_page_cache(path)
+        start = _now(kv.device)
+        with backend.open_read(path) as handle:
+            for i in range(n_req):
+                handle.read_into(dest, i * nbytes)
+        result[f"read_{temp}_gbps"] = nbytes * n_req / (_now(kv.device) - start) / 1e9
+        tick(f"raw {temp} read ({when})", 1)
+    if not torch.equal(dest, src):
+        raise RuntimeError(f"raw ceiling read back different bytes from {path}: the storage path is broken")
+    result["io_mode"] = backend.io_mode
+    os.unlink(path)
+    return result
+
+
+def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor, out: torch.Tensor, n_req: int,
+                    root: str, backend: FileBackend, tick: Progress) -> dict[str, object]:
+    req_tokens = opts.tokens // chunk * chunk
+    cfg_dir = os.path.join(root, f"{codec}-chunk{chunk}")
+    rng = np.random.default_rng([opts.seed, chunk])
+    prompts = [_prompt(rng, req_tokens) for _ in range(n_req)]
+    singles = [_prompt(rng, chunk) for _ in range(opts.latency_chunks)]
+    src, dst = kv[:, :, :req_tokens], out[:, :, :req_tokens]
+    label = f"{codec} chunk={chunk}"
+    res: dict[str, object] = {"codec": codec, "chunk_size": chunk, "request_tokens": req_tokens, "requests": n_req}
+    logical = n_req * req_tokens * opts.spec.bytes_per_token()
+    with GDSCache(path=cfg_dir, chunk_size=chunk, model_id=f"gdscache-bench/{opts.model.name}", storage=opts.storage,
+                  codec=codec, io_threads=opts.threads, o_direct=opts.o_direct) as cache:
+        times = [_timed(lambda p=p: _expect(cache.store(p, src), req_tokens, "store"), kv.device) for p in prompts]
+        res["store"] = _op(times, logical, n_req * req_tokens)
+        res["stored_bytes"] = int(cache.stats().get("bytes_written", 0))
+        res["ratio"] = logical / res["stored_bytes"] if res["stored_bytes"] else None
+        tick(f"{label}: store", 1)
+        for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
+            if not wanted:
+                continue
+            if temp == "cold":
+                _drop_all(backend, cfg_dir)
+            times = [_timed(lambda p=p: _expect(cache.retrieve(p, dst), req_tokens, "retrieve"), kv.device)
+                     for p in prompts]
+            res[f"retrieve_{temp}"] = _op(times, logical, n_req * req_tokens)
+            tick(f"{label}: retrieve {temp}", 1)
+        res["check"] = _check(codec, src, dst)
+        if singles:
+            one, one_out = kv[:, :, :chunk], out[:, :, :chunk]
+            lat = {"store": [_timed(lambda p=p: _expect(cache.store(p, one), chunk, "store"), kv.device)
+                             for p in singles]}
+            for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
+                if wanted:
+                    if temp == "cold":
+                        _drop_all(backend, cfg_dir)
+                    lat[f"retrieve_{temp}"] = [
+                        _timed(lambda p=p: _expect(cache.retrieve(p, one_out), chunk, "retrieve"), kv.device)
+                        for p in singles
+                    ]
+            res["latency_ms"] = {op: _percentiles(v) for op, v in lat.items()}
+            tick(f"{label}: per-chunk latency", 1)
+        res["io_mode"] = cache.io_mode
+    if not opts.keep:
+        shutil.rmtree(cfg_dir, ignore_errors=True)
+    return res
+
+
+def _relate(res: dict, raw: dict, prefill: Prefill) -> None:
+    """Add % of the raw ceiling to each throughput, and the TTFT comparison."""
+    for op, key in (("store", "write_gbps"), ("retrieve_cold", "read_cold_gbps"), ("retrieve_warm", "read_warm_gbps")):
+        if op in res and key in raw:
+            res[op]["pct_of_raw"] = 100.0 * res[op]["gbps"] / raw[key]
+    op = res.get("retrieve_cold") or res.get("retrieve_warm")
+    retrieve_s = op["seconds"] / res["requests"]
+    res["ttft"] = {
+        "tokens": res["request_tokens"],
+        "prefill_s": prefill.seconds,
+        "prefill_method": prefill.method,
+        "retrieve_s": retrieve_s,
+        "retrieve_from": "cold" if "retrieve_cold" in res else "warm",
+        "saved_s": prefill.seconds - retrieve_s,
+        "speedup": prefill.seconds / retrieve_s if retrieve_s > 0 else None,
+    }
+
+
+def _prefill(opts: BenchOptions, tokens: int, device: torch.device) -> Prefill:
+    if device.type != "cuda":
+        return estimate_prefill(opts.model, tokens, opts.prefill_tflops)
+    try:
+        return measure_prefill(opts.model, tokens, device, opts.dtype)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        est = estimate_prefill(opts.model, tokens, opts.prefill_tflops)
+        return Prefill(est.seconds, est.method, "forward pass ran out of GPU memory; " + est.detail)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_space(opts: BenchOptions, per_config: int) -> None:
+    """Refuse to start when the filesystem cannot hold what the run writes at its peak."""
+    configs = len(opts.codecs) * len(opts.chunk_sizes)
+    singles = opts.latency_chunks * max(opts.chunk_sizes) * opts.spec.bytes_per_token()
+    need = (per_config + singles) * (configs if opts.keep else 1) + per_config  # + the raw ceiling's file
+    free = shutil.disk_usage(opts.path).free
+    if need > free * 0.9:
+        raise ValueError(
+            f"{opts.path} has {free / 1e9:.2f} GB free but the benchmark needs ~{need / 1e9:.2f} GB; "
+            "lower --total-size or --tokens"
+        )
+
+
+def _prompt(rng: np.random.Generator, tokens: int) -> np.ndarray:
+    return rng.integers(0, 1 << 31, size=tokens, dtype=np.int64)
+
+
+def _expect(got: int, want: int, op: str) -> None:
+    if got != want:
+        raise RuntimeError(f"{op} handled {got} of {want} tokens: the cache missed or failed (see warnings above)")
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    start = _now(device)
+    fn()
+    return _now(device) - start
+
+
+def _op(times: list[float], nbytes: int, tokens: int) -> dict[str, float]:
+    total = sum(times)
+    return {"seconds": total, "gbps": nbytes / total / 1e9, "tokens_per_s": tokens / total}
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples) * 1e3
+    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "n": len(samples)}
+
+
+def _chunk_files(root: str) -> Iterator[str]:
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(CHUNK_SUFFIX):
+                yield os.path.join(dirpath, name)
+
+
+def _drop_all(backend: FileBackend, root: str) -> None:
+    for path in _chunk_files(root):
+        backend.drop_page_cache(path)
+
+
+def _check(codec: str, src: torch.Tensor, got: torch.Tensor) -> dict[str, object]:
+    """Bit-exactness for lossless codecs; max error relative to the largest |value| for lossy ones."""
+    if get_codec(codec).lossless:
+        return {"lossless": True, "exact": bool(torch.equal(src, got))}
+    worst = peak = 0.0
+    for layer in range(src.shape[0]):
+        a, b = src[layer].float(), got[layer].float()
+        worst = max(worst, float((a - b).abs().max()))
+        peak = max(peak, float(a.abs().max()))
+    return {"lossless": False, "max_abs_err": worst, "max_rel_err": worst / peak if peak else 0.0}
+
+
+def _best_of(runs: list[dict]) -> dict[str, object]:
+    best: dict[str, object] = {"bytes": runs[0]["bytes"], "io_mode": runs[0]["io_mode"]}
+    for key in ("write_gbps", "read_cold_gbps", "read_warm_gbps"):
+        values = [r[key] for r in runs if key in r]
+        if values:
+            best[key] = max(values)
+    return best

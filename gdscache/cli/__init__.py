@@ -1,0 +1,1 @@
+"""The ``gdscache`` command line: bench, ls, stats, verify, gc, calibrate."""

@@ -1,0 +1,96 @@
+"""The kvikio backend on a real GPU: bit-exact files from and into CUDA buffers, the mode it reports."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from io_backends.base import Part
+from io_backends.kvikio_backend import IO_MODES, detect_io_mode
+
+MiB = 1 << 20
+
+
+def _random_bytes(n: int, device: str = "cuda") -> torch.Tensor:
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
+
+
+def test_io_mode_is_what_kvikio_runs(kvikio_backend):
+    import kvikio
+
+    assert kvikio_backend.io_mode in IO_MODES
+    assert kvikio_backend.io_mode == detect_io_mode(kvikio)
+    if kvikio.defaults.is_compat_mode_preferred():
+        assert kvikio_backend.io_mode == "kvikio-posix"
+    print(f"io_mode={kvikio_backend.io_mode} compat_preferred={kvikio.defaults.is_compat_mode_preferred()}")
+
+
+@pytest.mark.parametrize("nbytes", [4096, MiB, MiB + 123, 33 * MiB])
+def test_gpu_round_trip_is_bit_exact(kvikio_backend, tmp_path, nbytes):
+    path = str(tmp_path / "c.gdc")
+    header = os.urandom(4096)
+    payload = _random_bytes(nbytes)
+    kvikio_backend.write_file(path, [Part(0, header), Part(4096, payload)])
+    assert os.listdir(tmp_path) == ["c.gdc"]
+    kvikio_backend.drop_page_cache(path)
+    with kvikio_backend.open_read(path) as handle:
+        assert handle.size == 4096 + nbytes
+        assert handle.read_bytes(0, 4096) == header
+        into_gpu = torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda")
+        handle.read_into(into_gpu, 4096)
+        assert torch.equal(into_gpu, payload)
+        into_host = torch.full((nbytes,), 7, dtype=torch.uint8)
+        handle.read_into(into_host, 4096)
+        assert torch.equal(into_host, payload.cpu())
+        tail = torch.empty(100, dtype=torch.uint8, device="cuda")
+        handle.read_into(tail, 4096 + nbytes - 100)
+        assert torch.equal(tail, payload[-100:])
+
+
+def test_host_parts_and_gaps(kvikio_backend, tmp_path):
+    path = str(tmp_path / "h.gdc")
+    host = _random_bytes(10_000, device="cpu")
+    kvikio_backend.write_file(path, [Part(0, b"abc"), Part(8192, host)], durable=False)
+    data = open(path, "rb").read()
+    assert data[:3] == b"abc" and data[3:8192] == bytes(8189) and data[8192:] == host.numpy().tobytes()
+
+
+def test_overwrite_is_atomic_and_leaves_no_temp(kvikio_backend, tmp_path):
+    path = str(tmp_path / "c.gdc")
+    first, second = _random_bytes(MiB), _random_bytes(2 * MiB)
+    kvikio_backend.write_file(path, [Part(0, first)])
+    kvikio_backend.write_file(path, [Part(0, second)])
+    assert os.listdir(tmp_path) == ["c.gdc"]
+    with kvikio_backend.open_read(path) as handle:
+        out = torch.empty(2 * MiB, dtype=torch.uint8, device="cuda")
+        handle.read_into(out, 0)
+    assert torch.equal(out, second)
+
+
+def test_errors_are_os_errors(kvikio_backend, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        kvikio_backend.open_read(str(tmp_path / "missing.gdc"))
+    with pytest.raises(OSError):
+        kvikio_backend.write_file(str(tmp_path / "no-dir" / "x.gdc"), [Part(0, _random_bytes(4096))])
+    assert os.listdir(tmp_path) == []
+    path = str(tmp_path / "small.gdc")
+    kvikio_backend.write_file(path, [Part(0, _random_bytes(4096))])
+    with kvikio_backend.open_read(path) as handle, pytest.raises(OSError, match="short"):
+        handle.read_into(torch.empty(8192, dtype=torch.uint8, device="cuda"), 0)
+
+
+def test_registered_staging_buffer_is_reused(kvikio_backend, tmp_path):
+    staging = torch.empty(4 * MiB, dtype=torch.uint8, device="cuda")
+    kvikio_backend.register_buffer(staging)
+    kvikio_backend.register_buffer(staging)  # idempotent
+    path = str(tmp_path / "r.gdc")
+    payload = _random_bytes(4 * MiB)
+    kvikio_backend.write_file(path, [Part(0, payload)])
+    for _ in range(2):
+        staging.fill_(0)
+        with kvikio_backend.open_read(path) as handle:
+            handle.read_into(staging, 0)
+        assert torch.equal(staging, payload)
+    kvikio_backend.deregister_buffer(staging)

@@ -1,0 +1,191 @@
+"""Backend selection and the kvikio backend's file logic, on a machine without CUDA.
+
+kvikio can do no I/O without libcuda, so the kvikio backend runs here against a stand-in module
+that does host I/O with plain pread/pwrite; the real thing is tested in tests/gpu/.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+import io_backends
+from io_backends import PosixBackend, make_file_backend
+from io_backends.base import Part
+
+
+class _Future:
+    def __init__(self, value: int) -> None:
+        self._value = value
+
+    def get(self) -> int:
+        return self._value
+
+
+class _FakeCuFile:
+    """kvikio.CuFile's surface over host memory; ``fail_writes`` makes pwrite raise like kvikio does."""
+
+    fail_writes = False
+
+    def __init__(self, path: str, flags: str = "r") -> None:
+        mode = os.O_RDONLY if flags == "r" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, mode, 0o644)
+        except OSError as exc:
+            raise RuntimeError(f"cannot open {path}: {exc.strerror}") from None
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pwrite(self, buf, size, file_offset=0, task_size=None):
+        if _FakeCuFile.fail_writes:
+            raise RuntimeError("posix write failed: No space left on device")
+        return _Future(os.pwrite(self._fd, memoryview(buf)[:size], file_offset))
+
+    def pread(self, buf, size, file_offset=0, task_size=None):
+        return _Future(os.preadv(self._fd, [memoryview(buf)[:size]], file_offset))
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self.closed = True
+
+
+@pytest.fixture
+def fake_kvikio(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    """Pretend CUDA and kvikio exist; returns knobs for the compat/GDS answers kvikio would give."""
+    knobs = types.SimpleNamespace(compat_preferred=True, gds_available=False, settings={})
+    kvikio = types.ModuleType("kvikio")
+    defaults = types.ModuleType("kvikio.defaults")
+    defaults.set = lambda config: knobs.settings.update(config)
+    defaults.is_compat_mode_preferred = lambda: knobs.compat_preferred
+    driver = types.ModuleType("kvikio.cufile_driver")
+    driver.properties = type("DriverProperties", (), {"is_gds_available": property(lambda _: knobs.gds_available)})()
+    kvikio.defaults, kvikio.cufile_driver, kvikio.CuFile = defaults, driver, _FakeCuFile
+    kvikio.__version__ = "stand-in"
+    monkeypatch.setitem(sys.modules, "kvikio", kvikio)
+    monkeypatch.setitem(sys.modules, "kvikio.defaults", defaults)
+    monkeypatch.setitem(sys.modules, "kvikio.cufile_driver", driver)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_FakeCuFile, "fail_writes", False)
+    return knobs
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_posix_is_forced_without_warning(caplog: pytest.LogCaptureFixture) -> None:
+    backend = make_file_backend("posix", threads=2, o_direct="off")
+    try:
+        assert isinstance(backend, PosixBackend)
+        assert backend.io_mode == "posix-buffered"
+    finally:
+        backend.close()
+    assert _warnings(caplog) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_gds_without_cuda_falls_back_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    backend = make_file_backend("gds", threads=2)
+    backend.close()
+    assert isinstance(backend, PosixBackend)
+    (message,) = _warnings(caplog)
+    assert "gds" in message and "no CUDA" in message and "\n" not in message
+
+
+def test_gds_without_kvikio_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "kvikio", None)  # makes `import kvikio` raise ImportError
+    backend = make_file_backend("gds", threads=2)
+    backend.close()
+    assert isinstance(backend, PosixBackend)
+    (message,) = _warnings(caplog)
+    assert "kvikio" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, word", [({"storage": "nvme"}, "storage"), ({"storage": "gds", "o_direct": "yes"}, "o_direct")]
+)
+def test_bad_arguments_are_named(kwargs: dict, word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        make_file_backend(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "compat, gds, mode",
+    [(True, True, "kvikio-posix"), (False, True, "gds"), (False, False, "cufile-compat")],
+)
+def test_gds_with_cuda_uses_kvikio_and_reports_mode(fake_kvikio, compat: bool, gds: bool, mode: str) -> None:
+    fake_kvikio.compat_preferred, fake_kvikio.gds_available = compat, gds
+    backend = make_file_backend("gds", threads=3, o_direct="auto")
+    try:
+        assert type(backend).__name__ == "KvikioBackend"
+        assert backend.io_mode == mode
+        assert backend.gpu_native
+        assert fake_kvikio.settings == {
+            "num_threads": 3, "task_size": 4 << 20, "auto_direct_io_write": True, "auto_direct_io_read": False,
+        }
+    finally:
+        backend.close()
+
+
+def test_kvikio_write_read_round_trip(fake_kvikio, tmp_path) -> None:
+    backend = make_file_backend("gds", threads=2)
+    path = str(tmp_path / "chunk.gdc")
+    payload = torch.randint(0, 256, (10_000,), dtype=torch.uint8)
+    header = bytes(range(256)) * 16
+    try:
+        backend.write_file(path, [Part(0, header), Part(4096, payload)])
+        assert sorted(os.listdir(tmp_path)) == ["chunk.gdc"]
+        with backend.open_read(path) as handle:
+            assert handle.size == 4096 + payload.numel()
+            assert handle.read_bytes(0, 4096) == header
+            out = torch.empty_like(payload)
+            handle.read_into(out, 4096)
+            assert torch.equal(out, payload)
+            with pytest.raises(OSError, match="short file"):
+                handle.read_into(torch.empty(10, dtype=torch.uint8), handle.size - 5)
+        backend.write_file(path, [Part(0, b"new"), Part(8, payload[:4])], durable=False)
+        with open(path, "rb") as f:
+            assert f.read() == b"new" + bytes(5) + payload[:4].numpy().tobytes()
+    finally:
+        backend.close()
+
+
+def test_kvikio_failed_write_leaves_old_file_and_no_temp(fake_kvikio, tmp_path) -> None:
+    backend = make_file_backend("gds", threads=2)
+    path = str(tmp_path / "chunk.gdc")
+    try:
+        backend.write_file(path, [Part(0, b"old")])
+        _FakeCuFile.fail_writes = True
+        with pytest.raises(OSError) as info:
+            backend.write_file(path, [Part(0, b"hdr"), Part(4096, torch.ones(8, dtype=torch.uint8))])
+        assert info.value.errno == errno.ENOSPC
+        assert sorted(os.listdir(tmp_path)) == ["chunk.gdc"]
+        assert open(path, "rb").read() == b"old"
+        with pytest.raises(OSError):
+            backend.write_file(str(tmp_path / "missing-dir" / "x.gdc"), [Part(0, b"x")])
+    finally:
+        backend.close()
+
+
+def test_kvikio_open_missing_file_is_file_not_found(fake_kvikio, tmp_path) -> None:
+    backend = make_file_backend("gds", threads=1)
+    try:
+        with pytest.raises(FileNotFoundError):
+            backend.open_read(str(tmp_path / "gone.gdc"))
+        with pytest.raises(TypeError, match="uint8"):
+            backend.write_file(str(tmp_path / "x.gdc"), [Part(0, torch.ones(4, dtype=torch.float32))])
+    finally:
+        backend.close()
+
+
+def test_selector_is_exported() -> None:
+    assert io_backends.make_file_backend is make_file_backend
