@@ -18,7 +18,7 @@ LOG=$OUT/gpu_check.log
 SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-STEPS=(${GPU_CHECK_STEPS:-probe tests bench_gds})  # other areas: add e.g. codecs (benchmarks/gpu_codecs.py), bench_cli
+STEPS=(${GPU_CHECK_STEPS:-probe tests bench_gds bench_cli})
 
 install() {
     # wheels carried in .whl/: kvikio-cu13, libkvikio-cu13, rapids-logger, pydantic and its deps (absent there)
@@ -62,6 +62,12 @@ step_bench_gds() {
         --out "$OUT/gds.json" --png "$OUT/gds.png" ${GDS_BENCH_ARGS:---breakdown}
 }
 
+step_bench_cli() {
+    # the main job on the GPU: every codec, two chunk sizes, cold and warm, with the plot
+    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --chunk-size 256,1024 \
+        --json "$OUT/bench_cli.json" --plot "$OUT/bench_cli.png" ${BENCH_CLI_ARGS:-}
+}
+
 run_step() {
     local name=$1 deadline=${2:-300} start rc
     start=$(date +%s)
@@ -77,6 +83,7 @@ for s in "${STEPS[@]}"; do
     case $s in
         tests) run_step tests 180 ;;
         bench_gds) run_step bench_gds 300 ;;
+        bench_cli) run_step bench_cli 300 ;;
         *) run_step "$s" 60 ;;
     esac
 done

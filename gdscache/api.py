@@ -28,8 +28,9 @@ from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
-Fetched = tuple[ChunkMeta, torch.Tensor, bool] | None
-"""(meta, payload, owned): ``owned`` payloads were read for this call alone and may be recycled."""
+Fetched = tuple[ChunkMeta, torch.Tensor | None, bool] | None
+"""(meta, payload, owned): ``owned`` payloads were read for this call alone and may be recycled;
+a None payload was read straight into the destination."""
 
 
 class GDSCache:
@@ -105,14 +106,17 @@ class GDSCache:
                 f"{n_chunks * chunk}); kv shape {tuple(kv.shape)}"
             )
         started = time.perf_counter()
-        jobs: list[tuple[Future[bool], torch.Tensor]] = []
+        jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]] = []
         new_tokens = 0
         for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
             if self._present(key):
                 continue
-            payload = self._codec.encode(kv[:, :, i * chunk : (i + 1) * chunk])
+            piece = kv[:, :, i * chunk : (i + 1) * chunk]
+            # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change)
+            runs = self._codec.direct_runs(piece) if self._writer is None else None
+            payload = runs if runs is not None else self._codec.encode(piece)
             meta = make_meta(key, self._namespace, spec, chunk, self._codec.name, self._codec.params(), payload)
-            self.metrics.inc("bytes_encoded", payload.numel())
+            self.metrics.inc("bytes_encoded", meta.payload_len)
             if self._writer is not None:
                 self._writer.submit(meta, payload)
                 new_tokens += chunk
@@ -120,7 +124,8 @@ class GDSCache:
                 jobs.append((self._backend.submit(self._persist, meta, payload), payload))
         for job, payload in jobs:
             new_tokens += chunk if job.result() else 0
-            self._recycle(payload)
+            if not isinstance(payload, list):
+                self._recycle(payload)
         if jobs or new_tokens:
             self.metrics.observe("store", (time.perf_counter() - started) / max(1, len(jobs) or new_tokens // chunk))
         self.metrics.inc("stored_tokens", new_tokens)
@@ -162,7 +167,8 @@ class GDSCache:
         next_submit = 0
         while n_read < len(chunk_keys):
             while next_submit < len(chunk_keys) and len(inflight) < window:
-                inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], out.device))
+                target = out[:, :, next_submit * chunk : (next_submit + 1) * chunk]
+                inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], target))
                 next_submit += 1
             fetched = inflight.pop(0).result()
             if fetched is None or not self._decode(fetched, spec, out[:, :, n_read * chunk : (n_read + 1) * chunk]):
@@ -264,28 +270,43 @@ class GDSCache:
             or self._local.contains(self._namespace, key)
         )
 
-    def _persist(self, meta: ChunkMeta, payload: torch.Tensor) -> bool:
-        """Write one encoded chunk to every tier; never raises for storage faults."""
+    def _persist(self, meta: ChunkMeta, payload: torch.Tensor | list[torch.Tensor]) -> bool:
+        """Write one encoded chunk (a buffer, or runs of one) to every tier; never raises for storage faults."""
         ok = self._local.write(self._namespace, meta, payload)
         self.metrics.inc("chunks_written" if ok else "chunk_write_failures")
         if ok:
-            self.metrics.inc("bytes_written", payload.numel())
-        if self._dram is not None:
-            self._dram.put(meta.key, meta, payload)
-        if self._remote is not None:
-            self._remote.put(self._namespace, meta.key, meta, payload)
-            ok = True
+            self.metrics.inc("bytes_written", meta.payload_len)
+        if self._dram is not None or self._remote is not None:
+            whole = torch.cat(payload) if isinstance(payload, list) else payload
+            if self._dram is not None:
+                self._dram.put(meta.key, meta, whole)
+            if self._remote is not None:
+                self._remote.put(self._namespace, meta.key, meta, whole)
+                ok = True
         return ok
 
-    def _fetch(self, key: bytes, device: torch.device) -> Fetched:
-        """Find one chunk in the fastest tier that has it, promoting it into the faster tiers."""
+    def _fetch(self, key: bytes, target: torch.Tensor) -> Fetched:
+        """Find one chunk in the fastest tier that has it, promoting it into the faster tiers.
+
+        ``target`` is where the chunk will be decoded; a raw chunk from the local tier lands there directly.
+        """
         if self._writer is not None and (pending := self._writer.pending(key)) is not None:
             return (*pending, False)
         if self._dram is not None and (hit := self._dram.get(key)) is not None:
             self.metrics.inc("dram_hits")
             return (*hit, False)
+        runs = self._codec.direct_runs(target)
+        if runs is not None:
+            meta = self._local.read_runs(self._namespace, key, runs)
+            if meta is not None:
+                self.metrics.inc("local_hits")
+                if self._dram is not None:
+                    self._dram.put(key, meta, torch.cat(runs))
+                return meta, None, False
+            hit = None
+        else:
+            hit = self._local.read(self._namespace, key, target.device)
         owned = True
-        hit = self._local.read(self._namespace, key, device)
         if hit is not None:
             self.metrics.inc("local_hits")
         elif self._remote is not None and (hit := self._remote.get(self._namespace, key)) is not None:
@@ -303,21 +324,30 @@ class GDSCache:
         if self._remote is None and not payload.is_cuda:
             host_pool.release(payload)
 
-    def _decode(self, fetched: tuple[ChunkMeta, torch.Tensor, bool], spec: KVSpec, out: torch.Tensor) -> bool:
+    def _decode(self, fetched: tuple[ChunkMeta, torch.Tensor | None, bool], spec: KVSpec, out: torch.Tensor) -> bool:
         """Decode into ``out``; a payload this call owns is recycled once decoding no longer needs it."""
         meta, payload, owned = fetched
+        if not self._matches(meta, spec):
+            return False
+        if payload is None:  # already in ``out``, verified there
+            self.metrics.inc("bytes_read", meta.payload_len)
+            return True
         try:
             return self._decode_into(meta, payload, spec, out)
         finally:
             if owned and not out.is_cuda:  # a copy to the GPU may still be reading the host buffer
                 self._recycle(payload)
 
-    def _decode_into(self, meta: ChunkMeta, payload: torch.Tensor, spec: KVSpec, out: torch.Tensor) -> bool:
+    def _matches(self, meta: ChunkMeta, spec: KVSpec) -> bool:
+        """True when a chunk was written with this cache's settings (its namespace promises so)."""
         if meta.spec != spec or meta.codec != self._codec.name or meta.codec_params != self._codec.params() \
                 or meta.num_tokens != self.config.chunk_size:
             log.warning("chunk %s was written with other settings; treating as a miss", meta.key.hex())
             self.metrics.inc("mismatched_chunks")
             return False
+        return True
+
+    def _decode_into(self, meta: ChunkMeta, payload: torch.Tensor, spec: KVSpec, out: torch.Tensor) -> bool:
         if payload.device != out.device:
             payload = payload.to(out.device, non_blocking=True)
         try:

@@ -64,6 +64,15 @@ class ReadHandle(abc.ABC):
     def read_into(self, dest: torch.Tensor, offset: int) -> None:
         """Fill all of ``dest`` (host or GPU buffer) from ``offset``. Raises ``OSError`` on a short read."""
 
+    def read_into_runs(self, dests: Sequence[torch.Tensor], offset: int) -> None:
+        """Fill ``dests`` in order from consecutive file bytes starting at ``offset`` (a scatter read).
+
+        Lets a payload land directly in a strided destination, one run per contiguous piece.
+        """
+        for dest in dests:
+            self.read_into(dest, offset)
+            offset += dest.numel()
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

@@ -209,6 +209,24 @@ class _KvikioReadHandle(ReadHandle):
         if got != n:
             raise OSError(errno.EIO, f"short read: {got} of {n} bytes at offset {offset}")
 
+    def read_into_runs(self, dests: Sequence[torch.Tensor], offset: int) -> None:
+        """All runs in flight at once on kvikio's thread pool, straight into host or GPU memory."""
+        total = sum(d.numel() for d in dests)
+        if offset + total > self.size:
+            raise OSError(errno.EIO, f"short file: need {offset + total} bytes, file has {self.size}")
+        pending = []
+        try:
+            for dest in dests:
+                check_buffer(dest, "dest")
+                _ready(dest)
+                pending.append((dest.numel(), offset, self._handle.pread(_io_view(dest), dest.numel(), offset)))
+                offset += dest.numel()
+            for n, at, future in pending:
+                if future.get() != n:
+                    raise OSError(errno.EIO, f"short read of {n} bytes at offset {at}")
+        except RuntimeError as exc:
+            raise _os_error(exc, f"scatter read of {total} bytes failed") from exc
+
     def close(self) -> None:
         if not self._handle.closed:
             self._handle.close()

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from io_backends.base import ALIGN, FileBackend, Part, ReadHandle, align_up
-from io_backends.buffers import BounceBuffers, cuda_usable, is_aligned
+from io_backends.buffers import BounceBuffers, cuda_usable, host_pool, is_aligned
 
 log = logging.getLogger(__name__)
 _HOST = socket.gethostname().replace(".", "_")
@@ -36,6 +36,18 @@ def _host_view(data: bytes | torch.Tensor) -> memoryview:
     if data.is_cuda:
         data = data.cpu()
     return memoryview(data.numpy())
+
+
+def _coalesce(parts: Sequence[Part]) -> torch.Tensor:
+    """All parts in one zero-filled, page-aligned host buffer (for O_DIRECT with unaligned parts)."""
+    total = max(p.offset + p.nbytes for p in parts)
+    buf = host_pool.acquire(align_up(total))
+    buf.zero_()
+    for part in parts:
+        data = part.data
+        src = torch.frombuffer(bytearray(data), dtype=torch.uint8) if isinstance(data, (bytes, bytearray)) else data
+        buf[part.offset : part.offset + part.nbytes].copy_(src)
+    return buf
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -96,7 +108,11 @@ class PosixBackend(FileBackend):
     def write_file(self, path: str, parts: Sequence[Part], *, durable: bool = True) -> None:
         tmp = temp_path_for(path)
         fd, direct = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        staged = None
         try:
+            if direct and any(part.offset % ALIGN for part in parts):  # O_DIRECT needs aligned offsets
+                staged = _coalesce(parts)
+                parts = [Part(0, staged)]
             for part in sorted(parts, key=lambda p: p.offset):
                 self._write_part(fd, part, direct)
             if durable:
@@ -112,6 +128,9 @@ class PosixBackend(FileBackend):
             except FileNotFoundError:
                 pass
             raise
+        finally:
+            if staged is not None:
+                host_pool.release(staged)
 
     def _write_part(self, fd: int, part: Part, direct: bool) -> None:
         view = _host_view(part.data)
@@ -168,6 +187,34 @@ class _PosixReadHandle(ReadHandle):
             dest.copy_(bounce[:n])
         if got < n:
             raise OSError(errno.EIO, f"short read: {got} of {n} bytes at offset {offset}")
+
+    def read_into_runs(self, dests: Sequence[torch.Tensor], offset: int) -> None:
+        """One ``preadv`` into every host run (with O_DIRECT: when the runs are aligned), else staged."""
+        total = sum(d.numel() for d in dests)
+        direct_ok = not self._direct or (offset % ALIGN == 0 and all(is_aligned(d) and d.numel() % ALIGN == 0 for d in dests))
+        if any(d.is_cuda for d in dests) or not direct_ok:  # stage in one aligned host buffer
+            staging = host_pool.acquire(total)
+            try:
+                self.read_into(staging, offset)
+                for dest, piece in zip(dests, torch.split(staging, [d.numel() for d in dests])):
+                    dest.copy_(piece)
+            finally:
+                host_pool.release(staging)
+            return
+        if offset + total > self.size:
+            raise OSError(errno.EIO, f"short file: need {offset + total} bytes, file has {self.size}")
+        views = [memoryview(d.numpy()) for d in dests]
+        done = 0
+        while views:
+            got = os.preadv(self._fd, views, offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"short read: {done} of {total} bytes at offset {offset}")
+            done += got
+            while views and got >= len(views[0]):
+                got -= len(views[0])
+                views.pop(0)
+            if views and got:
+                views[0] = views[0][got:]
 
     def close(self) -> None:
         if self._fd >= 0:

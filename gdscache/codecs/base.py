@@ -28,6 +28,14 @@ class Codec(abc.ABC):
     def encode(self, chunk: torch.Tensor) -> torch.Tensor:
         """Return a new 1-D uint8 payload on ``chunk``'s device (never a view of ``chunk``)."""
 
+    def direct_runs(self, out: torch.Tensor) -> list[torch.Tensor] | None:
+        """Byte views of ``out`` that the payload fills verbatim, in order, or None.
+
+        A codec whose payload *is* the chunk's bytes (``raw``) lets the storage tier read straight
+        into the caller's tensor, skipping the staging buffer and the decode copy.
+        """
+        return None
+
     @abc.abstractmethod
     def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor) -> None:
         """Write the decoded chunk into ``out`` (shape ``spec.chunk_shape(num_tokens)``, maybe strided).

@@ -23,6 +23,13 @@ class RawCodec(Codec):
         payload.view(chunk.dtype).view(chunk.shape).copy_(chunk)
         return payload
 
+    def direct_runs(self, out: torch.Tensor) -> list[torch.Tensor] | None:
+        """One run per (layer, plane) when each ``out[l, p]`` slice is contiguous."""
+        planes = [out[layer, plane] for layer in range(out.shape[0]) for plane in range(out.shape[1])]
+        if not all(p.is_contiguous() for p in planes):
+            return None
+        return [p.reshape(-1).view(torch.uint8) for p in planes]
+
     def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor) -> None:
         expected = spec.bytes_per_token() * num_tokens
         if payload.numel() != expected:

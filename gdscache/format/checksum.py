@@ -14,6 +14,7 @@ Either reader can check either algorithm; the writer picks the one that suits it
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import torch
 import xxhash
@@ -25,42 +26,52 @@ DIGEST_SIZE = 24
 _MAX_HALFSUM_BYTES = 1 << 32
 
 
-def _host_bytes(payload: torch.Tensor) -> memoryview:
-    return memoryview(payload.cpu().numpy())
+def xxh3_digest(runs: Sequence[torch.Tensor]) -> bytes:
+    h = xxhash.xxh3_64()
+    for run in runs:
+        h.update(memoryview(run.cpu().numpy()))
+    return h.digest().ljust(DIGEST_SIZE, b"\0")
 
 
-def xxh3_digest(payload: torch.Tensor) -> bytes:
-    return xxhash.xxh3_64_digest(_host_bytes(payload)).ljust(DIGEST_SIZE, b"\0")
-
-
-def _weighted_sum(words: torch.Tensor, period: int) -> torch.Tensor:
-    """``Σ words[i] * (i mod period + 1)`` as int64, via per-column sums of a (rows, period) view."""
+def _weighted_sum(words: torch.Tensor, period: int, start: int) -> torch.Tensor:
+    """``Σ words[j] * ((start + j) mod period + 1)`` as int64, via column sums of a (rows, period) view."""
+    weights = (torch.arange(period, device=words.device, dtype=torch.int64) + start) % period + 1
     body = words.numel() // period * period
-    weights = torch.arange(1, period + 1, device=words.device, dtype=torch.int64)
     total = (words[body:].to(torch.int64) * weights[: words.numel() - body]).sum()
     if body:
         total = total + (words[:body].view(-1, period).sum(dim=0, dtype=torch.int64) * weights).sum()
     return total
 
 
-def halfsum3_digest(payload: torch.Tensor) -> bytes:
-    n = payload.numel()
-    if n >= _MAX_HALFSUM_BYTES:
-        raise ValueError(f"halfsum3 covers payloads below 4 GiB, got {n} bytes")
-    if n % 2:
-        payload = torch.cat([payload, payload.new_zeros(1)])
-    words = payload.view(torch.int16).to(torch.int32) & 0xFFFF
-    sums = torch.stack([words.sum(dtype=torch.int64), _weighted_sum(words, 65521), _weighted_sum(words, 65519)])
-    return struct.pack("<3q", *sums.tolist())
+def halfsum3_digest(runs: Sequence[torch.Tensor]) -> bytes:
+    if sum(r.numel() for r in runs) >= _MAX_HALFSUM_BYTES:
+        raise ValueError("halfsum3 covers payloads below 4 GiB")
+    if any(r.numel() % 2 for r in runs[:-1]):  # word boundaries would straddle runs
+        runs = [torch.cat([r.reshape(-1) for r in runs])]
+    sums = []
+    start = 0
+    for run in runs:
+        if run.numel() % 2:
+            run = torch.cat([run, run.new_zeros(1)])
+        words = run.view(torch.int16).to(torch.int32) & 0xFFFF
+        sums += [words.sum(dtype=torch.int64), _weighted_sum(words, 65521, start), _weighted_sum(words, 65519, start)]
+        start += words.numel()
+    totals = torch.stack(sums).view(-1, 3).sum(dim=0) if sums else torch.zeros(3, dtype=torch.int64)
+    return struct.pack("<3q", *totals.tolist())
+
+
+def digest_runs(runs: Sequence[torch.Tensor], algorithm: int) -> bytes:
+    """The digest of the concatenation of 1-D uint8 ``runs`` (one payload split across buffers)."""
+    if algorithm == XXH3_64:
+        return xxh3_digest(runs)
+    if algorithm == HALFSUM3:
+        return halfsum3_digest(runs)
+    raise ValueError(f"unknown checksum algorithm {algorithm}")
 
 
 def digest(payload: torch.Tensor, algorithm: int) -> bytes:
     """The ``DIGEST_SIZE``-byte digest of a 1-D uint8 payload under ``algorithm``."""
-    if algorithm == XXH3_64:
-        return xxh3_digest(payload)
-    if algorithm == HALFSUM3:
-        return halfsum3_digest(payload)
-    raise ValueError(f"unknown checksum algorithm {algorithm}")
+    return digest_runs([payload], algorithm)
 
 
 def algorithm_for(payload: torch.Tensor) -> int:

@@ -98,11 +98,12 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
 
 
 def make_meta(key: bytes, namespace: bytes, spec: KVSpec, num_tokens: int, codec: str,
-              codec_params: dict[str, Any], payload: torch.Tensor) -> ChunkMeta:
-    """Header fields for ``payload``, with its checksum computed on the payload's device."""
-    alg = checksum.algorithm_for(payload)
-    return ChunkMeta(key, namespace, spec, num_tokens, codec, codec_params, payload.numel(), alg,
-                     checksum.digest(payload, alg))
+              codec_params: dict[str, Any], payload: torch.Tensor | list[torch.Tensor]) -> ChunkMeta:
+    """Header fields for ``payload`` (one buffer, or consecutive runs of it), checksummed on its device."""
+    runs = payload if isinstance(payload, list) else [payload]
+    alg = checksum.algorithm_for(runs[0])
+    return ChunkMeta(key, namespace, spec, num_tokens, codec, codec_params, sum(r.numel() for r in runs), alg,
+                     checksum.digest_runs(runs, alg))
 
 
 def verify_payload(meta: ChunkMeta, payload: torch.Tensor) -> None:
@@ -110,6 +111,15 @@ def verify_payload(meta: ChunkMeta, payload: torch.Tensor) -> None:
     if payload.numel() != meta.payload_len:
         raise CorruptChunk(f"payload is {payload.numel()} bytes, header says {meta.payload_len}")
     if checksum.digest(payload, meta.checksum_alg) != meta.payload_digest:
+        raise CorruptChunk(f"payload checksum ({checksum.NAMES[meta.checksum_alg]}) mismatch")
+
+
+def verify_runs(meta: ChunkMeta, runs: list[torch.Tensor]) -> None:
+    """:func:`verify_payload` for a payload that was read in pieces (a scatter read)."""
+    total = sum(r.numel() for r in runs)
+    if total != meta.payload_len:
+        raise CorruptChunk(f"payload is {total} bytes, header says {meta.payload_len}")
+    if checksum.digest_runs(runs, meta.checksum_alg) != meta.payload_digest:
         raise CorruptChunk(f"payload checksum ({checksum.NAMES[meta.checksum_alg]}) mismatch")
 
 

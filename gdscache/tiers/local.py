@@ -15,12 +15,23 @@ import socket
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from gdscache.format.chunkfile import HEADER_SIZE, PAYLOAD_OFFSET, ChunkMeta, CorruptChunk, pack_header, unpack_header, verify_payload
-from io_backends.base import FileBackend, Part, align_up
+from gdscache.format.chunkfile import (
+    HEADER_SIZE,
+    PAYLOAD_OFFSET,
+    ChunkMeta,
+    CorruptChunk,
+    pack_header,
+    unpack_header,
+    verify_payload,
+    verify_runs,
+)
+from io_backends.base import FileBackend, Part, ReadHandle, align_up
 from io_backends.buffers import host_pool
 
 log = logging.getLogger(__name__)
@@ -30,6 +41,7 @@ QUARANTINE = ".quarantine"
 STALE_TEMP_S = 600.0
 ENOSPC_BACKOFF_S = 5.0
 _HOST = socket.gethostname().replace(".", "_")
+T = TypeVar("T")
 
 
 @dataclass
@@ -164,8 +176,8 @@ class LocalTier:
         except OSError as exc:
             log.warning("could not write %s: %s", target, exc)
 
-    def write(self, namespace: bytes, meta: ChunkMeta, payload: torch.Tensor) -> bool:
-        """Publish one chunk; returns False (with a warning) when the disk refuses it."""
+    def write(self, namespace: bytes, meta: ChunkMeta, payload: torch.Tensor | list[torch.Tensor]) -> bool:
+        """Publish one chunk (its payload as one buffer or as consecutive runs); False when the disk refuses it."""
         path = self.path_of(namespace, meta.key)
         size = align_up(meta.file_size)
         directory = os.path.dirname(path)
@@ -180,7 +192,11 @@ class LocalTier:
             excess = self._bytes - self.max_bytes if self.max_bytes is not None else 0
         if excess > 0:
             self._evict(excess)
-        parts = [Part(0, pack_header(meta)), Part(PAYLOAD_OFFSET, payload)]
+        parts = [Part(0, pack_header(meta))]
+        offset = PAYLOAD_OFFSET
+        for run in payload if isinstance(payload, list) else [payload]:
+            parts.append(Part(offset, run))
+            offset += run.numel()
         for attempt in (1, 2):
             try:
                 self.backend.write_file(path, parts, durable=self.durable)
@@ -251,43 +267,64 @@ class LocalTier:
 
         A host payload comes from ``io_backends.buffers.host_pool``: the caller may release it there.
         """
+        return self._guarded(namespace, key, lambda handle, meta: self._read_payload(handle, meta, device))
+
+    def read_runs(self, namespace: bytes, key: bytes, runs: list[torch.Tensor]) -> ChunkMeta | None:
+        """Read one chunk's payload straight into ``runs`` (consecutive pieces of it) and verify it there.
+
+        On None, ``runs`` hold unspecified bytes.
+        """
+        def scatter(handle: ReadHandle, meta: ChunkMeta) -> ChunkMeta:
+            if meta.payload_len != sum(r.numel() for r in runs):
+                raise CorruptChunk(f"payload is {meta.payload_len} bytes, the destination {sum(r.numel() for r in runs)}")
+            handle.read_into_runs(runs, PAYLOAD_OFFSET)
+            verify_runs(meta, runs)
+            return meta
+
+        return self._guarded(namespace, key, scatter)
+
+    def _read_payload(self, handle: ReadHandle, meta: ChunkMeta, device: torch.device) -> tuple[ChunkMeta, torch.Tensor]:
+        if device.type == "cuda" and self.backend.gpu_native:
+            payload = torch.empty(meta.payload_len, dtype=torch.uint8, device=device)
+        else:
+            payload = host_pool.acquire(meta.payload_len)
+        try:
+            handle.read_into(payload, PAYLOAD_OFFSET)
+            verify_payload(meta, payload)
+        except BaseException:
+            if not payload.is_cuda:
+                host_pool.release(payload)
+            raise
+        return meta, payload
+
+    def _guarded(self, namespace: bytes, key: bytes, body: Callable[[ReadHandle, ChunkMeta], T]) -> T | None:
+        """Open the chunk, validate its header, run ``body``; pin the key meanwhile; faults become None."""
         path = self.path_of(namespace, key)
         with self._lock:
             self._in_use[key] += 1
-        try:
-            return self._read(path, key, device)
-        finally:
-            with self._lock:
-                self._in_use[key] -= 1
-                if not self._in_use[key]:
-                    del self._in_use[key]
-
-    def _read(self, path: str, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor] | None:
-        payload = None
         try:
             with self.backend.open_read(path) as handle:
                 meta = unpack_header(handle.read_bytes(0, HEADER_SIZE), handle.size)
                 if meta.key != key:
                     raise CorruptChunk("file holds another key")
-                if device.type == "cuda" and self.backend.gpu_native:
-                    payload = torch.empty(meta.payload_len, dtype=torch.uint8, device=device)
-                else:
-                    payload = host_pool.acquire(meta.payload_len)
-                handle.read_into(payload, PAYLOAD_OFFSET)
-            verify_payload(meta, payload)
-        except (OSError, CorruptChunk) as exc:
-            if payload is not None and not payload.is_cuda:
-                host_pool.release(payload)
-            if isinstance(exc, FileNotFoundError):
-                self._forget(key)
-                self.stats.read_misses += 1
-            elif isinstance(exc, CorruptChunk):
-                self.quarantine(path, str(exc))
-                self._forget(key)
-            else:
-                log.warning("read of %s failed: %s; treating as a miss", path, exc)
-                self.stats.read_misses += 1
+                result = body(handle, meta)
+        except FileNotFoundError:
+            self._forget(key)
+            self.stats.read_misses += 1
             return None
+        except CorruptChunk as exc:
+            self.quarantine(path, str(exc))
+            self._forget(key)
+            return None
+        except OSError as exc:
+            log.warning("read of %s failed: %s; treating as a miss", path, exc)
+            self.stats.read_misses += 1
+            return None
+        finally:
+            with self._lock:
+                self._in_use[key] -= 1
+                if not self._in_use[key]:
+                    del self._in_use[key]
         self.stats.reads += 1
         with self._lock:
             if key in self._index:
@@ -296,7 +333,7 @@ class LocalTier:
             os.utime(path)
         except OSError:
             pass
-        return meta, payload
+        return result
 
     def quarantine(self, path: str, why: str) -> None:
         """Move a bad chunk file aside (or delete it if that fails) and log why."""

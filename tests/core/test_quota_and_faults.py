@@ -39,14 +39,14 @@ def test_eviction_never_removes_a_chunk_being_read(cache_dir):
         key = cache.chunk_keys(list(range(16)))[0]
         local = cache._local
         entered, release = threading.Event(), threading.Event()
-        real_read = local._read
+        real_read = local._read_payload
 
         def slow_read(*args):
             entered.set()
             release.wait(10)
             return real_read(*args)
 
-        local._read = slow_read
+        local._read_payload = slow_read
         reader = threading.Thread(target=lambda: local.read(cache.namespace, key, torch.device("cpu")))
         reader.start()
         entered.wait(10)

@@ -1,0 +1,326 @@
+"""``ObjectStore`` over any fsspec URL: ``s3://bucket/prefix``, ``gs://...``, ``file:///dir``, ``memory://name``.
+
+S3 goes through s3fs (aiobotocore) on fsspec's event-loop thread, except whole-object GETs: those
+run on a small thread pool through botocore's blocking client, which read 32 MiB bodies about twice
+as fast as aiohttp here (benchmarks/results/s3.md), into one buffer the caller may keep. Every call takes a ``timeout``:
+async requests are cancelled when it runs out, blocking ones are abandoned (botocore's own read
+timeout, set to the same value, ends them), so a dead or frozen server never holds the caller past
+it. Retries are left to the caller (``gdscache.tiers.remote``): s3fs and botocore retry nothing here.
+
+Options, besides anything the fsspec filesystem itself accepts (``key``, ``secret``, ``token``,
+``profile``, ``anon``, ``client_kwargs``, ``config_kwargs``, ...):
+
+- ``endpoint_url``: a self-hosted S3 (SeaweedFS, MinIO, Ceph), e.g. ``http://127.0.0.1:8333``;
+- ``region``: the S3 region (``region_name`` for botocore);
+- ``path_style``: ``True`` addresses ``endpoint/bucket/key`` instead of ``bucket.endpoint/key``;
+- ``prefix``: a key prefix appended to the URL's path;
+- ``multipart_chunksize``: S3 part size (default 8 MiB); objects of two parts or more upload in
+  parallel parts.
+
+Without ``key``/``secret``, credentials come from the standard AWS chain (environment, profile,
+instance metadata). Secrets never appear in ``repr`` or in error text produced here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import re
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from io_backends.base import ObjectStore
+
+T = TypeVar("T")
+
+DEFAULT_PART_SIZE = 8 << 20
+MIN_PART_SIZE = 5 << 20
+_GRACE_S = 0.25
+_SESSION_TIMEOUT_S = 60.0
+_READ_PIECE = 1 << 20
+_S3_PROTOCOLS = ("s3", "s3a")
+_SECRET_NAMES = re.compile(r"secret|token|password|passwd|credential|sas|account_key|connection_string|^key$"
+                           r"|access_key", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@]*@")
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (options, possibly nested) with every secret-looking entry replaced by ``'***'``."""
+    if isinstance(value, dict):
+        return {k: "***" if _SECRET_NAMES.search(str(k)) and v is not None else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part."""
+    return _URL_USERINFO.sub("***@", url)
+
+
+def _secret_values(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        found: set[str] = set()
+        for k, v in value.items():
+            if _SECRET_NAMES.search(str(k)) and isinstance(v, str) and len(v) >= 4:
+                found.add(v)
+            else:
+                found |= _secret_values(v)
+        return found
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_secret_values(v) for v in value)) if value else set()
+    return set()
+
+
+class FsspecStore(ObjectStore):
+    """Objects under ``url`` in any fsspec filesystem; keys are ``/``-separated paths below it."""
+
+    name = "fsspec"
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None, *, timeout_s: float | None = 10.0,
+                 concurrency: int = 8) -> None:
+        if not isinstance(url, str) or "://" not in url:
+            raise ValueError(f"object store URL must look like s3://bucket/prefix or file:///dir, got {url!r}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        opts = dict(options or {})
+        self.url = url
+        self._secrets = _secret_values(opts)
+        self._shown_options = redact(opts)
+        self.timeout_s = timeout_s
+        self.part_size = int(opts.pop("multipart_chunksize", DEFAULT_PART_SIZE))
+        if self.part_size < MIN_PART_SIZE:
+            raise ValueError(f"multipart_chunksize must be >= {MIN_PART_SIZE} (the S3 minimum part), got {self.part_size}")
+        prefix = str(opts.pop("prefix", "") or "").strip("/")
+        protocol = url.split("://", 1)[0].lower()
+        self.is_s3 = protocol in _S3_PROTOCOLS
+        if self.is_s3:
+            opts = _s3_options(opts, timeout_s, concurrency)
+        else:
+            for name in ("endpoint_url", "region", "path_style"):
+                if name in opts:
+                    raise ValueError(f"remote option {name!r} applies to s3:// URLs only, not {protocol}://")
+        try:
+            self.fs = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"cannot open {redact_url(url)}: {self.scrub(str(exc))}") from None
+        if self.is_s3:
+            self.fs.retries = 1  # one attempt per call: the caller retries with backoff inside its deadline
+        root = self.fs._strip_protocol(url).rstrip("/")
+        self.root = f"{root}/{prefix}" if prefix else root
+        self.bucket = self.root.lstrip("/").split("/", 1)[0]
+        if self.is_s3 and not self.bucket:
+            raise ValueError(f"S3 URL {redact_url(url)!r} names no bucket; use s3://BUCKET/PREFIX")
+        self._async = bool(getattr(self.fs, "async_impl", False))
+        self._blocking_s3: tuple[Any, dict[str, str]] | None = None
+        if self.is_s3:  # build the clients now (service model, credential chain): no operation's deadline pays it
+            try:
+                self._await(self.fs.set_session(), _SESSION_TIMEOUT_S, "set up the S3 client")
+                self._blocking_s3 = _blocking_s3_client(opts)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unknown profile, a malformed option
+                raise ValueError(f"cannot set up the S3 client for {self.describe()}: "
+                                 f"{self.scrub(f'{type(exc).__name__}: {exc}')}") from None
+        self._pool = (cf.ThreadPoolExecutor(concurrency, thread_name_prefix="fsspec-store")
+                      if self._blocking_s3 is not None or not self._async else None)
+
+    # ------------------------------------------------------------------ ObjectStore
+    def put(self, key: str, data: bytes | memoryview, *, timeout: float | None = None) -> None:
+        """Store ``data`` under ``key``; S3 objects of two parts or more go up as a multipart upload."""
+        path = self._path(key)
+        body = bytes(data) if isinstance(data, memoryview) else data
+        if self.is_s3:
+            self._await(self.fs._pipe_file(path, body, chunksize=self.part_size), timeout, f"put {key}")
+        elif isinstance(self.fs, LocalFileSystem):
+            self._in_thread(lambda: _atomic_local_write(path, body), timeout, f"put {key}")
+        else:
+            self._call("pipe_file", path, body, timeout=timeout, what=f"put {key}")
+
+    def get(self, key: str, *, timeout: float | None = None) -> bytes | bytearray:
+        """The whole object; S3 reads return a ``bytearray`` (filled in place, no second copy)."""
+        path = self._path(key)
+        if self._blocking_s3 is not None:
+            client, extra = self._blocking_s3
+            bucket, obj, _ = self.fs.split_path(path)
+            return self._in_thread(lambda: _blocking_get(client, bucket, obj, extra), timeout, f"get {key}")
+        if self.is_s3:  # one GET, no HEAD first
+            return self._await(self.fs._cat_file(path, max_concurrency=1), timeout, f"get {key}")
+        return self._call("cat_file", path, timeout=timeout, what=f"get {key}")
+
+    def exists(self, key: str, *, timeout: float | None = None) -> bool:
+        path = self._path(key)
+        if self.is_s3:  # HEAD the object only: no listing fallback, no listing cache
+            bucket, obj, _ = self.fs.split_path(path)
+            try:
+                self._await(self.fs._call_s3("head_object", Bucket=bucket, Key=obj), timeout, f"head {key}")
+            except FileNotFoundError:
+                return False
+            return True
+        return bool(self._call("exists", path, timeout=timeout, what=f"exists {key}"))
+
+    def delete(self, key: str, *, timeout: float | None = None) -> None:
+        try:
+            self._call("rm_file", self._path(key), timeout=timeout, what=f"delete {key}")
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str = "", *, timeout: float | None = None) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        self.fs.invalidate_cache(base)
+        try:
+            found = self._call("find", base, timeout=timeout, what=f"list {prefix}")
+        except FileNotFoundError:
+            return []
+        root = self.root.strip("/")
+        return sorted(p.strip("/")[len(root):].lstrip("/") for p in found)
+
+    def check(self, *, timeout: float | None = None) -> None:
+        """Prove the store is usable: the S3 bucket exists and the credentials are accepted.
+
+        Raises ``PermissionError`` (credentials refused), ``FileNotFoundError`` (no such bucket),
+        ``TimeoutError`` or another ``Exception`` (unreachable).
+        """
+        if self.is_s3:
+            self._await(self.fs._call_s3("head_bucket", Bucket=self.bucket), timeout, f"head bucket {self.bucket}")
+        elif isinstance(self.fs, LocalFileSystem):
+            self._in_thread(lambda: os.makedirs(self.root, exist_ok=True), timeout, f"create {self.root}")
+        elif hasattr(self.fs, "split_path"):  # other object stores: the bucket must exist
+            self._call("info", self.bucket, timeout=timeout, what=f"bucket {self.bucket}")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ helpers
+    def scrub(self, text: str) -> str:
+        """``text`` with every configured secret value blanked out (for logs and error messages)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def describe(self) -> str:
+        """The store's URL (and endpoint), safe to log."""
+        endpoint = self._shown_options.get("endpoint_url")
+        return redact_url(self.url) + (f" at {redact_url(str(endpoint))}" if endpoint else "")
+
+    def __repr__(self) -> str:
+        return f"FsspecStore({redact_url(self.url)!r}, options={self._shown_options!r})"
+
+    def _path(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"object key must be a relative path without '..', got {key!r}")
+        return f"{self.root}/{key}"
+
+    def _call(self, method: str, *args: Any, timeout: float | None, what: str) -> Any:
+        if self._async:
+            return self._await(getattr(self.fs, "_" + method)(*args), timeout, what)
+        return self._in_thread(lambda: getattr(self.fs, method)(*args), timeout, what)
+
+    def _await(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
+        """Run ``coro`` on fsspec's loop thread; cancel it and raise ``TimeoutError`` after ``timeout``."""
+        if timeout is not None:
+            coro = asyncio.wait_for(coro, timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+        try:
+            return future.result(None if timeout is None else timeout + _GRACE_S)
+        except TimeoutError:  # wait_for's, or ours when the loop itself is stuck
+            future.cancel()
+            raise TimeoutError(f"{what}: no answer from {self.describe()} within {timeout:.3g} s") from None
+
+    def _in_thread(self, fn: Callable[[], T], timeout: float | None, what: str) -> T:
+        assert self._pool is not None
+        future = self._pool.submit(fn)
+        try:
+            return future.result(timeout)
+        except cf.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"{what}: no answer from {self.describe()} within {timeout:.3g} s") from None
+
+
+def _s3_options(opts: dict[str, Any], timeout_s: float | None, concurrency: int) -> dict[str, Any]:
+    """Translate the friendly S3 options into s3fs/botocore ones, with timeouts and no retries."""
+    opts = dict(opts)
+    client_kwargs = dict(opts.pop("client_kwargs", None) or {})
+    config_kwargs = dict(opts.pop("config_kwargs", None) or {})
+    region = opts.pop("region", None)
+    if region is not None:
+        client_kwargs.setdefault("region_name", region)
+    if opts.pop("path_style", False):
+        s3_conf = dict(config_kwargs.get("s3") or {})
+        s3_conf.setdefault("addressing_style", "path")
+        config_kwargs["s3"] = s3_conf
+    if timeout_s is not None:
+        config_kwargs.setdefault("connect_timeout", timeout_s)
+        config_kwargs.setdefault("read_timeout", timeout_s)
+    config_kwargs.setdefault("retries", {"total_max_attempts": 1})
+    config_kwargs.setdefault("max_pool_connections", max(10, 4 * concurrency))
+    opts.setdefault("max_concurrency", concurrency)
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    opts["config_kwargs"] = config_kwargs
+    return opts
+
+
+def _blocking_s3_client(opts: dict[str, Any]) -> tuple[Any, dict[str, str]] | None:
+    """A botocore client with the same endpoint, credentials and timeouts as the s3fs one, and extra
+    GetObject arguments; ``None`` when the options carry a ready-made session it cannot share."""
+    if opts.get("session") is not None:
+        return None
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config = {k: v for k, v in opts.get("config_kwargs", {}).items() if k in Config.OPTION_DEFAULTS}
+    if opts.get("anon"):
+        config["signature_version"] = UNSIGNED
+    kwargs = dict(opts.get("client_kwargs") or {})
+    for name, value in (("endpoint_url", opts.get("endpoint_url")),
+                        ("aws_access_key_id", opts.get("key") or opts.get("username")),
+                        ("aws_secret_access_key", opts.get("secret") or opts.get("password")),
+                        ("aws_session_token", opts.get("token")),
+                        ("use_ssl", opts.get("use_ssl"))):
+        if value is not None:
+            kwargs.setdefault(name, value)
+    session = botocore.session.Session(profile=opts.get("profile"))
+    client = session.create_client("s3", config=Config(**config), **kwargs)
+    return client, ({"RequestPayer": "requester"} if opts.get("requester_pays") else {})
+
+
+def _blocking_get(client: Any, bucket: str, key: str, extra: dict[str, str]) -> bytearray:
+    """GetObject into one buffer of the announced length, read in pieces that reuse the allocator's memory."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    try:
+        response = client.get_object(Bucket=bucket, Key=key, **extra)
+    except ClientError as exc:
+        raise translate_boto_error(exc) from None
+    buf = bytearray(response["ContentLength"])
+    view = memoryview(buf)
+    filled = 0
+    body = response["Body"]
+    with body:  # iter_chunks raises if fewer bytes arrive than announced
+        for piece in body.iter_chunks(_READ_PIECE):
+            view[filled : filled + len(piece)] = piece
+            filled += len(piece)
+    return buf
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

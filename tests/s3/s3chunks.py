@@ -1,0 +1,22 @@
+"""Test chunks: a header and a random payload, as the codec would produce them."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gdscache.format.chunkfile import ChunkMeta, make_meta
+from gdscache.spec import KVSpec
+
+SPEC = KVSpec(num_layers=2, kv_planes=2, num_kv_heads=2, head_dim=64, dtype=torch.float16)
+NAMESPACE = bytes.fromhex("00112233445566778899aabbccddeeff")
+
+
+def make_chunk(nbytes: int, seed: int, namespace: bytes = NAMESPACE) -> tuple[bytes, ChunkMeta, torch.Tensor]:
+    """``(key, meta, payload)`` with ``nbytes`` of seeded random payload."""
+    gen = torch.Generator().manual_seed(seed)
+    payload = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
+    key = seed.to_bytes(4, "little") + os.urandom(12)
+    meta = make_meta(key, namespace, SPEC, 16, "raw", {}, payload)
+    return key, meta, payload
