@@ -184,6 +184,33 @@ class GDSCache:
             self.metrics.observe("retrieve", (time.perf_counter() - started) / n_read)
         return n_read * chunk
 
+    def prefetch(self, tokens: Tokens) -> Future[int]:
+        """Warm the longest available prefix of ``tokens`` ahead of use, in the background.
+
+        Chunks only in the remote tier are fetched (and verified) into the local tier; with a DRAM
+        tier, local chunks are promoted into it. The future gives the prefix length now held locally.
+        """
+        self._check_open()
+        return self._backend.submit(self._prefetch, self.chunk_keys(tokens))
+
+    def _prefetch(self, chunk_keys: list[bytes]) -> int:
+        warmed = 0
+        for key in chunk_keys:
+            in_dram = self._dram is not None and key in self._dram
+            if not in_dram and not self._local.contains(self._namespace, key):
+                hit = self._remote.get(self._namespace, key) if self._remote is not None else None
+                if hit is None or not self._local.write(self._namespace, *hit):
+                    break
+                self.metrics.inc("prefetched_chunks")
+            if self._dram is not None and not in_dram:
+                hit = self._local.read(self._namespace, key, torch.device("cpu"))
+                if hit is None:
+                    break
+                self._dram.put(key, *hit)
+                self._recycle(hit[1])
+            warmed += 1
+        return warmed * self.config.chunk_size
+
     def flush(self) -> None:
         """Wait until every accepted chunk is written (async mode) and uploaded (remote tier)."""
         if self._writer is not None:

@@ -118,3 +118,22 @@ def test_outage_during_a_run_keeps_store_and_retrieve_going(seaweed, bucket, tmp
     finally:
         seaweed.ensure_running()
         reader.close()
+
+
+def test_prefetch_warms_a_prefix_from_the_bucket(seaweed, bucket, tmp_path):
+    url, options = f"s3://{bucket}/kv", seaweed.options()
+    assert _child("store", str(tmp_path / "writer"), url, options, "through")["stored"] == N_TOKENS
+    g = torch.Generator().manual_seed(1234)
+    kv = torch.randn(2, 2, N_TOKENS, 2, 8, generator=g).to(torch.bfloat16)
+    tokens = list(range(1000, 1000 + N_TOKENS))
+    shape = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "dtype": "bfloat16"}
+    local = tmp_path / "reader"
+    with GDSCache(path=str(local), chunk_size=CHUNK, model_id="shared-model", storage="posix", kv_shape=shape,
+                  remote_url=url, remote_options=options, cpu_cache_bytes="1MiB") as cache:
+        assert cache.prefetch(tokens[: 5 * CHUNK + 3]).result(timeout=60) == 5 * CHUNK
+        files = [f for _, _, fs in os.walk(local) for f in fs if f.endswith(".gdc")]
+        assert len(files) == 5  # fetched, verified and written locally; nothing beyond the prefix asked for
+        assert cache.stats()["dram_chunks"] == 5
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens, out) == N_TOKENS and torch.equal(out, kv)
+        assert cache.stats()["dram_hits"] == 5
