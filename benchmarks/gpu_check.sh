@@ -18,7 +18,9 @@ LOG=$OUT/gpu_check.log
 SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-STEPS=(${GPU_CHECK_STEPS:-probe tests bench_gds bench_cli})
+STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
+
+export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
 
 install() {
     # wheels carried in .whl/: kvikio-cu13, libkvikio-cu13, rapids-logger, pydantic and its deps (absent there)
@@ -50,6 +52,15 @@ except Exception as exc:
     info["cuda.bindings.cufile"] = repr(exc)
 print(json.dumps(info, indent=1, default=str))
 EOF
+}
+
+step_build() {
+    # the codec kernels, as `pip install` builds them where nvcc exists
+    cmake -S . -B build/cuda -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cuda -j 16 | tail -3
+}
+
+step_codecs() {
+    python3 benchmarks/gpu_codecs.py --json "$OUT/gpu_codecs.json"
 }
 
 step_tests() {

@@ -400,6 +400,8 @@ def _check_writable(path: str) -> None:
 def _codec_kwargs(cfg: Config) -> dict[str, Any]:
     params = dict(cfg.codec_params)
     if cfg.codec_profile is not None:
+        if cfg.codec != "cachegen":
+            raise ValueError(f"codec_profile applies to the cachegen codec only, not {cfg.codec!r}")
         params["profile"] = cfg.codec_profile
     return params
 

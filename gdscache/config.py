@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "GDSCACHE_"
+NOT_FIELDS = {"GDSCACHE_CONFIG", "GDSCACHE_CUDA_LIB", "GDSCACHE_SKIP_CUDA", "GDSCACHE_CUDA_ARCHS"}
+"""GDSCACHE_* variables that are not config fields: a YAML path (vLLM connector) and kernel build/load settings."""
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40, "p": 10**15,
@@ -120,7 +122,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "GDSCACHE_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_FIELDS:
             continue
         field = name[len(ENV_PREFIX):].lower()
         if field not in Config.model_fields:

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from gdscache.config import NOT_FIELDS
+
 
 @pytest.fixture
 def cache_dir(tmp_path):
@@ -18,5 +20,5 @@ def cache_dir(tmp_path):
 def _no_gdscache_env(monkeypatch):
     """Tests set their config explicitly; a developer's GDSCACHE_* variables must not leak in."""
     for name in list(os.environ):
-        if name.startswith("GDSCACHE_"):
+        if name.startswith("GDSCACHE_") and name not in NOT_FIELDS:
             monkeypatch.delenv(name)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from gdscache.codecs.base import Codec
+from gdscache.codecs.cachegen import CacheGenCodec
+from gdscache.codecs.lossless import LosslessCodec
 from gdscache.codecs.raw import RawCodec
 
-_REGISTRY: dict[str, type[Codec]] = {RawCodec.name: RawCodec}
+_REGISTRY: dict[str, type[Codec]] = {c.name: c for c in (RawCodec, LosslessCodec, CacheGenCodec)}
 
 
 def register_codec(cls: type[Codec]) -> type[Codec]:
@@ -29,4 +31,4 @@ def get_codec(name: str, **params: Any) -> Codec:
     return cls(**params)
 
 
-__all__ = ["Codec", "RawCodec", "codec_names", "get_codec", "register_codec"]
+__all__ = ["CacheGenCodec", "Codec", "LosslessCodec", "RawCodec", "codec_names", "get_codec", "register_codec"]

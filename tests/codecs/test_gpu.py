@@ -1,0 +1,101 @@
+"""CUDA kernels == torch/numpy references, bit for bit, in the bitstream and in the decoded tensor."""
+
+import numpy as np
+import pytest
+import torch
+
+from gdscache.codecs import _cuda, get_codec, rans
+from gdscache.codecs.profile import CodecProfile
+from gdscache.spec import KVSpec
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    if not _cuda.available():
+        pytest.skip("libgdscache_cuda.so not built (pip install with nvcc, or set GDSCACHE_CUDA_LIB)")
+
+
+def _kv(dtype, layers=4, tokens=64, heads=3, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(layers, 2, tokens, heads, dim, generator=g)
+    x[:, 0, :, :, 5] = x[:, 0, :, :, 5] * 8 + 12  # outlier key channel
+    x[1, 1, :3] = 0
+    return x.to(dtype)
+
+
+def _bits(t):
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_rans_kernels_match_reference(group):
+    g = torch.Generator().manual_seed(group)
+    sym = torch.randint(0, 40, (3, 50, 16), generator=g) * torch.randint(0, 2, (3, 50, 16), generator=g)
+    counts = np.stack([np.bincount(sym[r].numpy().ravel(), minlength=64) for r in range(3)])
+    tables = rans.Tables(rans.normalize_counts(counts))
+    tab = torch.arange(3).view(3, 1).expand(3, 16)
+    ref_len, ref_words = rans.encode_ref(sym.numpy(), tab.numpy(), tables.freq, group)
+    lengths, words = rans.encode(sym.cuda(), tab.cuda(), tables, group)
+    assert np.array_equal(lengths.cpu().numpy().view(np.uint32), ref_len)
+    assert np.array_equal(words.cpu().numpy().view(np.uint16), ref_words)
+    back = rans.decode(words, lengths, tab.cuda(), tables, tuple(sym.shape), group)
+    assert torch.equal(back.cpu().to(torch.int64), sym)
+    bad = words.clone()
+    bad[3] ^= 0x0F0F
+    with pytest.raises(ValueError):
+        rans.decode(bad, lengths, tab.cuda(), tables, tuple(sym.shape), group)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_lossless_gpu_matches_cpu(dtype):
+    kv = _kv(torch.float32).to(dtype)
+    codec = get_codec("lossless")
+    cpu, gpu = codec.encode(kv), codec.encode(kv.cuda())
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    out = torch.empty_like(kv, device="cuda")
+    codec.decode(gpu, KVSpec.of(kv), kv.shape[2], out)
+    assert torch.equal(_bits(out.cpu()), _bits(kv))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cachegen_gpu_matches_cpu(dtype, weighted, tmp_path):
+    kv = _kv(dtype)
+    params = {}
+    if weighted:
+        w = np.exp(np.random.default_rng(0).normal(0, 0.5, (4, 2, 192)))
+        prof = CodecProfile(np.linspace(0.02, 0.2, 8).reshape(4, 2), w)
+        prof.save(tmp_path / "p.json")
+        params = {"profile": str(tmp_path / "p.json")}
+    codec = get_codec("cachegen", **params)
+    cpu, gpu = codec.encode(kv), codec.encode(kv.cuda())
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    spec = KVSpec.of(kv)
+    ref = torch.empty_like(kv)
+    codec.decode(cpu, spec, kv.shape[2], ref)
+    big = torch.zeros(4, 2, 80, 3, 64, dtype=dtype, device="cuda")
+    codec.decode(gpu, spec, kv.shape[2], big[:, :, 8:72])
+    assert torch.equal(_bits(big[:, :, 8:72].cpu()), _bits(ref))
+    assert not big[:, :, :8].any() and not big[:, :, 72:].any()
+
+
+def test_cachegen_gpu_rejects_corrupt_payload():
+    kv = _kv(torch.bfloat16).cuda()
+    codec = get_codec("cachegen")
+    payload = codec.encode(kv)
+    bad = payload.clone()
+    bad[-20] ^= 0x55
+    with pytest.raises(ValueError):
+        codec.decode(bad, KVSpec.of(kv), kv.shape[2], torch.empty_like(kv))
+
+
+def test_cachegen_gpu_rejects_non_finite():
+    kv = _kv(torch.bfloat16).cuda()
+    kv[1, 0, 2, 1, 7] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        get_codec("cachegen").encode(kv)
