@@ -24,7 +24,12 @@ class RawCodec(Codec):
         return payload
 
     def direct_runs(self, out: torch.Tensor) -> list[torch.Tensor] | None:
-        """One run per (layer, plane) when each ``out[l, p]`` slice is contiguous."""
+        """One run per (layer, plane) of a host tensor whose ``out[l, p]`` slices are contiguous.
+
+        On the GPU one staging buffer and a device copy (~1 TB/s) beat many small file requests.
+        """
+        if out.is_cuda:
+            return None
         planes = [out[layer, plane] for layer in range(out.shape[0]) for plane in range(out.shape[1])]
         if not all(p.is_contiguous() for p in planes):
             return None
