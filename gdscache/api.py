@@ -94,17 +94,8 @@ class GDSCache:
 
     def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
         """Persist the whole chunks of ``kv`` not stored yet; returns how many tokens were newly stored."""
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        spec = KVSpec.of(kv)
-        self._bind(spec)
+        arr, spec = self._prepare(tokens, kv, "kv")
         chunk = self.config.chunk_size
-        n_chunks = len(arr) // chunk
-        if kv.shape[2] < n_chunks * chunk:
-            raise ValueError(
-                f"kv holds {kv.shape[2]} tokens but tokens has {len(arr)} ({n_chunks} whole chunks of {chunk} need "
-                f"{n_chunks * chunk}); kv shape {tuple(kv.shape)}"
-            )
         started = time.perf_counter()
         jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]] = []
         new_tokens = 0
@@ -148,17 +139,8 @@ class GDSCache:
         A chunk that is missing, corrupt or unreadable ends the prefix: ``out`` beyond ``n`` is
         unspecified, and nothing before ``n`` is ever wrong.
         """
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        spec = KVSpec.of(out)
-        self._bind(spec)
+        arr, spec = self._prepare(tokens, out, "out")
         chunk = self.config.chunk_size
-        n_chunks = len(arr) // chunk
-        if out.shape[2] < n_chunks * chunk:
-            raise ValueError(
-                f"out has room for {out.shape[2]} tokens but tokens has {n_chunks * chunk} in whole chunks; "
-                f"out shape {tuple(out.shape)}"
-            )
         started = time.perf_counter()
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         window = max(2, 2 * self.config.io_threads)
@@ -265,6 +247,20 @@ class GDSCache:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this GDSCache is closed")
+
+    def _prepare(self, tokens: Tokens, tensor: torch.Tensor, name: str) -> tuple[np.ndarray, KVSpec]:
+        """Validate ``tokens`` and a KV tensor (``kv`` or ``out``) that must hold all their whole chunks."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        spec = KVSpec.of(tensor)
+        self._bind(spec)
+        whole = len(arr) // self.config.chunk_size * self.config.chunk_size
+        if tensor.shape[2] < whole:
+            raise ValueError(
+                f"{name} holds {tensor.shape[2]} tokens but tokens has {whole} in whole chunks of "
+                f"{self.config.chunk_size}; {name} shape {tuple(tensor.shape)}"
+            )
+        return arr, spec
 
     def _bind(self, spec: KVSpec) -> None:
         """Fix the KV spec (and so the namespace) on first use; later tensors must match it."""

@@ -25,7 +25,7 @@ def cache(cache_dir):
         (torch.randn(2, 3, 32, 2, 8), ValueError, "kv_planes must be 2"),
         (torch.randint(0, 5, (2, 2, 32, 2, 8)), TypeError, "floating"),
         (torch.randn(2, 2, 32, 2, 8, dtype=torch.float64), TypeError, "unsupported KV dtype"),
-        (torch.randn(2, 2, 16, 2, 8), ValueError, "kv holds 16 tokens"),
+        (torch.randn(2, 2, 16, 2, 8), ValueError, "kv holds 16 tokens but tokens has 32"),
         ("not a tensor", TypeError, "torch.Tensor"),
     ],
 )
@@ -61,7 +61,7 @@ def test_tokens_accept_lists_arrays_and_tensors(cache):
 def test_out_too_small_or_mismatched(cache):
     kv = make_kv(2, 32, 2, 8)
     cache.store(list(range(32)), kv)
-    with pytest.raises(ValueError, match="out has room for 16 tokens"):
+    with pytest.raises(ValueError, match="out holds 16 tokens but tokens has 32"):
         cache.retrieve(list(range(32)), torch.zeros(2, 2, 16, 2, 8))
     with pytest.raises(ValueError, match="does not match this cache"):
         cache.retrieve(list(range(32)), torch.zeros(2, 2, 32, 4, 8))
