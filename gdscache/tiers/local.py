@@ -267,17 +267,29 @@ class LocalTier:
 
         A host payload comes from ``io_backends.buffers.host_pool``: the caller may release it there.
         """
-        return self._guarded(namespace, key, lambda handle, meta: self._read_payload(handle, meta, device))
+        return self._guarded(namespace, key, lambda handle: self._read_payload(handle, self._header(handle, key), device))
 
     def read_runs(self, namespace: bytes, key: bytes, runs: list[torch.Tensor]) -> ChunkMeta | None:
         """Read one chunk's payload straight into ``runs`` (consecutive pieces of it) and verify it there.
 
         On None, ``runs`` hold unspecified bytes.
         """
-        def scatter(handle: ReadHandle, meta: ChunkMeta) -> ChunkMeta:
-            if meta.payload_len != sum(r.numel() for r in runs):
-                raise CorruptChunk(f"payload is {meta.payload_len} bytes, the destination {sum(r.numel() for r in runs)}")
-            handle.read_into_runs(runs, PAYLOAD_OFFSET)
+        total = sum(r.numel() for r in runs)
+
+        def scatter(handle: ReadHandle) -> ChunkMeta:
+            if handle.size < PAYLOAD_OFFSET + total:  # too short for what we expect: let the header say why
+                meta = self._header(handle, key)
+            else:  # header and payload in one request
+                header = host_pool.acquire(HEADER_SIZE)
+                try:
+                    handle.read_into_runs([header, *runs], 0)
+                    meta = unpack_header(header.numpy().tobytes(), handle.size)
+                finally:
+                    host_pool.release(header)
+                if meta.key != key:
+                    raise CorruptChunk("file holds another key")
+            if meta.payload_len != total:
+                raise CorruptChunk(f"payload is {meta.payload_len} bytes, the destination {total}")
             verify_runs(meta, runs)
             return meta
 
@@ -297,17 +309,22 @@ class LocalTier:
             raise
         return meta, payload
 
-    def _guarded(self, namespace: bytes, key: bytes, body: Callable[[ReadHandle, ChunkMeta], T]) -> T | None:
-        """Open the chunk, validate its header, run ``body``; pin the key meanwhile; faults become None."""
+    @staticmethod
+    def _header(handle: ReadHandle, key: bytes) -> ChunkMeta:
+        """Read and validate the header of an open chunk file that should hold ``key``."""
+        meta = unpack_header(handle.read_bytes(0, HEADER_SIZE), handle.size)
+        if meta.key != key:
+            raise CorruptChunk("file holds another key")
+        return meta
+
+    def _guarded(self, namespace: bytes, key: bytes, body: Callable[[ReadHandle], T]) -> T | None:
+        """Open the chunk and run ``body`` on it, the key pinned meanwhile; faults become None."""
         path = self.path_of(namespace, key)
         with self._lock:
             self._in_use[key] += 1
         try:
             with self.backend.open_read(path) as handle:
-                meta = unpack_header(handle.read_bytes(0, HEADER_SIZE), handle.size)
-                if meta.key != key:
-                    raise CorruptChunk("file holds another key")
-                result = body(handle, meta)
+                result = body(handle)
         except FileNotFoundError:
             self._forget(key)
             self.stats.read_misses += 1
