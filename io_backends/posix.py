@@ -59,16 +59,20 @@ def _gatherable(part: Part, direct: bool) -> bool:
     return not direct or (is_aligned(data) and part.nbytes % ALIGN == 0 and part.offset % ALIGN == 0)
 
 
+def _advance(views: list[memoryview], nbytes: int) -> None:
+    """Drop the first ``nbytes`` from a list of buffers after a partial vectored read or write."""
+    while views and nbytes >= len(views[0]):
+        nbytes -= len(views.pop(0))
+    if views and nbytes:
+        views[0] = views[0][nbytes:]
+
+
 def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     views = list(views)
     while views:
         done = os.pwritev(fd, views, offset)
         offset += done
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
-        if views and done:
-            views[0] = views[0][done:]
+        _advance(views, done)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -251,11 +255,7 @@ class _PosixReadHandle(ReadHandle):
             if got == 0:
                 raise OSError(errno.EIO, f"short read: {done} of {total} bytes at offset {offset}")
             done += got
-            while views and got >= len(views[0]):
-                got -= len(views[0])
-                views.pop(0)
-            if views and got:
-                views[0] = views[0][got:]
+            _advance(views, got)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -7,7 +7,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from gdscache.tiers.local import NAMESPACE_FILE, QUARANTINE, SUFFIX
+from gdscache.tiers.local import (
+    NAMESPACE_FILE,
+    QUARANTINE,
+    chunk_key_hex,
+    iter_entries,
+    namespace_dirs,
+    scandir_sorted,
+)
 
 
 @dataclass(frozen=True)
@@ -64,24 +71,6 @@ def cache_root(path: str) -> str:
     return full
 
 
-def _entries(path: str) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            return sorted(it, key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _is_hex(name: str, length: int) -> bool:
-    return len(name) == length and all(c in "0123456789abcdef" for c in name)
-
-
-def namespace_dirs(root: str) -> Iterator[os.DirEntry[str]]:
-    for entry in _entries(root):
-        if entry.is_dir() and _is_hex(entry.name, 32):
-            yield entry
-
-
 def read_namespace_info(ns_dir: str) -> dict | None:
     try:
         with open(os.path.join(ns_dir, NAMESPACE_FILE)) as f:
@@ -93,20 +82,22 @@ def read_namespace_info(ns_dir: str) -> dict | None:
 
 def iter_chunks(root: str, namespace: str | None = None) -> Iterator[ChunkFile]:
     """Every published chunk file under ``root`` (optionally one namespace), sorted by path."""
-    for ns in namespace_dirs(root):
-        if namespace is not None and not ns.name.startswith(namespace):
-            continue
-        for kk in _entries(ns.path):
-            if not kk.is_dir():
-                continue
-            for entry in _entries(kk.path):
-                name = entry.name
-                if name.endswith(SUFFIX) and _is_hex(name[: -len(SUFFIX)], 32):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    yield ChunkFile(entry.path, ns.name, name[: -len(SUFFIX)], st.st_size, st.st_mtime)
+    for ns, entry in iter_entries(root):
+        if namespace is None or ns.startswith(namespace):
+            chunk = _chunk_file(ns, entry)
+            if chunk is not None:
+                yield chunk
+
+
+def _chunk_file(ns: str, entry: os.DirEntry[str]) -> ChunkFile | None:
+    key = chunk_key_hex(entry.name)
+    if key is None:
+        return None
+    try:
+        st = entry.stat()
+    except FileNotFoundError:
+        return None
+    return ChunkFile(entry.path, ns, key, st.st_size, st.st_mtime)
 
 
 def summarize(root: str) -> Summary:
@@ -114,13 +105,13 @@ def summarize(root: str) -> Summary:
     by_ns: dict[str, Namespace] = {}
     for ns in namespace_dirs(root):
         by_ns[ns.name] = Namespace(ns.name, read_namespace_info(ns.path))
-        for kk in _entries(ns.path):
-            if kk.is_dir():
-                summary.temp_files += sum(1 for e in _entries(kk.path) if e.name.endswith(".tmp"))
-    for chunk in iter_chunks(root):
-        by_ns[chunk.namespace].add(chunk)
+    for ns, entry in iter_entries(root):  # one pass: temporaries and chunks
+        if entry.name.endswith(".tmp"):
+            summary.temp_files += 1
+        elif (chunk := _chunk_file(ns, entry)) is not None:
+            by_ns[ns].add(chunk)
     summary.namespaces = list(by_ns.values())
-    for entry in _entries(os.path.join(root, QUARANTINE)):
+    for entry in scandir_sorted(os.path.join(root, QUARANTINE)):
         try:
             summary.quarantined_bytes += entry.stat().st_size
             summary.quarantined_files += 1

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -99,25 +99,21 @@ class LocalTier:
         """Index every chunk file under root (LRU order by mtime); clear dead temps and stray files."""
         found: list[tuple[float, bytes, str, int]] = []
         now = time.time()
-        for ns_entry in _scandir(self.root):
-            if not ns_entry.is_dir() or ns_entry.name == QUARANTINE:
+        for _, entry in iter_entries(self.root):
+            name = entry.name
+            key_hex = chunk_key_hex(name)
+            if key_hex is None and not name.endswith(".tmp"):
                 continue
-            for kk in _scandir(ns_entry.path):
-                if not kk.is_dir():
-                    continue
-                for entry in _scandir(kk.path):
-                    name = entry.name
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    if name.endswith(".tmp"):
-                        self._maybe_remove_temp(entry.path, name, st.st_mtime, now)
-                    elif name.endswith(SUFFIX) and len(name) == 32 + len(SUFFIX):
-                        if st.st_size < HEADER_SIZE:
-                            self.quarantine(entry.path, "shorter than a header")
-                            continue
-                        found.append((st.st_mtime, bytes.fromhex(name[:32]), entry.path, st.st_size))
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            if key_hex is None:
+                self._maybe_remove_temp(entry.path, name, st.st_mtime, now)
+            elif st.st_size < HEADER_SIZE:
+                self.quarantine(entry.path, "shorter than a header")
+            else:
+                found.append((st.st_mtime, bytes.fromhex(key_hex), entry.path, st.st_size))
         found.sort()
         for _, key, path, size in found:
             self._index[key] = (path, size)
@@ -369,12 +365,37 @@ class LocalTier:
                 pass
 
 
-def _scandir(path: str) -> list[os.DirEntry[str]]:
+def scandir_sorted(path: str) -> list[os.DirEntry[str]]:
+    """Entries of ``path`` in name order; none when it is missing or not a directory."""
     try:
         with os.scandir(path) as it:
-            return list(it)
+            return sorted(it, key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def is_hex(name: str, length: int) -> bool:
+    return len(name) == length and all(c in "0123456789abcdef" for c in name)
+
+
+def namespace_dirs(root: str) -> list[os.DirEntry[str]]:
+    """The ``<namespace-hex32>`` directories under a local-tier root."""
+    return [e for e in scandir_sorted(root) if e.is_dir() and is_hex(e.name, 32)]
+
+
+def iter_entries(root: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """``(namespace hex, entry)`` for every file in the chunk directories under ``root``, temporaries included."""
+    for ns in namespace_dirs(root):
+        for kk in scandir_sorted(ns.path):
+            if kk.is_dir():
+                for entry in scandir_sorted(kk.path):
+                    yield ns.name, entry
+
+
+def chunk_key_hex(name: str) -> str | None:
+    """The key of a published chunk file name ``<key-hex32>.gdc``, else None."""
+    stem = name[: -len(SUFFIX)]
+    return stem if name.endswith(SUFFIX) and is_hex(stem, 32) else None
 
 
 def _write_small(path: str, data: bytes) -> None:
