@@ -27,6 +27,26 @@ __device__ __forceinline__ int find_symbol(const uint32_t* cu, const uint16_t* l
   return s;
 }
 
+// One rANS decode step: the symbol under x's slot, then x renormalised from words[pos < end]
+// (bad is set when the stream runs out).
+__device__ __forceinline__ int rans_decode_symbol(uint32_t& x, const uint32_t* ct, const uint16_t* lt, int A,
+                                                  const uint16_t* __restrict__ words, int64_t& pos, int64_t end,
+                                                  bool& bad) {
+  const uint32_t slot = x & ((1u << kProbBits) - 1);
+  const int sym = find_symbol(ct, lt, slot, A);
+  const uint32_t c = __ldg(ct + sym);
+  const uint32_t f = __ldg(ct + sym + 1) - c;
+  x = f * (x >> kProbBits) + slot - c;
+  if (x < kRansL) {
+    if (pos < end) {
+      x = (x << 16) | words[pos++];
+    } else {
+      bad = true;
+    }
+  }
+  return sym;
+}
+
 // One thread per stream (row r, channel group cg); symbols coded in reverse, words written to
 // scratch[(n + 2), S] from the end so the decoder reads them forward.
 // Symbols are sym - mu[r, c] + offset (mu may be null: 0), so cachegen codes its quantized values in place.
@@ -115,19 +135,7 @@ __global__ void rans_decode_kernel(const uint16_t* __restrict__ words, int64_t n
   for (int t = 0; t < T; ++t) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      const uint32_t slot = x & ((1u << kProbBits) - 1);
-      const int lo = find_symbol(ct[g], lt[g], slot, A);
-      const uint32_t c = __ldg(ct[g] + lo);
-      const uint32_t f = __ldg(ct[g] + lo + 1) - c;
-      x = f * (x >> kProbBits) + slot - c;
-      if (x < kRansL) {
-        if (p < end) {
-          x = (x << 16) | words[p++];
-        } else {
-          bad = true;
-        }
-      }
-      dst[(size_t)t * C + g] = (int16_t)lo;
+      dst[(size_t)t * C + g] = (int16_t)rans_decode_symbol(x, ct[g], lt[g], A, words, p, end, bad);
     }
   }
   if (bad || x != kRansL || p != end) atomicOr(err, 1);
@@ -332,19 +340,7 @@ __global__ void cachegen_decode_kernel(const uint16_t* __restrict__ words, int64
   for (int t = 0; t < T; ++t) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      const uint32_t slot = x & ((1u << kProbBits) - 1);
-      const int sym = find_symbol(ct[g], lt[g], slot, A);
-      const uint32_t c = __ldg(ct[g] + sym);
-      const uint32_t f = __ldg(ct[g] + sym + 1) - c;
-      x = f * (x >> kProbBits) + slot - c;
-      if (x < kRansL) {
-        if (pos < end) {
-          x = (x << 16) | words[pos++];
-        } else {
-          bad = true;
-        }
-      }
-      int qv = sym + shift[g];
+      int qv = rans_decode_symbol(x, ct[g], lt[g], A, words, pos, end, bad) + shift[g];
       if (qv < -qmax || qv > qmax) {
         bad = true;
         qv = 0;
