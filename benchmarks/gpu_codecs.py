@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", default="gpu_codecs.json")
+    ap.add_argument("--batch", type=int, default=16, help="chunks per encode_many / decode_many call (one prompt)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -80,6 +81,7 @@ def main() -> None:
                 rows.append({"shape": shape_name, "codec": name, "op": op, "gbps": nbytes / sec / 1e9,
                              "ms": sec * 1e3, "ratio": nbytes / payload.numel()})
         rows += cachegen_stages(kv, shape_name, args.repeats)
+        rows += cachegen_batch(shape, shape_name, args.batch, args.repeats)
     gpu = torch.cuda.get_device_name()
     _print(rows, gpu)
     Path(args.json).write_text(json.dumps({
@@ -89,23 +91,34 @@ def main() -> None:
 
 
 def cachegen_stages(kv: torch.Tensor, shape_name: str, repeats: int) -> list[dict]:
-    """Time each kernel stage of cachegen encode on its own."""
+    """Time each kernel of cachegen encode on its own (no host syncs, no payload assembly)."""
     codec = get_codec("cachegen")
     sw = codec._step_table(KVSpec.of(kv), kv.device)
-    base, rel = cachegen._base_rel(_cuda.cachegen_codes(kv))
-    code = cachegen._full_code(base, rel).contiguous()
-    q = _cuda.cachegen_quantize(kv, code, sw, cachegen.QMAX)
+    flag = torch.zeros(1, dtype=torch.int32, device=kv.device)
+    base, rel = cachegen._kernel_scales(kv, flag)
+    q = _cuda.cachegen_quantize(kv, base, rel, sw, cachegen.QMAX)
+    nrows, _, channels = q.shape
+    mu = torch.empty((nrows, channels), dtype=torch.int8, device=kv.device)
+    table = torch.empty((nrows, channels), dtype=torch.uint8, device=kv.device)
     cost = cachegen._cost(kv.device, kernel=True)
-    mu, table = _cuda.cachegen_stats(q.view(-1, kv.shape[2], q.shape[-1]), cost, cachegen.QMAX, cachegen.OFFSET)
-    q3 = q.view(-1, kv.shape[2], q.shape[-1])
-    group = rans.pick_group(q3.shape[2], 8)
+
+    def stats() -> None:
+        _cuda.cachegen_stats(q, cost, len(cachegen._FREQ), cachegen.ALPHABET, cachegen.QMAX, cachegen.OFFSET, mu,
+                             table)
+
+    stats()
+    group = rans.pick_group(channels, 8)
+    lengths = torch.empty(nrows * channels // group, dtype=torch.int32, device=kv.device)
+    tab32, tables = table.to(torch.int32), cachegen._TABLES.on(kv.device)
     stages = {
-        "scale codes kernel + base/rel (torch)": lambda: cachegen._base_rel(_cuda.cachegen_codes(kv)),
-        "quantize kernel": lambda: _cuda.cachegen_quantize(kv, code, sw, cachegen.QMAX),
-        "channel stats kernel": lambda: _cuda.cachegen_stats(q3, cost, cachegen.QMAX, cachegen.OFFSET),
-        "rANS encode + compact (1 sync)": lambda: rans.encode(q3, table, cachegen._TABLES, group, mu=mu,
-                                                              offset=cachegen.OFFSET),
+        "scale codes + base/rel kernels": lambda: cachegen._kernel_scales(kv, flag),
+        "quantize kernel": lambda: _cuda.cachegen_quantize(kv, base, rel, sw, cachegen.QMAX),
+        "channel stats kernel": stats,
+        "rANS encode kernel": lambda: _cuda.rans_encode_streams(q, tab32, tables, group, mu, cachegen.OFFSET, lengths),
     }
+    spec, out = KVSpec.of(kv), torch.empty_like(kv)
+    parsed = codec.parse(codec.encode(kv), spec, kv.shape[2])
+    stages["fused decode kernel + its one sync (no header parsing)"] = lambda: codec._decode_kernels([parsed], spec, [out])
     nbytes = kv.numel() * 2
     rows = []
     for label, fn in stages.items():
@@ -115,12 +128,33 @@ def cachegen_stages(kv: torch.Tensor, shape_name: str, repeats: int) -> list[dic
     return rows
 
 
+def cachegen_batch(shape: tuple[int, ...], shape_name: str, batch: int, repeats: int) -> list[dict]:
+    """encode_many / decode_many of ``batch`` distinct consecutive chunks (a 4096-token prompt at 16 x 256)."""
+    layers, planes, tokens, heads, dim = shape
+    kv = structured_kv((layers, planes, batch * tokens, heads, dim), "cuda")
+    chunks = [kv[:, :, k * tokens:(k + 1) * tokens] for k in range(batch)]
+    out = torch.empty_like(kv)
+    outs = [out[:, :, k * tokens:(k + 1) * tokens] for k in range(batch)]
+    codec, spec = get_codec("cachegen"), KVSpec.of(kv)
+    payloads = codec.encode_many(chunks)
+    assert codec.decode_many(payloads, spec, tokens, outs) == [None] * batch
+    nbytes = kv.numel() * 2
+    ratio = nbytes / sum(p.numel() for p in payloads)
+    rows = []
+    for op, fn in ((f"encode_many x{batch}", lambda: codec.encode_many(chunks)),
+                   (f"decode_many x{batch}", lambda: codec.decode_many(payloads, spec, tokens, outs))):
+        sec = timed(fn, repeats)
+        rows.append({"shape": shape_name, "codec": "cachegen", "op": op, "gbps": nbytes / sec / 1e9,
+                     "ms": sec * 1e3 / batch, "ratio": ratio})
+    return rows
+
+
 def _print(rows: list[dict], gpu: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"codec throughput, GB/s of bf16 KV, {gpu}")
-    for col in ("chunk", "codec", "op", "GB/s", "ms/chunk", "ratio"):
+    for col in ("chunk", "codec", "op", "GB/s", "ms per chunk", "ratio"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["shape"], r["codec"], r["op"], f"{r['gbps']:.1f}", f"{r['ms']:.3f}",

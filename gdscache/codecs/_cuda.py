@@ -10,8 +10,12 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from gdscache.codecs.rans import DeviceTables
 
 LIB_NAME = "libgdscache_cuda.so"
 _lib: ctypes.CDLL | None = None
@@ -35,18 +39,22 @@ def _load() -> ctypes.CDLL | None:
             except OSError:
                 continue
             p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-            lib.gdc_rans_encode.argtypes = [p, i, i, i, i, p, p, p, i, p, i, p, p, p]
-            lib.gdc_rans_compact.argtypes = [p, p, p, i, i, p, p]
-            lib.gdc_rans_decode.argtypes = [p, i64, p, p, i, i, i, i, p, p, p, i, p, p, p]
-            lib.gdc_cachegen_codes.argtypes = [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, p]
-            lib.gdc_cachegen_stats.argtypes = [p, i, i, i, p, i, i, i, i, p, p, p]
-            lib.gdc_cachegen_decode.argtypes = ([p, i64, p, p, i, i, i, i, i, i, p, p, p, p, p, p, i, i, i, i, p]
-                                                + [i64] * 5 + [i, p, p, p])
-            lib.gdc_cachegen_quantize.argtypes = [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, i, p, p]
-            lib.gdc_cachegen_dequantize.argtypes = [p, p, p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p]
-            for fn in (lib.gdc_rans_encode, lib.gdc_rans_compact, lib.gdc_rans_decode, lib.gdc_cachegen_quantize,
-                       lib.gdc_cachegen_dequantize, lib.gdc_cachegen_codes, lib.gdc_cachegen_stats,
-                       lib.gdc_cachegen_decode):
+            tables = [p, i, i, i, i]  # a DeviceTables: buffer, lut_off, end, count, alphabet
+            signatures = {
+                "gdc_rans_encode": [p, i, i, i, i, p, *tables, p, i, p, p, p],
+                "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
+                "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
+                "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, p],
+                "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
+                "gdc_cachegen_quantize": [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, p, i, p, p],
+                "gdc_cachegen_dequantize": [p, p, p, p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p],
+                "gdc_cachegen_stats": [p, i, i, i, p, i, i, i, i, p, p, p],
+                "gdc_cachegen_decode": [p, p, p, p, i, i, i, i, i, i, i, p, p, p, p, *tables, i, i, p,
+                                        i64, i64, i64, i64, i64, p, i, p, p, p],
+            }
+            for name, argtypes in signatures.items():
+                fn = getattr(lib, name)
+                fn.argtypes = argtypes
                 fn.restype = ctypes.c_int
             _lib = lib
             break
@@ -71,28 +79,52 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def rans_encode(sym: torch.Tensor, tab: torch.Tensor, freq: torch.Tensor, cum: torch.Tensor, alphabet: int,
-                group: int, mu: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel twin of :func:`gdscache.codecs.rans.encode_ref` (int16 symbols, int32 tables)."""
+def _tables(t: DeviceTables) -> tuple[int, int, int, int, int]:
+    return t.buf.data_ptr(), t.lut_off, t.buf.numel(), t.count, t.alphabet
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """``t`` contiguous with its data on an ``nbytes`` boundary (the kernels load symbol groups as vectors)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % nbytes == 0 else t.clone()
+
+
+def rans_encode_streams(sym: torch.Tensor, tab: torch.Tensor, tables: DeviceTables, group: int,
+                        mu: torch.Tensor | None, offset: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Code every stream of int16 ``sym [R, T, C]`` into ``scratch int16 [T*G + 2, S]`` (returned) and their
+    word counts into ``lengths`` (int32 ``[S]``): stream ``s``'s words end column ``s``. No host sync."""
     lib = _load()
     rows, tokens, channels = sym.shape
     streams, n = rows * channels // group, tokens * group
+    sym = _aligned(sym, 2 * group)
     scratch = torch.empty((n + 2, streams), dtype=torch.int16, device=sym.device)
-    lengths = torch.empty(streams, dtype=torch.int32, device=sym.device)
-    _check(lib.gdc_rans_encode(sym.data_ptr(), rows, tokens, channels, group, tab.data_ptr(), freq.data_ptr(),
-                               cum.data_ptr(), alphabet, _ptr(mu), offset, scratch.data_ptr(), lengths.data_ptr(),
-                               _stream()),
-           "rans_encode")
-    offsets = torch.cumsum(lengths, 0, dtype=torch.int64)
-    total = int(offsets[-1])
-    words = torch.empty(total, dtype=torch.int16, device=sym.device)
-    _check(lib.gdc_rans_compact(scratch.data_ptr(), lengths.data_ptr(), offsets.data_ptr(), streams, n + 2,
-                                words.data_ptr(), _stream()), "rans_compact")
+    _check(lib.gdc_rans_encode(sym.data_ptr(), rows, tokens, channels, group, tab.data_ptr(), *_tables(tables),
+                               _ptr(mu), offset, scratch.data_ptr(), lengths.data_ptr(), _stream()), "rans_encode")
+    return scratch
+
+
+def rans_compact(scratch: torch.Tensor, lengths: torch.Tensor, ends: torch.Tensor, out: torch.Tensor,
+                 first: int = 0) -> None:
+    """Pack the words of streams ``first ..`` (one per entry of ``lengths``) from ``scratch`` into ``out`` (int16),
+    stream ``k``'s at ``[ends[k] - lengths[k], ends[k])``."""
+    rows, columns = scratch.shape
+    _check(_load().gdc_rans_compact(scratch.data_ptr() + 2 * first, lengths.data_ptr(), ends.data_ptr(),
+                                    lengths.numel(), columns, rows, out.data_ptr(), _stream()), "rans_compact")
+
+
+def rans_encode(sym: torch.Tensor, tab: torch.Tensor, tables: DeviceTables, group: int,
+                mu: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel twin of :func:`gdscache.codecs.rans.encode_ref`: ``(lengths int32 [S], words int16 [W])``."""
+    lengths = torch.empty(sym.shape[0] * sym.shape[2] // group, dtype=torch.int32, device=sym.device)
+    scratch = rans_encode_streams(sym, tab, tables, group, mu, offset, lengths)
+    ends = torch.cumsum(lengths, 0, dtype=torch.int64)
+    words = torch.empty(int(ends[-1]), dtype=torch.int16, device=sym.device)
+    rans_compact(scratch, lengths, ends, words)
     return lengths, words
 
 
-def rans_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, cum: torch.Tensor, lut: torch.Tensor,
-                alphabet: int, shape: tuple[int, int, int], group: int) -> torch.Tensor:
+def rans_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, tables: DeviceTables,
+                shape: tuple[int, int, int], group: int) -> torch.Tensor:
     """Kernel twin of :func:`gdscache.codecs.rans.decode_ref`; ``ValueError`` when malformed."""
     lib = _load()
     rows, tokens, channels = shape
@@ -104,74 +136,83 @@ def rans_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, c
     out = torch.empty(shape, dtype=torch.int16, device=words.device)
     err = torch.zeros(1, dtype=torch.int32, device=words.device)
     _check(lib.gdc_rans_decode(words.data_ptr(), words.numel(), offsets.data_ptr(), lengths.data_ptr(), rows, tokens,
-                               channels, group, tab.data_ptr(), cum.data_ptr(), lut.data_ptr(), alphabet, out.data_ptr(),
-                               err.data_ptr(), _stream()), "rans_decode")
+                               channels, group, tab.data_ptr(), *_tables(tables), out.data_ptr(), err.data_ptr(),
+                               _stream()), "rans_decode")
     if int(err) != 0:
         raise ValueError("entropy-coded stream is corrupt (final rANS state or word count mismatch)")
     return out
 
 
-def cachegen_quantize(x: torch.Tensor, code: torch.Tensor, sw: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Fused ``q = clamp(round(x / (scale(code) * sw)))`` for a strided ``[L, P, T, H, D]`` chunk -> int16."""
-    lib = _load()
+def cachegen_codes(x: torch.Tensor, code: torch.Tensor, flag: torch.Tensor) -> None:
+    """Scale codes ``[L, P, T, H]`` (int32) of a strided chunk into ``code``; ``flag`` (int32, zeroed) becomes
+    1 on inf/nan. No host sync."""
     layers, planes, tokens, heads, dim = x.shape
-    q = torch.empty((layers, planes, tokens, heads * dim), dtype=torch.int16, device=x.device)
-    s = x.stride()
-    _check(lib.gdc_cachegen_quantize(x.data_ptr(), layers, planes, tokens, heads * dim, dim, *s, _dtype_code(x.dtype),
-                                     code.data_ptr(), sw.data_ptr(), qmax, q.data_ptr(), _stream()),
-           "cachegen_quantize")
+    _check(_load().gdc_cachegen_codes(x.data_ptr(), layers, planes, tokens, heads, dim, *x.stride(),
+                                      _dtype_code(x.dtype), code.data_ptr(), flag.data_ptr(), _stream()),
+           "cachegen_codes")
+
+
+def cachegen_base_rel(code: torch.Tensor, base: torch.Tensor, rel: torch.Tensor) -> None:
+    """Codes ``[L, P, T, H]`` -> ``base`` int16 ``[L, P, H]`` and ``rel`` uint8 ``[L, P, T, H]`` (see cachegen)."""
+    layers, planes, tokens, heads = code.shape
+    _check(_load().gdc_cachegen_base_rel(code.data_ptr(), layers * planes, tokens, heads, base.data_ptr(),
+                                         rel.data_ptr(), _stream()), "cachegen_base_rel")
+
+
+def cachegen_quantize(x: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor, qmax: int,
+                      q: torch.Tensor | None = None) -> torch.Tensor:
+    """``q = clamp(round(x / (scale(base + rel) * sw)))`` of a strided ``[L, P, T, H, D]`` chunk -> int16
+    ``[L*P, T, H*D]`` (into ``q`` when given)."""
+    layers, planes, tokens, heads, dim = x.shape
+    if q is None:
+        q = torch.empty((layers * planes, tokens, heads * dim), dtype=torch.int16, device=x.device)
+    _check(_load().gdc_cachegen_quantize(x.data_ptr(), layers, planes, tokens, heads, dim, *x.stride(),
+                                         _dtype_code(x.dtype), base.data_ptr(), rel.data_ptr(), sw.data_ptr(), qmax,
+                                         q.data_ptr(), _stream()), "cachegen_quantize")
     return q
 
 
-def cachegen_dequantize(q: torch.Tensor, code: torch.Tensor, sw: torch.Tensor, out: torch.Tensor) -> None:
-    """Fused ``out = q * scale(code) * sw`` written into a strided ``[L, P, T, H, D]`` ``out``."""
-    lib = _load()
+def cachegen_dequantize(q: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor,
+                        out: torch.Tensor) -> None:
+    """``out = q * scale(base + rel) * sw`` written into a strided ``[L, P, T, H, D]`` ``out``."""
     layers, planes, tokens, heads, dim = out.shape
-    _check(lib.gdc_cachegen_dequantize(q.data_ptr(), code.data_ptr(), sw.data_ptr(), layers, planes, tokens,
-                                       heads * dim, dim, *out.stride(), _dtype_code(out.dtype), out.data_ptr(),
-                                       _stream()),
-           "cachegen_dequantize")
+    _check(_load().gdc_cachegen_dequantize(q.data_ptr(), base.data_ptr(), rel.data_ptr(), sw.data_ptr(), layers,
+                                           planes, tokens, heads, dim, *out.stride(), _dtype_code(out.dtype),
+                                           out.data_ptr(), _stream()), "cachegen_dequantize")
 
 
-def cachegen_codes(x: torch.Tensor) -> torch.Tensor:
-    """Scale codes ``[L, P, T, H]`` (int32) of a strided chunk; ``ValueError`` on inf/nan."""
-    lib = _load()
-    layers, planes, tokens, heads, dim = x.shape
-    code = torch.empty((layers, planes, tokens, heads), dtype=torch.int32, device=x.device)
-    flag = torch.zeros(1, dtype=torch.int32, device=x.device)
-    _check(lib.gdc_cachegen_codes(x.data_ptr(), layers, planes, tokens, heads, dim, *x.stride(), _dtype_code(x.dtype),
-                                  code.data_ptr(), flag.data_ptr(), _stream()), "cachegen_codes")
-    if int(flag):
-        raise ValueError("cachegen cannot encode non-finite KV values (inf/nan)")
-    return code
-
-
-def cachegen_stats(q: torch.Tensor, cost: torch.Tensor, qmax: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(mu int8 [R, C], table uint8 [R, C])`` of ``q [R, T, C]``; ``cost`` int32 ``[64, A]``."""
-    lib = _load()
+def cachegen_stats(q: torch.Tensor, cost: torch.Tensor, tables: int, alphabet: int, qmax: int, offset: int,
+                   mu: torch.Tensor, tab: torch.Tensor) -> None:
+    """Per-channel ``mu`` (int8 ``[R, C]``) and cheapest ``tab`` (uint8 ``[R, C]``) of ``q [R, T, C]``;
+    ``cost``: int16 ``[tables * alphabet]`` padded to 8 entries."""
     rows, tokens, channels = q.shape
-    mu = torch.empty((rows, channels), dtype=torch.int8, device=q.device)
-    tab = torch.empty((rows, channels), dtype=torch.uint8, device=q.device)
-    _check(lib.gdc_cachegen_stats(q.data_ptr(), rows, tokens, channels, cost.data_ptr(), cost.shape[0], cost.shape[1],
-                                  qmax, offset, mu.data_ptr(), tab.data_ptr(), _stream()), "cachegen_stats")
-    return mu, tab
+    _check(_load().gdc_cachegen_stats(q.data_ptr(), rows, tokens, channels, cost.data_ptr(), tables, alphabet, qmax,
+                                      offset, mu.data_ptr(), tab.data_ptr(), _stream()), "cachegen_stats")
 
 
-def cachegen_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, mu: torch.Tensor,
-                    base: torch.Tensor, rel: torch.Tensor, cum: torch.Tensor, lut: torch.Tensor, alphabet: int,
-                    tables: int, qmax: int, offset: int, sw: torch.Tensor, group: int, out: torch.Tensor) -> None:
-    """Fused rANS decode + dequantize + strided store into ``out [L, P, T, H, D]``; ``ValueError`` if malformed."""
-    lib = _load()
-    layers, planes, tokens, heads, dim = out.shape
-    offsets = torch.cumsum(lengths, 0, dtype=torch.int64) - lengths
-    err = torch.zeros(1, dtype=torch.int32, device=out.device)
-    _check(lib.gdc_cachegen_decode(words.data_ptr(), words.numel(), offsets.data_ptr(), lengths.data_ptr(), layers,
-                                   planes, tokens, heads, dim, group, tab.data_ptr(), mu.data_ptr(), base.data_ptr(),
-                                   rel.data_ptr(), cum.data_ptr(), lut.data_ptr(), alphabet, tables, qmax, offset,
-                                   sw.data_ptr(), *out.stride(), _dtype_code(out.dtype), out.data_ptr(), err.data_ptr(),
-                                   _stream()), "cachegen_decode")
-    if int(err):
-        raise ValueError("cachegen payload is corrupt (entropy-coded streams or side information)")
+def cachegen_decode(words: torch.Tensor, word_end: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor,
+                    mu: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, tables: DeviceTables, qmax: int,
+                    offset: int, sw: torch.Tensor, group: int, outs: list[torch.Tensor]) -> torch.Tensor:
+    """Fused rANS decode + dequantize + strided store of N chunks into ``outs`` (same shape, dtype and strides).
+
+    Side information is stacked over the chunks; chunk ``n``'s words end at ``word_end[n]``. Returns the
+    per-chunk error flags (int32 ``[N]``, nonzero: corrupt) without a host sync.
+    """
+    layers, planes, tokens, heads, dim = outs[0].shape
+    n, streams = len(outs), lengths.numel() // len(outs)
+    starts = torch.cat([word_end.new_zeros(1), word_end[:-1]])
+    within = (torch.cumsum(lengths, 0, dtype=torch.int64) - lengths).view(n, streams)
+    offsets = within - within[:, :1] + starts.view(n, 1)
+    elem = outs[0].element_size()
+    out_off = torch.tensor([(o.data_ptr() - outs[0].data_ptr()) // elem for o in outs], dtype=torch.int64)
+    out_off = out_off.to(outs[0].device, non_blocking=True)
+    err = torch.zeros(n, dtype=torch.int32, device=outs[0].device)
+    _check(_load().gdc_cachegen_decode(words.data_ptr(), word_end.data_ptr(), offsets.data_ptr(), lengths.data_ptr(), n,
+                                       layers, planes, tokens, heads, dim, group, tab.data_ptr(), mu.data_ptr(),
+                                       base.data_ptr(), rel.data_ptr(), *_tables(tables), qmax, offset, sw.data_ptr(),
+                                       *outs[0].stride(), out_off.data_ptr(), _dtype_code(outs[0].dtype),
+                                       outs[0].data_ptr(), err.data_ptr(), _stream()), "cachegen_decode")
+    return err
 
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

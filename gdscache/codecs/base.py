@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -43,3 +44,21 @@ class Codec(abc.ABC):
         ``payload`` is on any device; ``out`` decides where decoding runs. Raises ``ValueError``
         when the payload is malformed (the caller turns that into a cache miss).
         """
+
+    def encode_many(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`encode` of several chunks of one shape; a codec with GPU kernels batches them into fuller
+        launches."""
+        return [self.encode(chunk) for chunk in chunks]
+
+    def decode_many(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int,
+                    outs: Sequence[torch.Tensor]) -> list[str | None]:
+        """:meth:`decode` of several chunks; per chunk None, or why it could not be decoded (that chunk is a
+        miss, the others still decode)."""
+        errors: list[str | None] = []
+        for payload, out in zip(payloads, outs, strict=True):
+            try:
+                self.decode(payload, spec, num_tokens, out)
+                errors.append(None)
+            except ValueError as exc:
+                errors.append(str(exc))
+        return errors

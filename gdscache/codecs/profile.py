@@ -53,10 +53,12 @@ class CodecProfile:
         return cls(steps, np.ones((spec.num_layers, spec.kv_planes, spec.num_kv_heads * spec.head_dim)), "default")
 
     def digest(self) -> str:
-        """16 hex digits naming the steps and weights exactly (goes into the key fingerprint)."""
-        h = hashlib.sha256(self.steps.astype("<f8").tobytes() + self.weights.astype("<f8").tobytes())
-        h.update(str(self.steps.shape + self.weights.shape).encode())
-        return h.hexdigest()[:16]
+        """16 hex digits naming the steps and weights exactly (goes into the key fingerprint); computed once."""
+        if "_digest" not in self.__dict__:
+            h = hashlib.sha256(self.steps.astype("<f8").tobytes() + self.weights.astype("<f8").tobytes())
+            h.update(str(self.steps.shape + self.weights.shape).encode())
+            object.__setattr__(self, "_digest", h.hexdigest()[:16])
+        return self.__dict__["_digest"]
 
     def check(self, spec: KVSpec) -> None:
         want = (spec.num_layers, spec.kv_planes, spec.num_kv_heads * spec.head_dim)

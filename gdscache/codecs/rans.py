@@ -17,6 +17,8 @@ loaded, and the vectorised numpy reference otherwise; both produce the same byte
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -156,10 +158,25 @@ BUCKETS = 256
 
 
 def bucket_lut(freq: np.ndarray) -> np.ndarray:
-    """``[N, 256]`` uint16: the last symbol starting at or before each 256-slot bucket (kernel lookup)."""
+    """``[N, 257]`` uint16 for the kernel's symbol lookup: entry ``b < 256`` is the last symbol starting at or
+    before slot ``256 * b``, entry 256 the last coded symbol; a slot of bucket ``b`` lies in a symbol between
+    entries ``b`` and ``b + 1``."""
     cum = cumulative(freq)[:, :-1]
     starts = np.arange(BUCKETS, dtype=np.int64) * (PROB_SCALE // BUCKETS)
-    return np.stack([np.searchsorted(row, starts, side="right") - 1 for row in cum]).astype(np.uint16)
+    last = freq.shape[1] - 1 - np.argmax(freq[:, ::-1] > 0, axis=1)
+    return np.stack([np.append(np.searchsorted(row, starts, side="right") - 1, end)
+                     for row, end in zip(cum, last, strict=True)]).astype(np.uint16)
+
+
+class DeviceTables(NamedTuple):
+    """Tables packed for the kernels: one int16 buffer holding ``entry [N, A]`` as uint32
+    (``cum | freq << 16``; a coded symbol's start is below 2**16) then, at ``lut_off``, the
+    ``[N, 257]`` bucket lookup (:func:`bucket_lut`), each part padded to 8 entries."""
+
+    buf: torch.Tensor
+    lut_off: int
+    count: int
+    alphabet: int
 
 
 class Tables:
@@ -167,15 +184,21 @@ class Tables:
 
     def __init__(self, freq: np.ndarray):
         self.freq = np.ascontiguousarray(freq, dtype=np.uint32)
-        self._device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if self.freq.max(initial=0) >= PROB_SCALE:
+            raise ValueError("every table entry must be below 2**16 (one symbol cannot hold every slot)")
+        self._device: dict[torch.device, DeviceTables] = {}
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(freq, cum, lut)`` as int32/int32/int16 tensors on ``device``."""
+    def on(self, device: torch.device) -> DeviceTables:
+        """The tables packed for the kernels on ``device`` (built once per device)."""
         if device not in self._device:
-            freq = torch.from_numpy(self.freq.view(np.int32)).to(device)
-            cum = torch.from_numpy(cumulative(self.freq).view(np.int32)).to(device)
-            lut = torch.from_numpy(bucket_lut(self.freq).view(np.int16)).to(device)
-            self._device[device] = (freq, cum, lut)
+            count, alphabet = self.freq.shape
+            cum = cumulative(self.freq)[:, :-1] & 0xFFFF  # only uncoded trailing symbols reach 2**16
+            entry = (cum | (self.freq << 16)).astype(np.uint32).reshape(-1).view(np.uint16)
+            entry = np.concatenate([entry, np.zeros(-entry.size % 8, np.uint16)])
+            lut = bucket_lut(self.freq).reshape(-1)
+            buf = np.concatenate([entry, lut, np.zeros(-lut.size % 8, np.uint16)])
+            self._device[device] = DeviceTables(torch.from_numpy(buf.view(np.int16)).to(device), entry.size, count,
+                                                alphabet)
         return self._device[device]
 
 
@@ -188,10 +211,8 @@ def encode(sym: torch.Tensor, tab: torch.Tensor, tables: Tables, group: int, mu:
     """Code ``sym [R, T, C] - mu [R, C] + offset`` (ints, on any device) -> ``(lengths int32 [S], words int16 [W])``
     on that device."""
     if use_kernels(sym):
-        freq, cum, _ = tables.on(sym.device)
-        return _cuda.rans_encode(sym.to(torch.int16).contiguous(), tab.to(torch.int32).contiguous(), freq, cum,
-                                 tables.freq.shape[1], group, None if mu is None else mu.to(torch.int8).contiguous(),
-                                 offset)
+        return _cuda.rans_encode(sym.to(torch.int16), tab.to(torch.int32).contiguous(), tables.on(sym.device), group,
+                                 None if mu is None else mu.to(torch.int8).contiguous(), offset)
     if mu is not None or offset:
         sym = sym.to(torch.int32) + offset - (0 if mu is None else mu.to(torch.int32).unsqueeze(1))
     lengths, words = encode_ref(sym.cpu().numpy().astype(np.int64), tab.cpu().numpy().astype(np.int64), tables.freq,
@@ -204,9 +225,8 @@ def decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, tables
            shape: tuple[int, int, int], group: int) -> torch.Tensor:
     """Inverse of :func:`encode`: int16 ``[R, T, C]`` on ``words``' device; ``ValueError`` if malformed."""
     if use_kernels(words):
-        _, cum, lut = tables.on(words.device)
-        return _cuda.rans_decode(words, lengths, tab.to(torch.int32).contiguous(), cum, lut,
-                                 tables.freq.shape[1], shape, group)
+        return _cuda.rans_decode(words, lengths, tab.to(torch.int32).contiguous(), tables.on(words.device), shape,
+                                 group)
     sym = decode_ref(words.cpu().numpy().view(np.uint16), lengths.cpu().numpy().view(np.uint32),
                      tab.cpu().numpy().astype(np.int64), tables.freq, shape, group)
     return torch.from_numpy(sym.astype(np.int16)).to(words.device)

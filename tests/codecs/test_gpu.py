@@ -52,8 +52,9 @@ def test_rans_kernels_match_reference(group):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
-def test_lossless_gpu_matches_cpu(dtype):
-    kv = _kv(torch.float32).to(dtype)
+@pytest.mark.parametrize("layers", [4, 40])  # 40 fp32 layers: 320 tables, too many to stage in shared memory
+def test_lossless_gpu_matches_cpu(dtype, layers):
+    kv = _kv(torch.float32, layers=layers, tokens=16 if layers > 4 else 64).to(dtype)
     codec = get_codec("lossless")
     cpu, gpu = codec.encode(kv), codec.encode(kv.cuda())
     assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
@@ -64,11 +65,12 @@ def test_lossless_gpu_matches_cpu(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_cachegen_gpu_matches_cpu(dtype, weighted, tmp_path):
-    kv = _kv(dtype)
+@pytest.mark.parametrize("dim", [64, 20])  # 3 x 20 channels: a part-filled statistics tile, 4-channel streams
+def test_cachegen_gpu_matches_cpu(dtype, weighted, dim, tmp_path):
+    kv = _kv(dtype, dim=dim)
     params = {}
     if weighted:
-        w = np.exp(np.random.default_rng(0).normal(0, 0.5, (4, 2, 192)))
+        w = np.exp(np.random.default_rng(0).normal(0, 0.5, (4, 2, 3 * dim)))
         prof = CodecProfile(np.linspace(0.02, 0.2, 8).reshape(4, 2), w)
         prof.save(tmp_path / "p.json")
         params = {"profile": str(tmp_path / "p.json")}
@@ -78,7 +80,7 @@ def test_cachegen_gpu_matches_cpu(dtype, weighted, tmp_path):
     spec = KVSpec.of(kv)
     ref = torch.empty_like(kv)
     codec.decode(cpu, spec, kv.shape[2], ref)
-    big = torch.zeros(4, 2, 80, 3, 64, dtype=dtype, device="cuda")
+    big = torch.zeros(4, 2, 80, 3, dim, dtype=dtype, device="cuda")
     codec.decode(gpu, spec, kv.shape[2], big[:, :, 8:72])
     assert torch.equal(_bits(big[:, :, 8:72].cpu()), _bits(ref))
     assert not big[:, :, :8].any() and not big[:, :, 72:].any()
@@ -99,3 +101,27 @@ def test_cachegen_gpu_rejects_non_finite():
     kv[1, 0, 2, 1, 7] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         get_codec("cachegen").encode(kv)
+
+
+def test_cachegen_batches_match_one_by_one_and_isolate_a_corrupt_chunk():
+    codec = get_codec("cachegen")
+    kv = torch.cat([_kv(torch.bfloat16, seed=s) for s in range(3)], dim=2).cuda()  # three 64-token chunks
+    chunks = [kv[:, :, k * 64:(k + 1) * 64] for k in range(3)]
+    batch = codec.encode_many(chunks)
+    for chunk, payload in zip(chunks, batch, strict=True):
+        assert torch.equal(payload.cpu(), codec.encode(chunk.cpu()))
+    spec = KVSpec.of(kv)
+    ref = torch.empty(kv.shape, dtype=kv.dtype)
+    for k, payload in enumerate(batch):
+        codec.decode(payload.cpu(), spec, 64, ref[:, :, k * 64:(k + 1) * 64])
+    out = torch.zeros(4, 2, 200, 3, 64, dtype=torch.bfloat16, device="cuda")
+    outs = [out[:, :, 8 + k * 64:8 + (k + 1) * 64] for k in range(3)]
+    assert codec.decode_many(batch, spec, 64, outs) == [None, None, None]
+    assert torch.equal(_bits(out[:, :, 8:200].cpu()), _bits(ref))
+    bad = batch[1].clone()
+    bad[-20] ^= 0x55
+    out.zero_()
+    errors = codec.decode_many([batch[0], bad, batch[2]], spec, 64, outs)
+    assert errors[0] is None and errors[2] is None and "corrupt" in errors[1]
+    assert torch.equal(_bits(out[:, :, 8:72].cpu()), _bits(ref[:, :, :64]))
+    assert torch.equal(_bits(out[:, :, 136:200].cpu()), _bits(ref[:, :, 128:]))
