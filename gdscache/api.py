@@ -103,10 +103,15 @@ class GDSCache:
             if self._present(key):
                 continue
             piece = kv[:, :, i * chunk : (i + 1) * chunk]
-            # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change)
+            # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change),
+            # checksummed on the I/O threads in parallel rather than one by one here
             runs = self._codec.direct_runs(piece) if self._writer is None else None
-            payload = runs if runs is not None else self._codec.encode(piece)
-            meta = make_meta(key, self._namespace, spec, chunk, self._codec.name, self._codec.params(), payload)
+            if runs is not None:
+                self.metrics.inc("bytes_encoded", sum(run.numel() for run in runs))
+                jobs.append((self._backend.submit(self._seal, key, spec, runs), runs))
+                continue
+            payload = self._codec.encode(piece)
+            meta = self._meta(key, spec, payload)
             self.metrics.inc("bytes_encoded", meta.payload_len)
             if self._writer is not None:
                 self._writer.submit(meta, payload)
@@ -292,6 +297,13 @@ class GDSCache:
             or (self._dram is not None and key in self._dram)
             or self._local.contains(self._namespace, key)
         )
+
+    def _meta(self, key: bytes, spec: KVSpec, payload: torch.Tensor | list[torch.Tensor]) -> ChunkMeta:
+        return make_meta(key, self._namespace, spec, self.config.chunk_size, self._codec.name, self._codec.params(), payload)
+
+    def _seal(self, key: bytes, spec: KVSpec, runs: list[torch.Tensor]) -> bool:
+        """Checksum a raw host chunk given as runs of the caller's tensor, then persist it."""
+        return self._persist(self._meta(key, spec, runs), runs)
 
     def _persist(self, meta: ChunkMeta, payload: torch.Tensor | list[torch.Tensor]) -> bool:
         """Write one encoded chunk (a buffer, or runs of one) to every tier; never raises for storage faults."""

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 _HOST = socket.gethostname().replace(".", "_")
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _IOV_MAX = 512
+_STAGE_MAX = 1 << 20
 
 
 def temp_path_for(path: str) -> str:
@@ -51,10 +52,32 @@ def _coalesce(parts: Sequence[Part]) -> torch.Tensor:
     return buf
 
 
+def _stage_small(parts: Sequence[Part]) -> tuple[list[Part], list[torch.Tensor]]:
+    """Copy small byte strings at aligned offsets and lengths (a chunk header) into aligned pooled buffers.
+
+    With O_DIRECT a byte string cannot join a ``pwritev``; staged, it goes out in the same request as the
+    payload after it instead of as a separate synchronous write. Returns the parts and the staged buffers.
+    """
+    out: list[Part] = []
+    staged: list[torch.Tensor] = []
+    for part in parts:
+        data = part.data
+        if isinstance(data, (bytes, bytearray)) and 0 < len(data) <= _STAGE_MAX and len(data) % ALIGN == 0 \
+                and part.offset % ALIGN == 0:
+            buf = host_pool.acquire(len(data))
+            memoryview(buf.numpy())[:] = data
+            staged.append(buf)
+            part = Part(part.offset, buf)
+        out.append(part)
+    return out, staged
+
+
 def _gatherable(part: Part, direct: bool) -> bool:
-    """A host tensor that can go to the file as it is (with O_DIRECT: aligned address and length)."""
+    """Host bytes that can go to the file as they are (with O_DIRECT: a tensor of aligned address and length)."""
     data = part.data
-    if not isinstance(data, torch.Tensor) or data.is_cuda:
+    if not isinstance(data, torch.Tensor):
+        return not direct
+    if data.is_cuda:
         return False
     return not direct or (is_aligned(data) and part.nbytes % ALIGN == 0 and part.offset % ALIGN == 0)
 
@@ -133,11 +156,13 @@ class PosixBackend(FileBackend):
     def write_file(self, path: str, parts: Sequence[Part], *, durable: bool = True) -> None:
         tmp = temp_path_for(path)
         fd, direct = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        staged = None
+        staged: list[torch.Tensor] = []
         try:
             if direct and any(part.offset % ALIGN for part in parts):  # O_DIRECT needs aligned offsets
-                staged = _coalesce(parts)
-                parts = [Part(0, staged)]
+                staged = [_coalesce(parts)]
+                parts = [Part(0, staged[0])]
+            elif direct:
+                parts, staged = _stage_small(parts)
             self._write_parts(fd, sorted(parts, key=lambda p: p.offset), direct)
             if durable:
                 os.fsync(fd)
@@ -153,8 +178,8 @@ class PosixBackend(FileBackend):
                 pass
             raise
         finally:
-            if staged is not None:
-                host_pool.release(staged)
+            for buf in staged:
+                host_pool.release(buf)
 
     def _write_parts(self, fd: int, parts: Sequence[Part], direct: bool) -> None:
         """Consecutive host buffers go out in one ``pwritev``; the rest part by part."""

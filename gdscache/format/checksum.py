@@ -13,7 +13,10 @@ Either reader can check either algorithm; the writer picks the one that suits it
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import os
 import struct
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -26,10 +29,14 @@ DIGEST_SIZE = 24
 _MAX_HALFSUM_BYTES = 1 << 32
 
 
+def _update(h: xxhash.xxh3_64, runs: Sequence[torch.Tensor]) -> None:
+    for run in runs:
+        h.update(memoryview(run.cpu().numpy()))  # xxhash releases the GIL while it hashes
+
+
 def xxh3_digest(runs: Sequence[torch.Tensor]) -> bytes:
     h = xxhash.xxh3_64()
-    for run in runs:
-        h.update(memoryview(run.cpu().numpy()))
+    _update(h, runs)
     return h.digest().ljust(DIGEST_SIZE, b"\0")
 
 
@@ -77,3 +84,56 @@ def digest(payload: torch.Tensor, algorithm: int) -> bytes:
 def algorithm_for(payload: torch.Tensor) -> int:
     """The algorithm a writer uses for a payload on this device."""
     return HALFSUM3 if payload.is_cuda else XXH3_64
+
+
+_pool: cf.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hash_pool() -> cf.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = cf.ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="gdscache-hash")
+        return _pool
+
+
+class PipelinedDigest:
+    """The digest of a payload that arrives piece by piece, each piece hashed on a helper thread.
+
+    ``feed`` pieces in payload order: an ``xxh3_64`` piece is hashed while the caller reads the next
+    one, so only the last piece's hashing adds to a read. ``halfsum3`` pieces are hashed at the end.
+    A fed piece must not change until the next ``feed`` or ``digest`` returns.
+    """
+
+    def __init__(self, algorithm: int) -> None:
+        if algorithm not in NAMES:
+            raise ValueError(f"unknown checksum algorithm {algorithm}")
+        self._algorithm = algorithm
+        self._xxh = xxhash.xxh3_64() if algorithm == XXH3_64 else None
+        self._held: list[torch.Tensor] = []
+        self._job: cf.Future[None] | None = None
+
+    def feed(self, runs: Sequence[torch.Tensor], *, overlap: bool = True) -> None:
+        """Hash the next piece: on a helper thread, or here when nothing follows it to overlap with."""
+        if self._xxh is None:
+            self._held.extend(runs)
+            return
+        self.wait()  # pieces are hashed in order
+        if overlap:
+            self._job = _hash_pool().submit(_update, self._xxh, list(runs))
+        else:
+            _update(self._xxh, runs)
+
+    def digest(self) -> bytes:
+        """Wait for the pieces fed so far and return their digest."""
+        if self._xxh is None:
+            return digest_runs(self._held, self._algorithm)
+        self.wait()
+        return self._xxh.digest().ljust(DIGEST_SIZE, b"\0")
+
+    def wait(self) -> None:
+        """Wait for the piece being hashed, if any (its errors are raised)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()

@@ -110,16 +110,12 @@ def verify_payload(meta: ChunkMeta, payload: torch.Tensor) -> None:
     """Raise :class:`CorruptChunk` unless ``payload`` matches the header's length and checksum."""
     if payload.numel() != meta.payload_len:
         raise CorruptChunk(f"payload is {payload.numel()} bytes, header says {meta.payload_len}")
-    if checksum.digest(payload, meta.checksum_alg) != meta.payload_digest:
-        raise CorruptChunk(f"payload checksum ({checksum.NAMES[meta.checksum_alg]}) mismatch")
+    check_digest(meta, checksum.digest(payload, meta.checksum_alg))
 
 
-def verify_runs(meta: ChunkMeta, runs: list[torch.Tensor]) -> None:
-    """:func:`verify_payload` for a payload that was read in pieces (a scatter read)."""
-    total = sum(r.numel() for r in runs)
-    if total != meta.payload_len:
-        raise CorruptChunk(f"payload is {total} bytes, header says {meta.payload_len}")
-    if checksum.digest_runs(runs, meta.checksum_alg) != meta.payload_digest:
+def check_digest(meta: ChunkMeta, digest: bytes) -> None:
+    """Raise :class:`CorruptChunk` unless ``digest`` (of a payload of the header's length) is the header's."""
+    if digest != meta.payload_digest:
         raise CorruptChunk(f"payload checksum ({checksum.NAMES[meta.checksum_alg]}) mismatch")
 
 

@@ -15,21 +15,21 @@ import socket
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
+from gdscache.format.checksum import PipelinedDigest
 from gdscache.format.chunkfile import (
     HEADER_SIZE,
     PAYLOAD_OFFSET,
     ChunkMeta,
     CorruptChunk,
+    check_digest,
     pack_header,
     unpack_header,
-    verify_payload,
-    verify_runs,
 )
 from io_backends.base import FileBackend, Part, ReadHandle, align_up
 from io_backends.buffers import host_pool
@@ -40,6 +40,8 @@ NAMESPACE_FILE = "namespace.json"
 QUARANTINE = ".quarantine"
 STALE_TEMP_S = 600.0
 ENOSPC_BACKOFF_S = 5.0
+PIECE_BYTES = 8 << 20
+"""Host payloads are read in pieces of this size, each one verified while the next is read."""
 _HOST = socket.gethostname().replace(".", "_")
 T = TypeVar("T")
 
@@ -273,20 +275,22 @@ class LocalTier:
         total = sum(r.numel() for r in runs)
 
         def scatter(handle: ReadHandle) -> ChunkMeta:
-            if handle.size < PAYLOAD_OFFSET + total:  # too short for what we expect: let the header say why
-                meta = self._header(handle, key)
-            else:  # header and payload in one request
+            pieces = split_pieces(runs, PIECE_BYTES)
+            if handle.size < PAYLOAD_OFFSET + total or not pieces:  # too short for what we expect: let the header say why
+                meta, done = self._header(handle, key), 0
+            else:  # header and first piece in one request
                 header = host_pool.acquire(HEADER_SIZE)
                 try:
-                    handle.read_into_runs([header, *runs], 0)
+                    handle.read_into_runs([header, *pieces[0]], 0)
                     meta = unpack_header(header.numpy().tobytes(), handle.size)
                 finally:
                     host_pool.release(header)
                 if meta.key != key:
                     raise CorruptChunk("file holds another key")
+                done = 1
             if meta.payload_len != total:
                 raise CorruptChunk(f"payload is {meta.payload_len} bytes, the destination {total}")
-            verify_runs(meta, runs)
+            _read_verified(handle, meta, pieces, done)
             return meta
 
         return self._guarded(namespace, key, scatter)
@@ -297,8 +301,7 @@ class LocalTier:
         else:
             payload = host_pool.acquire(meta.payload_len)
         try:
-            handle.read_into(payload, PAYLOAD_OFFSET)
-            verify_payload(meta, payload)
+            _read_verified(handle, meta, [[payload]] if payload.is_cuda else split_pieces([payload], PIECE_BYTES), 0)
         except BaseException:
             if not payload.is_cuda:
                 host_pool.release(payload)
@@ -363,6 +366,42 @@ class LocalTier:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def split_pieces(runs: Sequence[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """Consecutive 1-D ``runs`` regrouped into pieces of ``size`` bytes (the last may be shorter), cutting runs where needed."""
+    pieces: list[list[torch.Tensor]] = [[]]
+    room = size
+    for run in runs:
+        start, n = 0, run.numel()
+        while start < n:
+            take = min(room, n - start)
+            pieces[-1].append(run if take == n else run[start : start + take])
+            start += take
+            room -= take
+            if not room:
+                pieces.append([])
+                room = size
+    return [p for p in pieces if p]
+
+
+def _read_verified(handle: ReadHandle, meta: ChunkMeta, pieces: list[list[torch.Tensor]], done: int) -> None:
+    """Read the payload's ``pieces`` after the first ``done`` (already in) and verify the whole payload.
+
+    Each piece is hashed on a helper thread while the next one is read; raises :class:`CorruptChunk`.
+    """
+    digest = PipelinedDigest(meta.checksum_alg)
+    offset = PAYLOAD_OFFSET
+    try:
+        for i, piece in enumerate(pieces):
+            if i >= done:
+                handle.read_into_runs(piece, offset)
+            digest.feed(piece, overlap=i + 1 < len(pieces))
+            offset += sum(run.numel() for run in piece)
+        got = digest.digest()
+    finally:
+        digest.wait()  # no hashing of a destination the caller is about to reuse
+    check_digest(meta, got)
 
 
 def scandir_sorted(path: str) -> list[os.DirEntry[str]]:
