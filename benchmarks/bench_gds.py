@@ -38,7 +38,7 @@ SHAPES = {  # name: (layers, kv_heads, head_dim); bf16, 256-token chunks
 }
 CHUNK = 256
 VARIANTS = {  # extra GDSCache settings measured per shape (store, cold and warm retrieve only)
-    "llama8b": [("o_direct=on (O_DIRECT reads too)", {"o_direct": "on"})],
+    "llama8b": [("o_direct=on (O_DIRECT reads too)", {"o_direct": "on"}), ("io_threads=16", {"io_threads": 16})],
     "small": [("durable=False (no fsync per chunk)", {"durable": False}), ("io_threads=16", {"io_threads": 16})],
 }
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -511,6 +511,39 @@ __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
   if (bad || x != kRansL || pos != end) atomicOr(err + n, 1);
 }
 
+// halfsum3 of n uint16 words that start at word `start` of the payload, added into sums[3] (exact integer
+// sums, so the order of addition does not matter): sum w, sum w * ((start + j) % 65521 + 1) and
+// sum w * ((start + j) % 65519 + 1); gdscache/format/checksum.py defines it.
+__global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, int64_t start,
+                                unsigned long long* __restrict__ sums) {
+  __shared__ unsigned long long part[3][32];
+  unsigned long long a = 0, b = 0, c = 0;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
+    const unsigned long long v = words[j];
+    const uint32_t k = (uint32_t)(start + j);
+    a += v;
+    b += v * (k % 65521u + 1u);
+    c += v * (k % 65519u + 1u);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+    c += __shfl_xor_sync(0xffffffffu, c, o);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) {
+    part[0][warp] = a;
+    part[1][warp] = b;
+    part[2][warp] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x < 3) {
+    unsigned long long t = 0;
+    for (int w = 0; w < (int)blockDim.x / 32; ++w) t += part[threadIdx.x][w];
+    atomicAdd(sums + threadIdx.x, t);
+  }
+}
+
 // Whether `bytes` of tables fit the device's shared memory per block (then set as the kernel's limit).
 template <typename Kernel>
 bool can_stage(Kernel kernel, size_t bytes) {
@@ -627,6 +660,16 @@ int gdc_rans_decode(const uint16_t* words, int64_t nwords, const int64_t* offset
     case 8: return launch_decode<8>(words, nwords, offsets, lengths, R, T, C, tab, ts, out, err, stream);
     default: return (int)cudaErrorInvalidValue;
   }
+}
+
+int gdc_halfsum3(const uint16_t* words, int64_t n, int64_t start, unsigned long long* sums, cudaStream_t stream) {
+  if (n <= 0) return 0;
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t want = (n + 255) / 256;
+  halfsum3_kernel<<<(int)(want < 4 * sms ? want : 4 * sms), 256, 0, stream>>>(words, n, start, sums);
+  return (int)cudaGetLastError();
 }
 
 int gdc_cachegen_codes(const void* x, int L, int P, int T, int H, int D, int64_t s0, int64_t s1, int64_t s2,

@@ -98,6 +98,7 @@ class GDSCache:
         chunk = self.config.chunk_size
         started = time.perf_counter()
         jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]] = []
+        todo: list[tuple[bytes, torch.Tensor]] = []  # chunks to encode
         new_tokens = 0
         for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
             if self._present(key):
@@ -110,14 +111,12 @@ class GDSCache:
                 self.metrics.inc("bytes_encoded", sum(run.numel() for run in runs))
                 jobs.append((self._backend.submit(self._seal, key, spec, runs), runs))
                 continue
-            payload = self._codec.encode(piece)
-            meta = self._meta(key, spec, payload)
-            self.metrics.inc("bytes_encoded", meta.payload_len)
-            if self._writer is not None:
-                self._writer.submit(meta, payload)
-                new_tokens += chunk
-            else:
-                jobs.append((self._backend.submit(self._persist, meta, payload), payload))
+            todo.append((key, piece))
+            if not kv.is_cuda:  # encoding on the CPU is slow: each chunk is written while the next one encodes
+                new_tokens += self._submit(key, spec, self._codec.encode(todo.pop()[1]), jobs)
+        # on the GPU the chunks are encoded together (fuller kernel launches, one host sync)
+        for (key, _), payload in zip(todo, self._codec.encode_many([piece for _, piece in todo]), strict=True):
+            new_tokens += self._submit(key, spec, payload, jobs)
         for job, payload in jobs:
             new_tokens += chunk if job.result() else 0
             if not isinstance(payload, list):
@@ -126,6 +125,18 @@ class GDSCache:
             self.metrics.observe("store", (time.perf_counter() - started) / max(1, len(jobs) or new_tokens // chunk))
         self.metrics.inc("stored_tokens", new_tokens)
         return new_tokens
+
+    def _submit(self, key: bytes, spec: KVSpec, payload: torch.Tensor,
+                jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]]) -> int:
+        """Queue one encoded chunk for writing: to the write-behind queue (tokens accepted, returned) or to the
+        I/O pool (a job in ``jobs``, 0 returned)."""
+        meta = self._meta(key, spec, payload)
+        self.metrics.inc("bytes_encoded", meta.payload_len)
+        if self._writer is not None:
+            self._writer.submit(meta, payload)
+            return self.config.chunk_size
+        jobs.append((self._backend.submit(self._persist, meta, payload), payload))
+        return 0
 
     def lookup(self, tokens: Tokens) -> int:
         """Length of the longest stored prefix of ``tokens``, a multiple of ``chunk_size``."""
@@ -150,17 +161,26 @@ class GDSCache:
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         window = max(2, 2 * self.config.io_threads)
         inflight: list[Future[Fetched]] = []
+        fetched_on_gpu: list[tuple[ChunkMeta, torch.Tensor | None, bool]] = []
         n_read = 0
         next_submit = 0
-        while n_read < len(chunk_keys):
+        while n_read + len(fetched_on_gpu) < len(chunk_keys):
             while next_submit < len(chunk_keys) and len(inflight) < window:
                 target = out[:, :, next_submit * chunk : (next_submit + 1) * chunk]
                 inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], target))
                 next_submit += 1
             fetched = inflight.pop(0).result()
-            if fetched is None or not self._decode(fetched, spec, out[:, :, n_read * chunk : (n_read + 1) * chunk]):
+            if fetched is None:
                 break
-            n_read += 1
+            if out.is_cuda:  # GPU decoding is fast: the fetched prefix is decoded in one codec call below
+                fetched_on_gpu.append(fetched)
+            elif self._decode_prefix([fetched], spec, [out[:, :, n_read * chunk : (n_read + 1) * chunk]]):
+                n_read += 1
+            else:
+                break
+        if fetched_on_gpu:
+            outs = [out[:, :, k * chunk : (k + 1) * chunk] for k in range(len(fetched_on_gpu))]
+            n_read = self._decode_prefix(fetched_on_gpu, spec, outs)
         for job in inflight:
             job.cancel()
         misses = len(chunk_keys) - n_read
@@ -359,19 +379,36 @@ class GDSCache:
         if self._remote is None and not payload.is_cuda:
             host_pool.release(payload)
 
-    def _decode(self, fetched: tuple[ChunkMeta, torch.Tensor | None, bool], spec: KVSpec, out: torch.Tensor) -> bool:
-        """Decode into ``out``; a payload this call owns is recycled once decoding no longer needs it."""
-        meta, payload, owned = fetched
-        if not self._matches(meta, spec):
-            return False
-        if payload is None:  # already in ``out``, verified there
+    def _decode_prefix(self, fetched: list[tuple[ChunkMeta, torch.Tensor | None, bool]], spec: KVSpec,
+                       outs: list[torch.Tensor]) -> int:
+        """Decode fetched chunks into ``outs`` with one codec call; how many, from the first, are now in place.
+
+        Payloads this call owns go back to the buffer pool once decoding no longer needs them.
+        """
+        usable = 0
+        while usable < len(fetched) and self._matches(fetched[usable][0], spec):
+            usable += 1
+        device = outs[0].device
+        todo = [k for k in range(usable) if fetched[k][1] is not None]  # None: already in ``outs``, verified there
+        for k in todo:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done
+            if fetched[k][1].is_cuda:
+                fetched[k][1].record_stream(torch.cuda.current_stream(fetched[k][1].device))
+        errors = self._codec.decode_many([fetched[k][1].to(device, non_blocking=True) for k in todo], spec,
+                                         self.config.chunk_size, [outs[k] for k in todo]) if todo else []
+        failed = dict(zip(todo, errors, strict=True))
+        done = 0
+        for k, (meta, _, _) in enumerate(fetched[:usable]):
+            if failed.get(k) is not None:
+                log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), failed[k])
+                self.metrics.inc("decode_errors")
+                break
             self.metrics.inc("bytes_read", meta.payload_len)
-            return True
-        try:
-            return self._decode_into(meta, payload, spec, out)
-        finally:
-            if owned and not out.is_cuda:  # a copy to the GPU may still be reading the host buffer
-                self._recycle(payload)
+            done = k + 1
+        if device.type != "cuda":  # a copy to the GPU may still be reading a host buffer
+            for _, payload, owned in fetched:
+                if owned and payload is not None:
+                    self._recycle(payload)
+        return done
 
     def _matches(self, meta: ChunkMeta, spec: KVSpec) -> bool:
         """True when a chunk was written with this cache's settings (its namespace promises so)."""
@@ -380,18 +417,6 @@ class GDSCache:
             log.warning("chunk %s was written with other settings; treating as a miss", meta.key.hex())
             self.metrics.inc("mismatched_chunks")
             return False
-        return True
-
-    def _decode_into(self, meta: ChunkMeta, payload: torch.Tensor, spec: KVSpec, out: torch.Tensor) -> bool:
-        if payload.device != out.device:
-            payload = payload.to(out.device, non_blocking=True)
-        try:
-            self._codec.decode(payload, spec, meta.num_tokens, out)
-        except ValueError as exc:
-            log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), exc)
-            self.metrics.inc("decode_errors")
-            return False
-        self.metrics.inc("bytes_read", payload.numel())
         return True
 
 

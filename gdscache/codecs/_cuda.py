@@ -1,4 +1,5 @@
-"""ctypes binding to the codec kernels in cuda/ (``libgdscache_cuda.so``, a plain C ABI).
+"""ctypes binding to the kernels in cuda/ (``libgdscache_cuda.so``, a plain C ABI): the codecs' and the
+GPU payload checksum's.
 
 The library takes raw device pointers and the current CUDA stream, so it does not depend on the
 torch C++ ABI. It is looked up at ``$GDSCACHE_CUDA_LIB``, then next to this module (where
@@ -43,6 +44,7 @@ def _load() -> ctypes.CDLL | None:
             signatures = {
                 "gdc_rans_encode": [p, i, i, i, i, p, *tables, p, i, p, p, p],
                 "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
+                "gdc_halfsum3": [p, i64, i64, p, p],
                 "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
                 "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, p],
                 "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
@@ -141,6 +143,11 @@ def rans_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, t
     if int(err) != 0:
         raise ValueError("entropy-coded stream is corrupt (final rANS state or word count mismatch)")
     return out
+
+
+def halfsum3(words: torch.Tensor, start: int, sums: torch.Tensor) -> None:
+    """Add the halfsum3 sums of int16 ``words`` (payload words ``start ..``) into int64 ``sums [3]``; no sync."""
+    _check(_load().gdc_halfsum3(words.data_ptr(), words.numel(), start, sums.data_ptr(), _stream()), "halfsum3")
 
 
 def cachegen_codes(x: torch.Tensor, code: torch.Tensor, flag: torch.Tensor) -> None:

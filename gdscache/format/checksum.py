@@ -5,8 +5,8 @@ Two algorithms, named in every chunk header:
 - ``xxh3_64``: xxHash3 of the bytes; fast on the CPU, used for payloads in host memory.
 - ``halfsum3``: three position-weighted sums over the payload's 16-bit little-endian words
   (weights ``i mod 65521 + 1`` and ``i mod 65519 + 1``), all in int64 without overflow for
-  payloads below 4 GiB. Pure torch, so it runs on the GPU next to a GPUDirect read with no copy
-  to the host; the CPU computes the same value, more slowly.
+  payloads below 4 GiB. One CUDA kernel (cuda/, exact integer sums) computes it next to a GPUDirect
+  read with no copy to the host; torch computes the same value anywhere else.
 
 Either reader can check either algorithm; the writer picks the one that suits its device.
 """
@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import torch
 import xxhash
+
+from gdscache.codecs import _cuda  # the CUDA kernel library (cuda/), also home of the halfsum3 kernel
 
 XXH3_64 = 1
 HALFSUM3 = 2
@@ -55,11 +57,17 @@ def halfsum3_digest(runs: Sequence[torch.Tensor]) -> bytes:
         raise ValueError("halfsum3 covers payloads below 4 GiB")
     if any(r.numel() % 2 for r in runs[:-1]):  # word boundaries would straddle runs
         runs = [torch.cat([r.reshape(-1) for r in runs])]
+    runs = [torch.cat([r, r.new_zeros(1)]) if r.numel() % 2 else r for r in runs]
+    if runs and all(r.is_cuda and r.data_ptr() % 2 == 0 for r in runs) and _cuda.available():
+        totals = torch.zeros(3, dtype=torch.int64, device=runs[0].device)
+        start = 0
+        for run in runs:  # one kernel per run, one host sync for the digest
+            _cuda.halfsum3(run.view(torch.int16), start, totals)
+            start += run.numel() // 2
+        return struct.pack("<3q", *totals.tolist())
     sums = []
     start = 0
     for run in runs:
-        if run.numel() % 2:
-            run = torch.cat([run, run.new_zeros(1)])
         words = run.view(torch.int16).to(torch.int32) & 0xFFFF
         sums += [words.sum(dtype=torch.int64), _weighted_sum(words, 65521, start), _weighted_sum(words, 65519, start)]
         start += words.numel()

@@ -40,8 +40,10 @@ NAMESPACE_FILE = "namespace.json"
 QUARANTINE = ".quarantine"
 STALE_TEMP_S = 600.0
 ENOSPC_BACKOFF_S = 5.0
-PIECE_BYTES = 8 << 20
-"""Host payloads are read in pieces of this size, each one verified while the next is read."""
+PIECE_BYTES = 32 << 20
+"""Host payloads are read in pieces of this size, each one verified while the next is read. A 32 MiB
+(Llama-8B) chunk stays one request: 8 MiB pieces made cold O_DIRECT reads slower on a 16-core machine
+(benchmarks/results/bench.md), as they keep less I/O in flight per thread."""
 _HOST = socket.gethostname().replace(".", "_")
 T = TypeVar("T")
 
@@ -261,11 +263,14 @@ class LocalTier:
 
     # ----------------------------------------------------------------- read
     def read(self, namespace: bytes, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor] | None:
-        """Read and verify one chunk into a new buffer on ``device``; None on a miss or a bad file.
+        """Read and verify one chunk into a new buffer: on a CUDA ``device`` when the backend reads into GPU
+        memory, else in host memory; None on a miss or a bad file.
 
         A host payload comes from ``io_backends.buffers.host_pool``: the caller may release it there.
         """
-        return self._guarded(namespace, key, lambda handle: self._read_payload(handle, self._header(handle, key), device))
+        if device.type == "cuda" and self.backend.gpu_native:
+            return self._guarded(namespace, key, lambda handle: self._read_to_gpu(handle, key, device))
+        return self._guarded(namespace, key, lambda handle: self._read_payload(handle, self._header(handle, key)))
 
     def read_runs(self, namespace: bytes, key: bytes, runs: list[torch.Tensor]) -> ChunkMeta | None:
         """Read one chunk's payload straight into ``runs`` (consecutive pieces of it) and verify it there.
@@ -295,17 +300,36 @@ class LocalTier:
 
         return self._guarded(namespace, key, scatter)
 
-    def _read_payload(self, handle: ReadHandle, meta: ChunkMeta, device: torch.device) -> tuple[ChunkMeta, torch.Tensor]:
-        if device.type == "cuda" and self.backend.gpu_native:
-            payload = torch.empty(meta.payload_len, dtype=torch.uint8, device=device)
-        else:
-            payload = host_pool.acquire(meta.payload_len)
+    def _read_payload(self, handle: ReadHandle, meta: ChunkMeta) -> tuple[ChunkMeta, torch.Tensor]:
+        payload = host_pool.acquire(meta.payload_len)
         try:
-            _read_verified(handle, meta, [[payload]] if payload.is_cuda else split_pieces([payload], PIECE_BYTES), 0)
+            _read_verified(handle, meta, split_pieces([payload], PIECE_BYTES), 0)
         except BaseException:
-            if not payload.is_cuda:
-                host_pool.release(payload)
+            host_pool.release(payload)
             raise
+        return meta, payload
+
+    def _read_to_gpu(self, handle: ReadHandle, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor]:
+        """Header to the host and payload to the GPU, both in flight at once (the file's size gives the payload
+        length, which the header must then confirm), verified on the GPU."""
+        length = handle.size - PAYLOAD_OFFSET
+        if length <= 0:  # too short to hold a payload: let the header say why
+            meta = self._header(handle, key)
+            raise CorruptChunk(f"file of {handle.size} bytes holds no {meta.payload_len}-byte payload")
+        # This thread's own stream: the buffer and its checksum neither wait for nor hold up other threads'
+        # GPU work (the caller must record_stream the payload where it uses it).
+        with torch.cuda.stream(_thread_stream(device)):
+            header, payload = host_pool.acquire(HEADER_SIZE), torch.empty(length, dtype=torch.uint8, device=device)
+            try:
+                handle.read_into_runs([header, payload], 0)
+                meta = unpack_header(header.numpy().tobytes(), handle.size)
+            finally:
+                host_pool.release(header)
+            if meta.key != key:
+                raise CorruptChunk("file holds another key")
+            if meta.payload_len != length:
+                raise CorruptChunk(f"payload is {meta.payload_len} bytes, the file holds {length}")
+            _read_verified(handle, meta, [[payload]], 1)
         return meta, payload
 
     @staticmethod
@@ -383,6 +407,17 @@ def split_pieces(runs: Sequence[torch.Tensor], size: int) -> list[list[torch.Ten
                 pieces.append([])
                 room = size
     return [p for p in pieces if p]
+
+
+_threads = threading.local()
+
+
+def _thread_stream(device: torch.device) -> torch.cuda.Stream:
+    """A CUDA stream of this thread's own on ``device`` (created once per thread and device)."""
+    streams = _threads.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 def _read_verified(handle: ReadHandle, meta: ChunkMeta, pieces: list[list[torch.Tensor]], done: int) -> None:

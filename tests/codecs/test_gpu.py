@@ -125,3 +125,14 @@ def test_cachegen_batches_match_one_by_one_and_isolate_a_corrupt_chunk():
     assert errors[0] is None and errors[2] is None and "corrupt" in errors[1]
     assert torch.equal(_bits(out[:, :, 8:72].cpu()), _bits(ref[:, :, :64]))
     assert torch.equal(_bits(out[:, :, 136:200].cpu()), _bits(ref[:, :, 128:]))
+
+
+@pytest.mark.parametrize("nbytes", [2, 4098, 1 << 20, (1 << 21) + 6])
+def test_halfsum3_kernel_matches_its_definition(nbytes):
+    data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes))
+    sums = torch.zeros(3, dtype=torch.int64, device="cuda")
+    _cuda.halfsum3(data.cuda().view(torch.int16), 70000, sums)
+    w = data.numpy().view("<u2").astype(np.int64)
+    j = 70000 + np.arange(w.size, dtype=np.int64)
+    want = [int(w.sum()), int((w * (j % 65521 + 1)).sum()), int((w * (j % 65519 + 1)).sum())]
+    assert sums.tolist() == want
