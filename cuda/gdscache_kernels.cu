@@ -288,11 +288,13 @@ __device__ __forceinline__ float step_denom(const int16_t* base, const uint8_t* 
   return __fmul_rn(code_scale((int32_t)base[lp * H + h] + (int32_t)rel[(size_t)row * H + h]), sw);
 }
 
-// One block per (l, p, t) row: q[l, p, t, c] = clamp(rint(x / (scale(base + rel) * sw[l, p, c]))), x strided.
-__global__ void cachegen_quantize_kernel(const void* __restrict__ x, int P, int T, int H, int D, int64_t s0, int64_t s1,
-                                         int64_t s2, int64_t s3, int64_t s4, int dtype, const int16_t* __restrict__ base,
-                                         const uint8_t* __restrict__ rel, const float* __restrict__ sw, int qmax,
-                                         int16_t* __restrict__ q) {
+// One block per (l, p, t) row. Quantize: q[l, p, t, c] = clamp(rint(x / (scale(base + rel) * sw[l, p, c]))),
+// reading the strided x; dequantize: x = q * scale(base + rel) * sw[l, p, c], writing the strided x.
+template <bool Quantize>
+__global__ void cachegen_scale_kernel(void* __restrict__ x, int P, int T, int H, int D, int64_t s0, int64_t s1,
+                                      int64_t s2, int64_t s3, int64_t s4, int dtype, const int16_t* __restrict__ base,
+                                      const uint8_t* __restrict__ rel, const float* __restrict__ sw, int qmax,
+                                      int16_t* __restrict__ q) {
   const int row = blockIdx.x;
   const int t = row % T, lp = row / T;
   const int l = lp / P, p = lp % P;
@@ -301,26 +303,13 @@ __global__ void cachegen_quantize_kernel(const void* __restrict__ x, int P, int 
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     const int h = c / D, d = c - h * D;
     const float denom = step_denom(base, rel, lp, row, H, h, sw[(size_t)lp * C + c]);
-    float r = rintf(__fdiv_rn(load_as_float(x, xb + h * s3 + d * s4, dtype), denom));
-    r = fminf(fmaxf(r, (float)-qmax), (float)qmax);
-    q[(size_t)row * C + c] = (int16_t)r;
-  }
-}
-
-// The same grid: out[l, p, t, c] = q * scale(base + rel) * sw[l, p, c], out strided.
-__global__ void cachegen_dequantize_kernel(const int16_t* __restrict__ q, const int16_t* __restrict__ base,
-                                           const uint8_t* __restrict__ rel, const float* __restrict__ sw, int P, int T,
-                                           int H, int D, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t s4,
-                                           int dtype, void* __restrict__ out) {
-  const int row = blockIdx.x;
-  const int t = row % T, lp = row / T;
-  const int l = lp / P, p = lp % P;
-  const int C = H * D;
-  const int64_t ob = l * s0 + p * s1 + t * s2;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const int h = c / D, d = c - h * D;
-    const float denom = step_denom(base, rel, lp, row, H, h, sw[(size_t)lp * C + c]);
-    store_from_float(out, ob + h * s3 + d * s4, dtype, __fmul_rn((float)q[(size_t)row * C + c], denom));
+    const int64_t at = xb + h * s3 + d * s4;
+    if (Quantize) {
+      const float r = rintf(__fdiv_rn(load_as_float(x, at, dtype), denom));
+      q[(size_t)row * C + c] = (int16_t)fminf(fmaxf(r, (float)-qmax), (float)qmax);
+    } else {
+      store_from_float(x, at, dtype, __fmul_rn((float)q[(size_t)row * C + c], denom));
+    }
   }
 }
 
@@ -688,16 +677,16 @@ int gdc_cachegen_base_rel(const int32_t* code, int LP, int T, int H, int16_t* ba
 int gdc_cachegen_quantize(const void* x, int L, int P, int T, int H, int D, int64_t s0, int64_t s1, int64_t s2,
                           int64_t s3, int64_t s4, int dtype, const int16_t* base, const uint8_t* rel, const float* sw,
                           int qmax, int16_t* q, cudaStream_t stream) {
-  cachegen_quantize_kernel<<<L * P * T, 256, 0, stream>>>(x, P, T, H, D, s0, s1, s2, s3, s4, dtype, base, rel, sw,
-                                                          qmax, q);
+  cachegen_scale_kernel<true><<<L * P * T, 256, 0, stream>>>(const_cast<void*>(x), P, T, H, D, s0, s1, s2, s3, s4,
+                                                             dtype, base, rel, sw, qmax, q);
   return (int)cudaGetLastError();
 }
 
 int gdc_cachegen_dequantize(const int16_t* q, const int16_t* base, const uint8_t* rel, const float* sw, int L, int P,
                             int T, int H, int D, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t s4, int dtype,
                             void* out, cudaStream_t stream) {
-  cachegen_dequantize_kernel<<<L * P * T, 256, 0, stream>>>(q, base, rel, sw, P, T, H, D, s0, s1, s2, s3, s4, dtype,
-                                                            out);
+  cachegen_scale_kernel<false><<<L * P * T, 256, 0, stream>>>(out, P, T, H, D, s0, s1, s2, s3, s4, dtype, base, rel,
+                                                              sw, 0, const_cast<int16_t*>(q));
   return (int)cudaGetLastError();
 }
 

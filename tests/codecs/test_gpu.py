@@ -136,3 +136,18 @@ def test_halfsum3_kernel_matches_its_definition(nbytes):
     j = 70000 + np.arange(w.size, dtype=np.int64)
     want = [int(w.sum()), int((w * (j % 65521 + 1)).sum()), int((w * (j % 65519 + 1)).sum())]
     assert sums.tolist() == want
+
+
+def test_quantize_dequantize_kernels_match_reference():
+    from gdscache.codecs import cachegen
+
+    kv = _kv(torch.float16)
+    sw = torch.linspace(0.02, 0.3, 4 * 2 * 192, dtype=torch.float32).view(4, 2, 192)
+    ref = cachegen.quantize(kv, sw)
+    got = cachegen.quantize(kv.cuda(), sw.cuda())
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b.cpu())
+    out_ref, out_gpu = torch.empty_like(kv), torch.empty_like(kv, device="cuda")
+    cachegen.dequantize(*ref, sw, out_ref)
+    cachegen.dequantize(*got, sw.cuda(), out_gpu)
+    assert torch.equal(_bits(out_gpu.cpu()), _bits(out_ref))
