@@ -161,10 +161,11 @@ class GDSCache:
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         window = max(2, 2 * self.config.io_threads)
         inflight: list[Future[Fetched]] = []
-        fetched_on_gpu: list[tuple[ChunkMeta, torch.Tensor | None, bool]] = []
+        batch: list[tuple[ChunkMeta, torch.Tensor | None, bool]] = []  # fetched in order, not yet decoded
         n_read = 0
         next_submit = 0
-        while n_read + len(fetched_on_gpu) < len(chunk_keys):
+        stopped = False
+        while not stopped and n_read + len(batch) < len(chunk_keys):
             while next_submit < len(chunk_keys) and len(inflight) < window:
                 target = out[:, :, next_submit * chunk : (next_submit + 1) * chunk]
                 inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], target))
@@ -172,15 +173,14 @@ class GDSCache:
             fetched = inflight.pop(0).result()
             if fetched is None:
                 break
-            if out.is_cuda:  # GPU decoding is fast: the fetched prefix is decoded in one codec call below
-                fetched_on_gpu.append(fetched)
-            elif self._decode_prefix([fetched], spec, [out[:, :, n_read * chunk : (n_read + 1) * chunk]]):
-                n_read += 1
-            else:
-                break
-        if fetched_on_gpu:
-            outs = [out[:, :, k * chunk : (k + 1) * chunk] for k in range(len(fetched_on_gpu))]
-            n_read = self._decode_prefix(fetched_on_gpu, spec, outs)
+            batch.append(fetched)
+            # the CPU decodes each chunk as it arrives, overlapping the reads; the GPU decodes a window's worth in
+            # one codec call (fuller kernels), which also bounds the payloads held at once
+            if not out.is_cuda or len(batch) == window:
+                done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
+                n_read, stopped, batch = n_read + done, done < len(batch), []
+        if batch and not stopped:
+            n_read += self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
         for job in inflight:
             job.cancel()
         misses = len(chunk_keys) - n_read
@@ -378,6 +378,11 @@ class GDSCache:
         """Return a host payload to the buffer pool once no tier can still be reading it."""
         if self._remote is None and not payload.is_cuda:
             host_pool.release(payload)
+
+    def _chunk_views(self, kv: torch.Tensor, first: int, count: int) -> list[torch.Tensor]:
+        """Views of chunks ``first .. first + count - 1`` of ``kv`` along the token axis."""
+        chunk = self.config.chunk_size
+        return [kv[:, :, k * chunk : (k + 1) * chunk] for k in range(first, first + count)]
 
     def _decode_prefix(self, fetched: list[tuple[ChunkMeta, torch.Tensor | None, bool]], spec: KVSpec,
                        outs: list[torch.Tensor]) -> int:
