@@ -82,6 +82,15 @@ __device__ __forceinline__ int rans_decode_symbol(uint32_t& x, const uint32_t* e
   return lo;
 }
 
+// The stream (row r, channel group cg) of this thread among R rows of C / G groups; false past the last.
+__device__ __forceinline__ bool stream_of_thread(int R, int C, int G, int& s, int& r, int& cg) {
+  s = blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= R * (C / G)) return false;
+  r = s / (C / G);
+  cg = s % (C / G);
+  return true;
+}
+
 // G int16 values as one aligned vector load.
 template <int G> struct Vec;
 template <> struct Vec<1> { using type = int16_t; };
@@ -111,11 +120,9 @@ __global__ void __launch_bounds__(kStreamThreads) rans_encode_kernel(
     const int8_t* __restrict__ mu, int offset, uint16_t* __restrict__ scratch, int32_t* __restrict__ lengths) {
   const Tables tb = stage_tables<Staged>(ts, ts.lut_off);
   const int A = ts.alphabet;
-  const int groups = C / G;
-  const int S = R * groups;
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s >= S) return;
-  const int r = s / groups, cg = s % groups;
+  const int S = R * (C / G);  // scratch columns
+  int s, r, cg;
+  if (!stream_of_thread(R, C, G, s, r, cg)) return;
   const int16_t* base = sym + (size_t)r * T * C + (size_t)cg * G;
   int toff[G];
 #pragma unroll
@@ -172,11 +179,8 @@ __global__ void __launch_bounds__(kStreamThreads) rans_decode_kernel(
     int16_t* __restrict__ out, int32_t* __restrict__ err) {
   const Tables tb = stage_tables<Staged>(ts, ts.end);
   const int A = ts.alphabet;
-  const int groups = C / G;
-  const int S = R * groups;
-  const int s = blockIdx.x * blockDim.x + threadIdx.x;
-  if (s >= S) return;
-  const int r = s / groups, cg = s % groups;
+  int s, r, cg;
+  if (!stream_of_thread(R, C, G, s, r, cg)) return;
   int64_t p = offsets[s];
   const int64_t end = p + lengths[s];
   if (lengths[s] < 2 || p < 0 || end > nwords) {
@@ -551,12 +555,17 @@ bool can_stage(Kernel kernel, size_t bytes) {
 
 int blocks_for(int64_t n, int threads) { return (int)((n + threads - 1) / threads); }
 
-// Threads per block for one-thread-per-stream kernels: blocks hold staged tables (one or two per SM), so a
-// few streams spread over every SM, and many streams (batches of chunks) fill each SM with more warps.
-int stream_threads(int64_t streams) {
+int sm_count() {
   int dev = 0, sms = 132;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+// Threads per block for one-thread-per-stream kernels: blocks hold staged tables (one or two per SM), so a
+// few streams spread over every SM, and many streams (batches of chunks) fill each SM with more warps.
+int stream_threads(int64_t streams) {
+  const int sms = sm_count();
   const int64_t per_sm = (streams + sms - 1) / sms;
   const int64_t threads = (per_sm + 63) / 64 * 64;
   return (int)(threads < 64 ? 64 : (threads > kStreamThreads ? kStreamThreads : threads));
@@ -653,9 +662,7 @@ int gdc_rans_decode(const uint16_t* words, int64_t nwords, const int64_t* offset
 
 int gdc_halfsum3(const uint16_t* words, int64_t n, int64_t start, unsigned long long* sums, cudaStream_t stream) {
   if (n <= 0) return 0;
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = sm_count();
   const int64_t want = (n + 255) / 256;
   halfsum3_kernel<<<(int)(want < 4 * sms ? want : 4 * sms), 256, 0, stream>>>(words, n, start, sums);
   return (int)cudaGetLastError();
@@ -697,9 +704,7 @@ int gdc_cachegen_stats(const int16_t* q, int R, int T, int C, const uint16_t* co
   const size_t costs = (size_t)(kStatTables * A + 7) / 8 * 8 * 2;
   const bool staged = can_stage(cachegen_stats_kernel, costs + hist);
   if (!staged && hist > 48 * 1024) return (int)cudaErrorInvalidValue;
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = sm_count();
   const int tiles = R * ((C + kStatChannels - 1) / kStatChannels);
   const int grid = tiles < 2 * sms ? tiles : 2 * sms;
   cachegen_stats_kernel<<<grid, kStatThreads, staged ? costs + hist : hist, stream>>>(q, R, T, C, cost, A, staged, qmax,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from s3chunks import NAMESPACE, make_chunk
+from s3chunks import NAMESPACE, make_chunk, put_all
 
 from gdscache.format.chunkfile import pack_object
 from gdscache.tiers.remote import RemoteTier, object_key
@@ -38,11 +38,7 @@ def _wait_healthy(tier: RemoteTier, within_s: float = 20.0) -> bool:
 def test_round_trip_and_object_layout(seaweed, bucket, mode):
     tier = _tier(seaweed, bucket, mode=mode)
     try:
-        chunks = [make_chunk(n, seed) for seed, n in enumerate([1, 4096, 300_000])]
-        tier.put_namespace_info(NAMESPACE, {"model_id": "m"})
-        for key, meta, payload in chunks:
-            tier.put(NAMESPACE, key, meta, payload)
-        tier.flush()
+        chunks = put_all(tier, [1, 4096, 300_000])
         for key, meta, payload in chunks:
             assert tier.contains(NAMESPACE, key)
             got = tier.get(NAMESPACE, key)

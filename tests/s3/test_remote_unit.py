@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from s3chunks import NAMESPACE, make_chunk
+from s3chunks import NAMESPACE, make_chunk, put_all
 
 from gdscache.tiers.remote import RemoteTier, object_key
 from io_backends.fsspec_store import FsspecStore, _s3_options, redact
@@ -24,11 +24,7 @@ def test_round_trip_on_memory_and_file_urls(scheme, mode, memory_url, tmp_path):
     url = memory_url if scheme == "memory" else f"file://{tmp_path}/remote"
     tier = RemoteTier(url, {}, timeout_s=5, concurrency=2, write_mode=mode)
     try:
-        chunks = [make_chunk(n, seed) for seed, n in enumerate([3, 70_000])]
-        tier.put_namespace_info(NAMESPACE, {"model_id": "m"})
-        for key, meta, payload in chunks:
-            tier.put(NAMESPACE, key, meta, payload)
-        tier.flush()
+        chunks = put_all(tier, [3, 70_000])
         for key, _, payload in chunks:
             assert tier.contains(NAMESPACE, key)
             hit = tier.get(NAMESPACE, key)
