@@ -18,6 +18,7 @@ LOG=$OUT/gpu_check.log
 SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
+# Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -77,6 +78,12 @@ step_bench_cli() {
     # the main job on the GPU: every codec, two chunk sizes, cold and warm, with the plot
     python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --chunk-size 256,1024 \
         --json "$OUT/bench_cli.json" --plot "$OUT/bench_cli.png" ${BENCH_CLI_ARGS:-}
+}
+
+step_warm_probe() {
+    # why page-cache-warm kvikio reads run at 20 or 40 GB/s: write method x warm-up x file size (WARM_PROBE_ARGS)
+    python3 benchmarks/kvikio_warm_probe.py --dir "$REPO/.bench/warm_probe" --json "$OUT/warm_probe.json" \
+        ${WARM_PROBE_ARGS:-}
 }
 
 run_step() {
