@@ -102,6 +102,7 @@ for s in "${STEPS[@]}"; do
         tests) run_step tests 180 ;;
         bench_gds) run_step bench_gds 300 ;;
         bench_cli) run_step bench_cli 300 ;;
+        warm_probe) run_step warm_probe 300 ;;
         *) run_step "$s" 60 ;;
     esac
 done

@@ -147,10 +147,20 @@ def cachegen_batch(shape: tuple[int, ...], shape_name: str, batch: int, repeats:
     pages = torch.zeros((layers, 4 * batch * tokens // block, heads, block, 2 * dim), dtype=kv.dtype, device="cuda")
     pager = PagedKV(list(pages), PageFormat("kv_packed", heads, dim, block), pages.shape[1])
     block_ids = torch.randperm(pages.shape[1])[: batch * tokens // block].tolist()
+    pager.scatter(block_ids, kv)
+    # Fused: the kernels read and write the blocks in place (KVPages), the same bytes as from the chunks.
+    paged = pager.pages(block_ids)
+    paged_chunks = [paged.tokens(k * tokens, (k + 1) * tokens) for k in range(batch)]
+    assert all(torch.equal(a, b) for a, b in zip(codec.encode_many(paged_chunks), payloads, strict=True))
+    assert codec.decode_many(payloads, spec, tokens, paged_chunks) == [None] * batch
+    assert torch.equal(pager.gather(block_ids), out)
     for op, fn in ((f"encode_many x{batch}", lambda: codec.encode_many(chunks)),
                    (f"decode_many x{batch}", lambda: codec.decode_many(payloads, spec, tokens, outs)),
                    (f"paged gather x{batch} (vLLM blocks -> chunks)", lambda: pager.gather(block_ids)),
-                   (f"paged scatter x{batch} (chunks -> vLLM blocks)", lambda: pager.scatter(block_ids, kv))):
+                   (f"paged scatter x{batch} (chunks -> vLLM blocks)", lambda: pager.scatter(block_ids, kv)),
+                   (f"encode_many x{batch} from vLLM blocks (fused)", lambda: codec.encode_many(paged_chunks)),
+                   (f"decode_many x{batch} into vLLM blocks (fused)",
+                    lambda: codec.decode_many(payloads, spec, tokens, paged_chunks))):
         sec = timed(fn, repeats)
         rows.append({"shape": shape_name, "codec": "cachegen" if "_many" in op else "layout", "op": op,
                      "gbps": nbytes / sec / 1e9, "ms": sec * 1e3 / batch, "ratio": ratio if "_many" in op else None})

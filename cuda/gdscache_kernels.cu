@@ -237,15 +237,18 @@ __device__ __forceinline__ void store_from_float(void* base, int64_t off, int dt
 
 // One block per (l, p, t) row, one warp per head: code = 8 * (exponent - 127) + k with 2**(k/8) rounded up
 // covering the row's absmax (kCodeMax for zero/denormal rows); flag |= 1 on a non-finite value.
+// Element (l, p, t, h, d) of a chunk sits at l * s0 + p * s1 + tok[t] + h * s3 + d * s4: tok[t] = t * s2 for a
+// strided tensor, a page's offset plus the token's slot for paged KV (so pages are read in place).
 __global__ void cachegen_codes_kernel(const void* __restrict__ x, int P, int T, int H, int D, int64_t s0, int64_t s1,
-                                      int64_t s2, int64_t s3, int64_t s4, int dtype, int32_t* __restrict__ code,
-                                      int32_t* __restrict__ flag) {
+                                      const int64_t* __restrict__ tok, int64_t s3, int64_t s4, int dtype,
+                                      int32_t* __restrict__ code, int32_t* __restrict__ flag) {
   const int row = blockIdx.x;
   const int t = row % T, lp = row / T;
   const int l = lp / P, p = lp % P;
   const int lane = threadIdx.x % 32;
+  const int64_t row_at = l * s0 + p * s1 + tok[t];
   for (int h = threadIdx.x / 32; h < H; h += blockDim.x / 32) {
-    const int64_t base = l * s0 + p * s1 + t * s2 + h * s3;
+    const int64_t base = row_at + h * s3;
     float m = 0.f;
     bool finite = true;
     for (int d = lane; d < D; d += 32) {
@@ -293,17 +296,21 @@ __device__ __forceinline__ float step_denom(const int16_t* base, const uint8_t* 
 }
 
 // One block per (l, p, t) row. Quantize: q[l, p, t, c] = clamp(rint(x / (scale(base + rel) * sw[l, p, c]))),
-// reading the strided x; dequantize: x = q * scale(base + rel) * sw[l, p, c], writing the strided x.
+// reading x (addressed as in cachegen_codes_kernel); dequantize: x = q * scale(base + rel) * sw[l, p, c], writing
+// x, except tokens whose tok[t] is negative (left alone).
 template <bool Quantize>
 __global__ void cachegen_scale_kernel(void* __restrict__ x, int P, int T, int H, int D, int64_t s0, int64_t s1,
-                                      int64_t s2, int64_t s3, int64_t s4, int dtype, const int16_t* __restrict__ base,
+                                      const int64_t* __restrict__ tok, int64_t s3, int64_t s4, int dtype,
+                                      const int16_t* __restrict__ base,
                                       const uint8_t* __restrict__ rel, const float* __restrict__ sw, int qmax,
                                       int16_t* __restrict__ q) {
   const int row = blockIdx.x;
   const int t = row % T, lp = row / T;
   const int l = lp / P, p = lp % P;
   const int C = H * D;
-  const int64_t xb = l * s0 + p * s1 + t * s2;
+  const int64_t at_t = tok[t];
+  if (!Quantize && at_t < 0) return;
+  const int64_t xb = l * s0 + p * s1 + at_t;
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     const int h = c / D, d = c - h * D;
     const float denom = step_denom(base, rel, lp, row, H, h, sw[(size_t)lp * C + c]);
@@ -412,16 +419,17 @@ __global__ void __launch_bounds__(kStatThreads) cachegen_stats_kernel(
 }
 
 // Fused cachegen decode of N chunks at once: rANS-decode one stream, add back mu, dequantize with the
-// token's scale and the channel's step, and store into the strided output. Side information is stacked
-// over chunks ([N, L, P, ...]); chunk n's words end at word_end[n] (its start is word_end[n - 1] or 0) and
-// its output starts out_off[n] elements after `out`. Any inconsistency sets err[n].
+// token's scale and the channel's step, and store into the output. Side information is stacked over chunks
+// ([N, L, P, ...]); chunk n's words end at word_end[n] (its start is word_end[n - 1] or 0). Token t of chunk n
+// goes to out + tok[n * T + t] (+ l * s0 + p * s1 + h * s3 + d * s4): a strided tensor or pages of a paged
+// cache; a negative tok leaves that token alone. Any inconsistency sets err[n].
 template <int G, bool Staged>
 __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
     const uint16_t* __restrict__ words, const int64_t* __restrict__ word_end, const int64_t* __restrict__ offsets,
     const int32_t* __restrict__ lengths, int N, int L, int P, int T, int H, int D, const uint8_t* __restrict__ tab,
     const int8_t* __restrict__ mu, const int16_t* __restrict__ base, const uint8_t* __restrict__ rel, TableSet ts,
-    int qmax, int offset, const float* __restrict__ sw, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t s4,
-    const int64_t* __restrict__ out_off, int dtype, void* __restrict__ out, int32_t* __restrict__ err) {
+    int qmax, int offset, const float* __restrict__ sw, int64_t s0, int64_t s1, const int64_t* __restrict__ tok,
+    int64_t s3, int64_t s4, int dtype, void* __restrict__ out, int32_t* __restrict__ err) {
   __shared__ uint32_t mant[8];
   if (threadIdx.x < 8) mant[threadIdx.x] = kMantissaUp[threadIdx.x];
   if (!Staged) __syncthreads();
@@ -466,7 +474,7 @@ __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
     shift[g] = m - offset;
     step[g] = sw[(size_t)r * C + c];
     const int h = c / D, d = c % D;
-    obase[g] = out_off[n] + l * s0 + p * s1 + h * s3 + d * s4;
+    obase[g] = l * s0 + p * s1 + h * s3 + d * s4;
     bcode[g] = base[(size_t)rg * H + h];
     rl[g] = rel + (size_t)rg * T * H + h;
     if (bcode[g] < kCodeMin || bcode[g] > kCodeMax - 255) bad = true;
@@ -479,10 +487,13 @@ __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
   pos += 2;
   uint32_t next = pos < end ? words[pos] : 0;
   int32_t cur_rel[G], next_rel[G];
+  const int64_t* tk = tok + (int64_t)n * T;
+  int64_t cur_at = tk[0];
 #pragma unroll
   for (int g = 0; g < G; ++g) cur_rel[g] = rl[g][0];
   for (int t = 0; t < T; ++t) {
-    const int tn = t + 1 < T ? t + 1 : t;  // the next token's scale offsets load while this token decodes
+    const int tn = t + 1 < T ? t + 1 : t;  // the next token's scale offsets and place load while this one decodes
+    const int64_t next_at = tk[tn];
 #pragma unroll
     for (int g = 0; g < G; ++g) next_rel[g] = rl[g][tn * H];
     float val[G];
@@ -495,11 +506,13 @@ __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
       }
       val[g] = __fmul_rn((float)qv, __fmul_rn(code_scale(bcode[g] + cur_rel[g], mant), step[g]));
     }
+    if (cur_at >= 0) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      store_from_float(out, obase[g] + t * s2, dtype, val[g]);
-      cur_rel[g] = next_rel[g];
+      for (int g = 0; g < G; ++g) store_from_float(out, obase[g] + cur_at, dtype, val[g]);
     }
+    cur_at = next_at;
+#pragma unroll
+    for (int g = 0; g < G; ++g) cur_rel[g] = next_rel[g];
   }
   if (bad || x != kRansL || pos != end) atomicOr(err + n, 1);
 }
@@ -607,19 +620,19 @@ template <int G>
 int launch_cachegen_decode(const uint16_t* words, const int64_t* word_end, const int64_t* offsets,
                            const int32_t* lengths, int N, int L, int P, int T, int H, int D, const uint8_t* tab,
                            const int8_t* mu, const int16_t* base, const uint8_t* rel, const TableSet& ts, int qmax,
-                           int offset, const float* sw, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t s4,
-                           const int64_t* out_off, int dtype, void* out, int32_t* err, cudaStream_t stream) {
+                           int offset, const float* sw, int64_t s0, int64_t s1, const int64_t* tok, int64_t s3,
+                           int64_t s4, int dtype, void* out, int32_t* err, cudaStream_t stream) {
   const int64_t streams = (int64_t)N * L * P * (H * D / G);
   const int threads = stream_threads(streams), blocks = blocks_for(streams, threads);
   const size_t bytes = (size_t)ts.end * 2;
   if (can_stage(cachegen_decode_kernel<G, true>, bytes)) {
     cachegen_decode_kernel<G, true><<<blocks, threads, bytes, stream>>>(
-        words, word_end, offsets, lengths, N, L, P, T, H, D, tab, mu, base, rel, ts, qmax, offset, sw, s0, s1, s2, s3,
-        s4, out_off, dtype, out, err);
+        words, word_end, offsets, lengths, N, L, P, T, H, D, tab, mu, base, rel, ts, qmax, offset, sw, s0, s1, tok,
+        s3, s4, dtype, out, err);
   } else {
     cachegen_decode_kernel<G, false><<<blocks, threads, 0, stream>>>(
-        words, word_end, offsets, lengths, N, L, P, T, H, D, tab, mu, base, rel, ts, qmax, offset, sw, s0, s1, s2, s3,
-        s4, out_off, dtype, out, err);
+        words, word_end, offsets, lengths, N, L, P, T, H, D, tab, mu, base, rel, ts, qmax, offset, sw, s0, s1, tok,
+        s3, s4, dtype, out, err);
   }
   return (int)cudaGetLastError();
 }
@@ -668,10 +681,10 @@ int gdc_halfsum3(const uint16_t* words, int64_t n, int64_t start, unsigned long 
   return (int)cudaGetLastError();
 }
 
-int gdc_cachegen_codes(const void* x, int L, int P, int T, int H, int D, int64_t s0, int64_t s1, int64_t s2,
+int gdc_cachegen_codes(const void* x, int L, int P, int T, int H, int D, int64_t s0, int64_t s1, const int64_t* tok,
                        int64_t s3, int64_t s4, int dtype, int32_t* code, int32_t* flag, cudaStream_t stream) {
   const int threads = 32 * (H < 8 ? H : 8);
-  cachegen_codes_kernel<<<L * P * T, threads, 0, stream>>>(x, P, T, H, D, s0, s1, s2, s3, s4, dtype, code, flag);
+  cachegen_codes_kernel<<<L * P * T, threads, 0, stream>>>(x, P, T, H, D, s0, s1, tok, s3, s4, dtype, code, flag);
   return (int)cudaGetLastError();
 }
 
@@ -681,18 +694,18 @@ int gdc_cachegen_base_rel(const int32_t* code, int LP, int T, int H, int16_t* ba
   return (int)cudaGetLastError();
 }
 
-int gdc_cachegen_quantize(const void* x, int L, int P, int T, int H, int D, int64_t s0, int64_t s1, int64_t s2,
-                          int64_t s3, int64_t s4, int dtype, const int16_t* base, const uint8_t* rel, const float* sw,
-                          int qmax, int16_t* q, cudaStream_t stream) {
-  cachegen_scale_kernel<true><<<L * P * T, 256, 0, stream>>>(const_cast<void*>(x), P, T, H, D, s0, s1, s2, s3, s4,
+int gdc_cachegen_quantize(const void* x, int L, int P, int T, int H, int D, int64_t s0, int64_t s1,
+                          const int64_t* tok, int64_t s3, int64_t s4, int dtype, const int16_t* base,
+                          const uint8_t* rel, const float* sw, int qmax, int16_t* q, cudaStream_t stream) {
+  cachegen_scale_kernel<true><<<L * P * T, 256, 0, stream>>>(const_cast<void*>(x), P, T, H, D, s0, s1, tok, s3, s4,
                                                              dtype, base, rel, sw, qmax, q);
   return (int)cudaGetLastError();
 }
 
 int gdc_cachegen_dequantize(const int16_t* q, const int16_t* base, const uint8_t* rel, const float* sw, int L, int P,
-                            int T, int H, int D, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int64_t s4, int dtype,
-                            void* out, cudaStream_t stream) {
-  cachegen_scale_kernel<false><<<L * P * T, 256, 0, stream>>>(out, P, T, H, D, s0, s1, s2, s3, s4, dtype, base, rel,
+                            int T, int H, int D, int64_t s0, int64_t s1, const int64_t* tok, int64_t s3, int64_t s4,
+                            int dtype, void* out, cudaStream_t stream) {
+  cachegen_scale_kernel<false><<<L * P * T, 256, 0, stream>>>(out, P, T, H, D, s0, s1, tok, s3, s4, dtype, base, rel,
                                                               sw, 0, const_cast<int16_t*>(q));
   return (int)cudaGetLastError();
 }
@@ -715,13 +728,13 @@ int gdc_cachegen_stats(const int16_t* q, int R, int T, int C, const uint16_t* co
 int gdc_cachegen_decode(const uint16_t* words, const int64_t* word_end, const int64_t* offsets, const int32_t* lengths,
                         int N, int L, int P, int T, int H, int D, int G, const uint8_t* tab, const int8_t* mu,
                         const int16_t* base, const uint8_t* rel, const uint16_t* tables, int lut_off, int end,
-                        int count, int A, int qmax, int offset, const float* sw, int64_t s0, int64_t s1, int64_t s2,
-                        int64_t s3, int64_t s4, const int64_t* out_off, int dtype, void* out, int32_t* err,
+                        int count, int A, int qmax, int offset, const float* sw, int64_t s0, int64_t s1,
+                        const int64_t* tok, int64_t s3, int64_t s4, int dtype, void* out, int32_t* err,
                         cudaStream_t stream) {
   const TableSet ts{tables, lut_off, end, count, A};
 #define GDC_DECODE(GG)                                                                                             \
   return launch_cachegen_decode<GG>(words, word_end, offsets, lengths, N, L, P, T, H, D, tab, mu, base, rel, ts,  \
-                                    qmax, offset, sw, s0, s1, s2, s3, s4, out_off, dtype, out, err, stream)
+                                    qmax, offset, sw, s0, s1, tok, s3, s4, dtype, out, err, stream)
   switch (G) {
     case 1: GDC_DECODE(1);
     case 2: GDC_DECODE(2);

@@ -2,7 +2,8 @@
 
 from gdscache.api import GDSCache
 from gdscache.config import Config
+from gdscache.pages import KVPages
 from gdscache.spec import KVSpec
 
 __version__ = "0.1.0"
-__all__ = ["Config", "GDSCache", "KVSpec", "__version__"]
+__all__ = ["Config", "GDSCache", "KVPages", "KVSpec", "__version__"]

@@ -19,6 +19,7 @@ from gdscache.codecs import Codec, get_codec
 from gdscache.config import Config
 from gdscache.format.chunkfile import ChunkMeta, make_meta
 from gdscache.metrics import Metrics, start_metrics_server
+from gdscache.pages import KVPages, token_slice
 from gdscache.spec import KVSpec, dtype_name, parse_dtype
 from gdscache.tiers.dram import DramTier
 from gdscache.tiers.local import LocalTier
@@ -28,6 +29,8 @@ from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
+KV = torch.Tensor | KVPages
+"""A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
 Fetched = tuple[ChunkMeta, torch.Tensor | None, bool] | None
 """(meta, payload, owned): ``owned`` payloads were read for this call alone and may be recycled;
 a None payload was read straight into the destination."""
@@ -92,18 +95,21 @@ class GDSCache:
         """Keys of the whole chunks of ``tokens`` under this cache's namespace."""
         return keys.chunk_keys(self.namespace, keys.as_token_array(tokens), self.config.chunk_size)
 
-    def store(self, tokens: Tokens, kv: torch.Tensor) -> int:
-        """Persist the whole chunks of ``kv`` not stored yet; returns how many tokens were newly stored."""
+    def store(self, tokens: Tokens, kv: KV) -> int:
+        """Persist the whole chunks of ``kv`` not stored yet; returns how many tokens were newly stored.
+
+        ``kv`` may be :class:`KVPages` (every page present): the cachegen kernels then read the pages in place.
+        """
         arr, spec = self._prepare(tokens, kv, "kv")
         chunk = self.config.chunk_size
         started = time.perf_counter()
         jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]] = []
-        todo: list[tuple[bytes, torch.Tensor]] = []  # chunks to encode
+        todo: list[tuple[bytes, KV]] = []  # chunks to encode
         new_tokens = 0
         for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
             if self._present(key):
                 continue
-            piece = kv[:, :, i * chunk : (i + 1) * chunk]
+            piece = token_slice(kv, i * chunk, (i + 1) * chunk)
             # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change),
             # checksummed on the I/O threads in parallel rather than one by one here
             runs = self._codec.direct_runs(piece) if self._writer is None else None
@@ -113,7 +119,7 @@ class GDSCache:
                 continue
             todo.append((key, piece))
             if not kv.is_cuda:  # encoding on the CPU is slow: each chunk is written while the next one encodes
-                new_tokens += self._submit(key, spec, self._codec.encode(todo.pop()[1]), jobs)
+                new_tokens += self._submit(key, spec, self._codec.encode_many([todo.pop()[1]])[0], jobs)
         # on the GPU the chunks are encoded together (fuller kernel launches, one host sync)
         for (key, _), payload in zip(todo, self._codec.encode_many([piece for _, piece in todo]), strict=True):
             new_tokens += self._submit(key, spec, payload, jobs)
@@ -149,11 +155,12 @@ class GDSCache:
         self.metrics.inc("lookups")
         return hits * self.config.chunk_size
 
-    def retrieve(self, tokens: Tokens, out: torch.Tensor) -> int:
+    def retrieve(self, tokens: Tokens, out: KV) -> int:
         """Fill ``out[:, :, :n]`` with the KV of the longest retrievable prefix; returns ``n``.
 
         A chunk that is missing, corrupt or unreadable ends the prefix: ``out`` beyond ``n`` is
-        unspecified, and nothing before ``n`` is ever wrong.
+        unspecified, and nothing before ``n`` is ever wrong. ``out`` may be :class:`KVPages`: the
+        cachegen kernels then write the pages in place, and skipped pages (id -1) are left alone.
         """
         arr, spec = self._prepare(tokens, out, "out")
         chunk = self.config.chunk_size
@@ -167,7 +174,7 @@ class GDSCache:
         stopped = False
         while not stopped and n_read + len(batch) < len(chunk_keys):
             while next_submit < len(chunk_keys) and len(inflight) < window:
-                target = out[:, :, next_submit * chunk : (next_submit + 1) * chunk]
+                target = token_slice(out, next_submit * chunk, (next_submit + 1) * chunk)
                 inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], target))
                 next_submit += 1
             fetched = inflight.pop(0).result()
@@ -273,11 +280,17 @@ class GDSCache:
         if self._closed:
             raise RuntimeError("this GDSCache is closed")
 
-    def _prepare(self, tokens: Tokens, tensor: torch.Tensor, name: str) -> tuple[np.ndarray, KVSpec]:
-        """Validate ``tokens`` and a KV tensor (``kv`` or ``out``) that must hold all their whole chunks."""
+    def _prepare(self, tokens: Tokens, tensor: KV, name: str) -> tuple[np.ndarray, KVSpec]:
+        """Validate ``tokens`` and a KV tensor or pages (``kv`` or ``out``) that must hold all their whole chunks."""
         self._check_open()
         arr = keys.as_token_array(tokens)
         spec = KVSpec.of(tensor)
+        if isinstance(tensor, KVPages):
+            if self.config.chunk_size % tensor.page_tokens:
+                raise ValueError(f"chunk_size {self.config.chunk_size} is not a whole number of "
+                                 f"{tensor.page_tokens}-token pages")
+            if name == "kv" and not tensor.complete:
+                raise ValueError("kv pages to store include skipped pages (page id -1)")
         self._bind(spec)
         whole = len(arr) // self.config.chunk_size * self.config.chunk_size
         if tensor.shape[2] < whole:
@@ -340,7 +353,7 @@ class GDSCache:
                 ok = True
         return ok
 
-    def _fetch(self, key: bytes, target: torch.Tensor) -> Fetched:
+    def _fetch(self, key: bytes, target: KV) -> Fetched:
         """Find one chunk in the fastest tier that has it, promoting it into the faster tiers.
 
         ``target`` is where the chunk will be decoded; a raw chunk from the local tier lands there directly.
@@ -379,13 +392,13 @@ class GDSCache:
         if self._remote is None and not payload.is_cuda:
             host_pool.release(payload)
 
-    def _chunk_views(self, kv: torch.Tensor, first: int, count: int) -> list[torch.Tensor]:
-        """Views of chunks ``first .. first + count - 1`` of ``kv`` along the token axis."""
+    def _chunk_views(self, kv: KV, first: int, count: int) -> list[KV]:
+        """Views (or pages) of chunks ``first .. first + count - 1`` of ``kv`` along the token axis."""
         chunk = self.config.chunk_size
-        return [kv[:, :, k * chunk : (k + 1) * chunk] for k in range(first, first + count)]
+        return [token_slice(kv, k * chunk, (k + 1) * chunk) for k in range(first, first + count)]
 
     def _decode_prefix(self, fetched: list[tuple[ChunkMeta, torch.Tensor | None, bool]], spec: KVSpec,
-                       outs: list[torch.Tensor]) -> int:
+                       outs: list[KV]) -> int:
         """Decode fetched chunks into ``outs`` with one codec call; how many, from the first, are now in place.
 
         Payloads this call owns go back to the buffer pool once decoding no longer needs them.

@@ -59,9 +59,13 @@ class KVSpec:
 
     @classmethod
     def of(cls, kv: torch.Tensor) -> KVSpec:
-        """The spec of a KV tensor, with clear errors for wrong rank or dtype."""
+        """The spec of a KV tensor (or :class:`gdscache.pages.KVPages`), with clear errors for wrong rank or dtype."""
+        from gdscache.pages import KVPages
+
+        if isinstance(kv, KVPages):
+            return kv.spec
         if not isinstance(kv, torch.Tensor):
-            raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+            raise TypeError(f"kv must be a torch.Tensor or gdscache.KVPages, got {type(kv).__name__}")
         if kv.dim() != 5:
             raise ValueError(
                 f"kv must have 5 dims [num_layers, 2, num_tokens, num_kv_heads, head_dim], got shape {tuple(kv.shape)}"

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from gdscache.pages import KVPages
 
 if TYPE_CHECKING:
     from gdscache.codecs.rans import DeviceTables
@@ -46,13 +50,13 @@ def _load() -> ctypes.CDLL | None:
                 "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
                 "gdc_halfsum3": [p, i64, i64, p, p],
                 "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
-                "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, p],
+                "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p],
                 "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
-                "gdc_cachegen_quantize": [p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p, p, i, p, p],
-                "gdc_cachegen_dequantize": [p, p, p, p, i, i, i, i, i, i64, i64, i64, i64, i64, i, p, p],
+                "gdc_cachegen_quantize": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p, i, p, p],
+                "gdc_cachegen_dequantize": [p, p, p, p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p],
                 "gdc_cachegen_stats": [p, i, i, i, p, i, i, i, i, p, p, p],
                 "gdc_cachegen_decode": [p, p, p, p, i, i, i, i, i, i, i, p, p, p, p, *tables, i, i, p,
-                                        i64, i64, i64, i64, i64, p, i, p, p, p],
+                                        i64, i64, p, i64, i64, i, p, p, p],
             }
             for name, argtypes in signatures.items():
                 fn = getattr(lib, name)
@@ -150,11 +154,42 @@ def halfsum3(words: torch.Tensor, start: int, sums: torch.Tensor) -> None:
     _check(_load().gdc_halfsum3(words.data_ptr(), words.numel(), start, sums.data_ptr(), _stream()), "halfsum3")
 
 
-def cachegen_codes(x: torch.Tensor, code: torch.Tensor, flag: torch.Tensor) -> None:
-    """Scale codes ``[L, P, T, H]`` (int32) of a strided chunk into ``code``; ``flag`` (int32, zeroed) becomes
-    1 on inf/nan. No host sync."""
+Chunk = torch.Tensor | KVPages
+"""Where a chunk ``[L, P, T, H, D]`` lives: a strided tensor, or pages of a paged cache (read and written in place)."""
+
+
+def _addressing(chunks: Sequence[Chunk]) -> tuple[int, tuple[int, int, int, int], torch.Tensor]:
+    """How the kernels find N same-shaped chunks: a base pointer, the element strides of layer, plane, head and
+    head_dim (shared by all), and int64 ``[N * T]`` offsets of each token from the base (-1: leave it alone)."""
+    parts = []
+    for chunk in chunks:
+        if isinstance(chunk, KVPages):
+            parts.append((chunk.pages.data_ptr(), chunk.strides(), chunk.token_offsets()))
+        else:
+            s = chunk.stride()
+            parts.append((chunk.data_ptr(), (s[0], s[1], s[3], s[4]), np.arange(chunk.shape[2], dtype=np.int64) * s[2]))
+    strides = parts[0][1]
+    if any(part[1] != strides for part in parts):
+        raise ValueError("chunks coded in one kernel launch must share their layer, plane, head and dim strides")
+    base, elem = min(part[0] for part in parts), chunks[0].dtype.itemsize
+    tok = np.concatenate([np.where(at < 0, -1, at + (ptr - base) // elem) for ptr, _, at in parts])
+    return base, strides, torch.from_numpy(tok).to(chunks[0].device, non_blocking=True)
+
+
+def same_strides(chunks: Sequence[Chunk]) -> bool:
+    """True when ``chunks`` can share one kernel launch (:func:`cachegen_decode`)."""
+    def key(c: Chunk) -> tuple[int, ...]:
+        s = c.strides() if isinstance(c, KVPages) else tuple(c.stride()[k] for k in (0, 1, 3, 4))
+        return (*s, c.dtype.itemsize)
+    return len({key(c) for c in chunks}) <= 1
+
+
+def cachegen_codes(x: Chunk, code: torch.Tensor, flag: torch.Tensor) -> None:
+    """Scale codes ``[L, P, T, H]`` (int32) of a chunk into ``code``; ``flag`` (int32, zeroed) becomes 1 on
+    inf/nan. No host sync."""
     layers, planes, tokens, heads, dim = x.shape
-    _check(_load().gdc_cachegen_codes(x.data_ptr(), layers, planes, tokens, heads, dim, *x.stride(),
+    ptr, (s0, s1, s3, s4), tok = _addressing([x])
+    _check(_load().gdc_cachegen_codes(ptr, layers, planes, tokens, heads, dim, s0, s1, tok.data_ptr(), s3, s4,
                                       _dtype_code(x.dtype), code.data_ptr(), flag.data_ptr(), _stream()),
            "cachegen_codes")
 
@@ -166,26 +201,27 @@ def cachegen_base_rel(code: torch.Tensor, base: torch.Tensor, rel: torch.Tensor)
                                          rel.data_ptr(), _stream()), "cachegen_base_rel")
 
 
-def cachegen_quantize(x: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor, qmax: int,
+def cachegen_quantize(x: Chunk, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor, qmax: int,
                       q: torch.Tensor | None = None) -> torch.Tensor:
-    """``q = clamp(round(x / (scale(base + rel) * sw)))`` of a strided ``[L, P, T, H, D]`` chunk -> int16
-    ``[L*P, T, H*D]`` (into ``q`` when given)."""
+    """``q = clamp(round(x / (scale(base + rel) * sw)))`` of a ``[L, P, T, H, D]`` chunk -> int16 ``[L*P, T, H*D]``
+    (into ``q`` when given)."""
     layers, planes, tokens, heads, dim = x.shape
     if q is None:
         q = torch.empty((layers * planes, tokens, heads * dim), dtype=torch.int16, device=x.device)
-    _check(_load().gdc_cachegen_quantize(x.data_ptr(), layers, planes, tokens, heads, dim, *x.stride(),
+    ptr, (s0, s1, s3, s4), tok = _addressing([x])
+    _check(_load().gdc_cachegen_quantize(ptr, layers, planes, tokens, heads, dim, s0, s1, tok.data_ptr(), s3, s4,
                                          _dtype_code(x.dtype), base.data_ptr(), rel.data_ptr(), sw.data_ptr(), qmax,
                                          q.data_ptr(), _stream()), "cachegen_quantize")
     return q
 
 
-def cachegen_dequantize(q: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor,
-                        out: torch.Tensor) -> None:
-    """``out = q * scale(base + rel) * sw`` written into a strided ``[L, P, T, H, D]`` ``out``."""
+def cachegen_dequantize(q: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor, out: Chunk) -> None:
+    """``out = q * scale(base + rel) * sw`` written into a ``[L, P, T, H, D]`` chunk ``out``."""
     layers, planes, tokens, heads, dim = out.shape
+    ptr, (s0, s1, s3, s4), tok = _addressing([out])
     _check(_load().gdc_cachegen_dequantize(q.data_ptr(), base.data_ptr(), rel.data_ptr(), sw.data_ptr(), layers,
-                                           planes, tokens, heads, dim, *out.stride(), _dtype_code(out.dtype),
-                                           out.data_ptr(), _stream()), "cachegen_dequantize")
+                                           planes, tokens, heads, dim, s0, s1, tok.data_ptr(), s3, s4,
+                                           _dtype_code(out.dtype), ptr, _stream()), "cachegen_dequantize")
 
 
 def cachegen_stats(q: torch.Tensor, cost: torch.Tensor, tables: int, alphabet: int, qmax: int, offset: int,
@@ -199,8 +235,9 @@ def cachegen_stats(q: torch.Tensor, cost: torch.Tensor, tables: int, alphabet: i
 
 def cachegen_decode(words: torch.Tensor, word_end: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor,
                     mu: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, tables: DeviceTables, qmax: int,
-                    offset: int, sw: torch.Tensor, group: int, outs: list[torch.Tensor]) -> torch.Tensor:
-    """Fused rANS decode + dequantize + strided store of N chunks into ``outs`` (same shape, dtype and strides).
+                    offset: int, sw: torch.Tensor, group: int, outs: Sequence[Chunk]) -> torch.Tensor:
+    """Fused rANS decode + dequantize + store of N chunks into ``outs`` (same shape and dtype, :func:`same_strides`;
+    tensors or pages, written in place).
 
     Side information is stacked over the chunks; chunk ``n``'s words end at ``word_end[n]``. Returns the
     per-chunk error flags (int32 ``[N]``, nonzero: corrupt) without a host sync.
@@ -210,15 +247,13 @@ def cachegen_decode(words: torch.Tensor, word_end: torch.Tensor, lengths: torch.
     starts = torch.cat([word_end.new_zeros(1), word_end[:-1]])
     within = (torch.cumsum(lengths, 0, dtype=torch.int64) - lengths).view(n, streams)
     offsets = within - within[:, :1] + starts.view(n, 1)
-    elem = outs[0].element_size()
-    out_off = torch.tensor([(o.data_ptr() - outs[0].data_ptr()) // elem for o in outs], dtype=torch.int64)
-    out_off = out_off.to(outs[0].device, non_blocking=True)
+    ptr, (s0, s1, s3, s4), tok = _addressing(outs)
     err = torch.zeros(n, dtype=torch.int32, device=outs[0].device)
     _check(_load().gdc_cachegen_decode(words.data_ptr(), word_end.data_ptr(), offsets.data_ptr(), lengths.data_ptr(), n,
                                        layers, planes, tokens, heads, dim, group, tab.data_ptr(), mu.data_ptr(),
                                        base.data_ptr(), rel.data_ptr(), *_tables(tables), qmax, offset, sw.data_ptr(),
-                                       *outs[0].stride(), out_off.data_ptr(), _dtype_code(outs[0].dtype),
-                                       outs[0].data_ptr(), err.data_ptr(), _stream()), "cachegen_decode")
+                                       s0, s1, tok.data_ptr(), s3, s4, _dtype_code(outs[0].dtype), ptr,
+                                       err.data_ptr(), _stream()), "cachegen_decode")
     return err
 
 

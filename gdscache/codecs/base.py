@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gdscache.pages import KVPages, as_tensor
 from gdscache.spec import KVSpec
 
 
@@ -20,6 +21,9 @@ class Codec(abc.ABC):
 
     name: ClassVar[str]
     lossless: ClassVar[bool]
+    pages_in_place: ClassVar[bool] = False
+    """True when :meth:`encode` and :meth:`decode` take :class:`KVPages` themselves; otherwise
+    :meth:`encode_many` and :meth:`decode_many` gather and scatter around them."""
 
     def params(self) -> dict[str, Any]:
         """JSON-serialisable parameters that change the bytes; part of the key fingerprint."""
@@ -27,9 +31,10 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, chunk: torch.Tensor) -> torch.Tensor:
-        """Return a new 1-D uint8 payload on ``chunk``'s device (never a view of ``chunk``)."""
+        """Return a new 1-D uint8 payload on ``chunk``'s device (never a view of ``chunk``); ``chunk`` may be
+        :class:`KVPages` when ``pages_in_place``."""
 
-    def direct_runs(self, out: torch.Tensor) -> list[torch.Tensor] | None:
+    def direct_runs(self, out: torch.Tensor | KVPages) -> list[torch.Tensor] | None:
         """Byte views of ``out`` that the payload fills verbatim, in order, or None.
 
         A codec whose payload *is* the chunk's bytes (``raw``) lets the storage tier read straight
@@ -39,25 +44,31 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor) -> None:
-        """Write the decoded chunk into ``out`` (shape ``spec.chunk_shape(num_tokens)``, maybe strided).
+        """Write the decoded chunk into ``out`` (shape ``spec.chunk_shape(num_tokens)``, maybe strided; maybe
+        :class:`KVPages` when ``pages_in_place``).
 
         ``payload`` is on any device; ``out`` decides where decoding runs. Raises ``ValueError``
         when the payload is malformed (the caller turns that into a cache miss).
         """
 
-    def encode_many(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """:meth:`encode` of several chunks of one shape; a codec with GPU kernels batches them into fuller
-        launches."""
-        return [self.encode(chunk) for chunk in chunks]
+    def encode_many(self, chunks: Sequence[torch.Tensor | KVPages]) -> list[torch.Tensor]:
+        """:meth:`encode` of several chunks of one shape (tensors or pages); a codec with GPU kernels batches them
+        into fuller launches."""
+        return [self.encode(chunk if self.pages_in_place else as_tensor(chunk)) for chunk in chunks]
 
     def decode_many(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int,
-                    outs: Sequence[torch.Tensor]) -> list[str | None]:
-        """:meth:`decode` of several chunks; per chunk None, or why it could not be decoded (that chunk is a
-        miss, the others still decode)."""
+                    outs: Sequence[torch.Tensor | KVPages]) -> list[str | None]:
+        """:meth:`decode` of several chunks into tensors or pages; per chunk None, or why it could not be decoded
+        (that chunk is a miss, the others still decode)."""
         errors: list[str | None] = []
         for payload, out in zip(payloads, outs, strict=True):
             try:
-                self.decode(payload, spec, num_tokens, out)
+                if isinstance(out, KVPages) and not self.pages_in_place:
+                    staged = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+                    self.decode(payload, spec, num_tokens, staged)
+                    out.scatter(staged)
+                else:
+                    self.decode(payload, spec, num_tokens, out)
                 errors.append(None)
             except ValueError as exc:
                 errors.append(str(exc))

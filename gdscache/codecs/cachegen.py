@@ -25,6 +25,7 @@ import torch
 from gdscache.codecs import _cuda, rans
 from gdscache.codecs.base import Codec
 from gdscache.codecs.profile import CodecProfile
+from gdscache.pages import KVPages
 from gdscache.spec import KVSpec, dtype_name
 
 MAGIC = b"GDCG"
@@ -81,7 +82,7 @@ def _cost(device: torch.device, kernel: bool = False) -> torch.Tensor:
     return _cost_cache[device, kernel]
 
 
-def _kernels_for(t: torch.Tensor) -> bool:
+def _kernels_for(t: torch.Tensor | KVPages) -> bool:
     return t.is_cuda and t.dtype in (torch.float32, torch.float16, torch.bfloat16) and _cuda.available()
 
 
@@ -207,6 +208,7 @@ class CacheGenCodec(Codec):
 
     name = "cachegen"
     lossless = False
+    pages_in_place = True  # the kernels read and write pages directly; the CPU reference gathers and scatters
 
     def __init__(self, profile: str | CodecProfile | None = None, step_scale: float = 1.0, group: int = 8):
         if not (isinstance(step_scale, (int, float)) and 0 < step_scale < 100):
@@ -242,10 +244,12 @@ class CacheGenCodec(Codec):
     def _digest(self, spec: KVSpec) -> bytes:
         return bytes.fromhex(self._profile_for(spec).digest())
 
-    def encode(self, chunk: torch.Tensor) -> torch.Tensor:
+    def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
         group, header = self._check_chunk(chunk)
         if _kernels_for(chunk):
             return self._encode_kernels([chunk], group, header)[0]
+        if isinstance(chunk, KVPages):
+            chunk = chunk.gather()
         spec = KVSpec.of(chunk)
         q, base, rel = quantize(chunk, self._step_table(spec, chunk.device))
         sym, mu, table = channel_stats(q)
@@ -253,16 +257,16 @@ class CacheGenCodec(Codec):
         head = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(chunk.device)
         return torch.cat([head, _pad4(base), _pad4(rel), _pad4(mu), _pad4(table), _pad4(lengths), words.view(torch.uint8)])
 
-    def encode_many(self, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def encode_many(self, chunks: Sequence[torch.Tensor | KVPages]) -> list[torch.Tensor]:
         """Chunks of one shape on one CUDA device are coded together: one statistics and one rANS launch for
-        all of them, and one host sync."""
-        if len(chunks) < 2 or not all(_kernels_for(c) and c.shape == chunks[0].shape and c.dtype == chunks[0].dtype
-                                      and c.device == chunks[0].device for c in chunks):
+        all of them, and one host sync. Pages are read in place."""
+        if not chunks or not all(_kernels_for(c) and c.shape == chunks[0].shape and c.dtype == chunks[0].dtype
+                                 and c.device == chunks[0].device for c in chunks):
             return super().encode_many(chunks)
         group, header = self._check_chunk(chunks[0])
         return self._encode_kernels(list(chunks), group, header)
 
-    def _check_chunk(self, chunk: torch.Tensor) -> tuple[int, bytes]:
+    def _check_chunk(self, chunk: torch.Tensor | KVPages) -> tuple[int, bytes]:
         """Validate a chunk; the stream group it codes with, and its payload header."""
         spec = KVSpec.of(chunk)
         if dtype_name(spec.dtype) not in _DTYPE_CODES:
@@ -275,7 +279,7 @@ class CacheGenCodec(Codec):
                               _DTYPE_CODES[dtype_name(spec.dtype)], self._digest(spec), LIBRARY_DIGEST)
         return group, header
 
-    def _encode_kernels(self, chunks: list[torch.Tensor], group: int, header: bytes) -> list[torch.Tensor]:
+    def _encode_kernels(self, chunks: list[torch.Tensor | KVPages], group: int, header: bytes) -> list[torch.Tensor]:
         """The CUDA path for N same-shaped chunks: scale codes and quantization per chunk, then channel statistics
         and rANS over all of them; side information goes straight into place, and one host sync learns the coded
         sizes (and whether any chunk held inf/nan)."""
@@ -326,12 +330,17 @@ class CacheGenCodec(Codec):
             self._heads[key] = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
         return self._heads[key]
 
-    def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor) -> None:
+    def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor | KVPages) -> None:
         _check_out(out, spec, num_tokens)
         sec = self.parse(payload.to(out.device), spec, num_tokens)
         if _kernels_for(out):
             if self._decode_kernels([sec], spec, [out])[0]:
                 raise ValueError(_CORRUPT)
+            return
+        if isinstance(out, KVPages):
+            staged = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            self.decode(payload, spec, num_tokens, staged)
+            out.scatter(staged)
             return
         layers, planes, tokens, heads, dim = out.shape
         rows, channels = layers * planes, heads * dim
@@ -348,11 +357,12 @@ class CacheGenCodec(Codec):
                    self._step_table(spec, out.device), out)
 
     def decode_many(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int,
-                    outs: Sequence[torch.Tensor]) -> list[str | None]:
-        """Outputs of one layout on one CUDA device are decoded by one launch and one host sync."""
+                    outs: Sequence[torch.Tensor | KVPages]) -> list[str | None]:
+        """Outputs of one layout on one CUDA device (tensors or pages, written in place) are decoded by one launch
+        and one host sync."""
         first = outs[0] if outs else None
-        if len(outs) < 2 or not all(_kernels_for(o) and o.stride() == first.stride() and o.dtype == first.dtype
-                                    and o.device == first.device for o in outs):
+        if not outs or not _cuda.same_strides(outs) or not all(
+                _kernels_for(o) and o.dtype == first.dtype and o.device == first.device for o in outs):
             return super().decode_many(payloads, spec, num_tokens, outs)
         errors: list[str | None] = [None] * len(outs)
         batch: list[tuple[int, Sections]] = []
@@ -368,7 +378,7 @@ class CacheGenCodec(Codec):
                 errors[k] = _CORRUPT if bad else None
         return errors
 
-    def _decode_kernels(self, secs: list[Sections], spec: KVSpec, outs: list[torch.Tensor]) -> list[bool]:
+    def _decode_kernels(self, secs: list[Sections], spec: KVSpec, outs: list[torch.Tensor | KVPages]) -> list[bool]:
         """Decode parsed chunks into ``outs`` with one fused launch; True where a chunk turned out corrupt."""
         device = outs[0].device
 
@@ -416,7 +426,7 @@ class CacheGenCodec(Codec):
                         view(words_at, payload.numel() - words_at, torch.int16))
 
 
-def _check_out(out: torch.Tensor, spec: KVSpec, num_tokens: int) -> None:
+def _check_out(out: torch.Tensor | KVPages, spec: KVSpec, num_tokens: int) -> None:
     if tuple(out.shape) != spec.chunk_shape(num_tokens):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {spec.chunk_shape(num_tokens)}")
     if dtype_name(spec.dtype) not in _DTYPE_CODES:

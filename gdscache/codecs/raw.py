@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from gdscache.codecs.base import Codec
+from gdscache.pages import KVPages
 from gdscache.spec import KVSpec
 from io_backends.buffers import host_pool
 
@@ -12,31 +13,40 @@ from io_backends.buffers import host_pool
 class RawCodec(Codec):
     name = "raw"
     lossless = True
+    pages_in_place = True
 
-    def encode(self, chunk: torch.Tensor) -> torch.Tensor:
-        """One copy of the (strided) chunk into a new buffer; on the host, a pooled page-aligned one."""
-        nbytes = chunk.numel() * chunk.element_size()
+    def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
+        """One copy of the (strided or paged) chunk into a new buffer; on the host, a pooled page-aligned one."""
+        nbytes = chunk.shape.numel() * chunk.dtype.itemsize
         if chunk.is_cuda:
             payload = torch.empty(nbytes, dtype=torch.uint8, device=chunk.device)
         else:
             payload = host_pool.acquire(nbytes)
-        payload.view(chunk.dtype).view(chunk.shape).copy_(chunk)
+        view = payload.view(chunk.dtype).view(chunk.shape)
+        if isinstance(chunk, KVPages):
+            chunk.gather(out=view)
+        else:
+            view.copy_(chunk)
         return payload
 
-    def direct_runs(self, out: torch.Tensor) -> list[torch.Tensor] | None:
+    def direct_runs(self, out: torch.Tensor | KVPages) -> list[torch.Tensor] | None:
         """One run per (layer, plane) of a host tensor whose ``out[l, p]`` slices are contiguous.
 
         On the GPU one staging buffer and a device copy (~1 TB/s) beat many small file requests.
         """
-        if out.is_cuda:
+        if isinstance(out, KVPages) or out.is_cuda:
             return None
         planes = [out[layer, plane] for layer in range(out.shape[0]) for plane in range(out.shape[1])]
         if not all(p.is_contiguous() for p in planes):
             return None
         return [p.reshape(-1).view(torch.uint8) for p in planes]
 
-    def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor) -> None:
+    def decode(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: torch.Tensor | KVPages) -> None:
         expected = spec.bytes_per_token() * num_tokens
         if payload.numel() != expected:
             raise ValueError(f"raw payload has {payload.numel()} bytes, expected {expected}")
-        out.copy_(payload.view(spec.dtype).view(spec.chunk_shape(num_tokens)), non_blocking=True)
+        kv = payload.view(spec.dtype).view(spec.chunk_shape(num_tokens))
+        if isinstance(out, KVPages):
+            out.scatter(kv)
+        else:
+            out.copy_(kv, non_blocking=True)

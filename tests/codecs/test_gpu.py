@@ -6,6 +6,7 @@ import torch
 
 from gdscache.codecs import _cuda, get_codec, rans
 from gdscache.codecs.profile import CodecProfile
+from gdscache.pages import KVPages
 from gdscache.spec import KVSpec
 
 pytestmark = [
@@ -151,3 +152,59 @@ def test_quantize_dequantize_kernels_match_reference():
     cachegen.dequantize(*ref, sw, out_ref)
     cachegen.dequantize(*got, sw.cuda(), out_gpu)
     assert torch.equal(_bits(out_gpu.cpu()), _bits(out_ref))
+
+
+def _paged(kv, page_tokens, order, seed=1):
+    """``kv [L, 2, T, H, D]`` placed into shuffled pages of a vLLM-like cache (``order``: "NHD" or "HND" within a
+    page, K and V packed per token); returns the cache, its pages view and the page ids in token order."""
+    layers, _, tokens, heads, dim = kv.shape
+    n_pages = tokens // page_tokens + 5
+    inner = (page_tokens, heads) if order == "NHD" else (heads, page_tokens)
+    cache = torch.randn(layers, n_pages, *inner, 2 * dim, generator=torch.Generator().manual_seed(seed)).to(kv.dtype)
+    cache = cache.to(kv.device)
+    six = cache.unflatten(-1, (2, dim))  # [L, B, N, H, 2, D] or [L, B, H, N, 2, D]
+    pages = six.permute(0, 4, 1, 2, 3, 5) if order == "NHD" else six.permute(0, 4, 1, 3, 2, 5)
+    ids = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed))[: tokens // page_tokens].tolist()
+    KVPages(pages, ids).scatter(kv)
+    return cache, pages, ids
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+def test_cachegen_kernels_read_and_write_pages_in_place(order):
+    codec = get_codec("cachegen")
+    kv = torch.cat([_kv(torch.bfloat16, seed=s) for s in range(3)], dim=2).cuda()  # three 64-token chunks
+    cache, pages, ids = _paged(kv, 16, order)
+    paged = KVPages(pages, ids)
+    chunks = [kv[:, :, k * 64:(k + 1) * 64] for k in range(3)]
+    want = codec.encode_many(chunks)
+    got = codec.encode_many([paged.tokens(k * 64, (k + 1) * 64) for k in range(3)])  # reads the pages in place
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    spec = KVSpec.of(kv)
+    ref = torch.empty_like(kv)
+    assert codec.decode_many(want, spec, 64, [ref[:, :, k * 64:(k + 1) * 64] for k in range(3)]) == [None] * 3
+    # decode into other pages, the first 16-token page skipped (the engine already holds it)
+    before = cache.clone()
+    dest_ids = [-1] + ids[1:]
+    dest = KVPages(pages, dest_ids)
+    assert codec.decode_many(want, spec, 64, [dest.tokens(k * 64, (k + 1) * 64) for k in range(3)]) == [None] * 3
+    assert torch.equal(_bits(KVPages(pages, ids[1:]).gather()), _bits(ref[:, :, 16:]))
+    others = torch.ones(cache.shape[1], dtype=torch.bool)
+    others[ids[1:]] = False
+    assert torch.equal(_bits(cache[:, others]), _bits(before[:, others]))  # skipped and foreign pages untouched
+
+
+def test_gdscache_stores_and_retrieves_pages_on_the_gpu(tmp_path):
+    from gdscache import GDSCache
+
+    kv = torch.cat([_kv(torch.bfloat16, seed=s) for s in range(4)], dim=2).cuda()
+    _, pages, ids = _paged(kv, 16, "NHD")
+    tokens = list(range(kv.shape[2]))
+    with GDSCache(path=str(tmp_path), chunk_size=64, model_id="m", codec="cachegen") as cache:
+        assert cache.store(tokens, KVPages(pages, ids)) == 256
+        ref = torch.empty_like(kv)
+        assert cache.retrieve(tokens, ref) == 256
+        cache2_out = torch.zeros_like(pages)
+        out = KVPages(cache2_out, [-1, -1] + ids[2:])
+        assert cache.retrieve(tokens, out) == 256
+        assert torch.equal(_bits(KVPages(cache2_out, ids[2:]).gather()), _bits(ref[:, :, 32:]))
+        assert not bool(cache2_out[:, :, [i for i in range(pages.shape[2]) if i not in ids[2:]]].any())

@@ -42,8 +42,13 @@ def expected_kv(views: list[torch.Tensor], block_ids: list[int], packing: str) -
     return out
 
 
-@pytest.mark.parametrize("order", ["LBHNC", "LBNHC", "BLNHC", "BLHNC"])
-@pytest.mark.parametrize("packing", ["kv_packed", "cpu_blocked"])
+ORDERS = {  # cpu_blocked pages keep each (block, head) page of N rows of K then N rows of V contiguous
+    "kv_packed": ["LBHNC", "LBNHC", "BLNHC", "BLHNC"],
+    "cpu_blocked": ["LBHNC", "BLHNC"],
+}
+
+
+@pytest.mark.parametrize(("packing", "order"), [(p, o) for p, orders in ORDERS.items() for o in orders])
 def test_gather_matches_elementwise_reference(order: str, packing: str) -> None:
     _, views = physical(order)
     pager = PagedKV(views, PageFormat(packing, H, D, N), num_blocks=B)
@@ -54,7 +59,7 @@ def test_gather_matches_elementwise_reference(order: str, packing: str) -> None:
 
 @pytest.mark.parametrize("packing", ["kv_packed", "cpu_blocked"])
 def test_scatter_writes_only_the_given_blocks(packing: str) -> None:
-    buf, views = physical("LBNHC")
+    buf, views = physical("LBNHC" if packing == "kv_packed" else "LBHNC")
     before = buf.clone()
     pager = PagedKV(views, PageFormat(packing, H, D, N), num_blocks=B)
     kv = torch.randn(L, 2, 2 * N, H, D)
@@ -99,6 +104,8 @@ def test_bad_shapes_and_backends_are_clear_errors() -> None:
     pager = PagedKV(views, PageFormat("kv_packed", H, D, N), num_blocks=B)
     with pytest.raises(ValueError, match="expected"):
         pager.scatter([0], torch.zeros(L, 2, N + 1, H, D))
+    with pytest.raises(ValueError, match="contiguous"):
+        PagedKV(physical("LBNHC")[1], PageFormat("cpu_blocked", H, D, N), num_blocks=B)
     with pytest.raises(ValueError, match="MYSTERY_ATTN"):
         packing_of_backend("MYSTERY_ATTN")
     assert packing_of_backend("CPU_ATTN") == "cpu_blocked"
@@ -110,3 +117,24 @@ def test_layout_names_separate_page_encodings() -> None:
     assert layout_name("cpu_blocked", isa="amx", block_size=32) != layout_name("cpu_blocked", isa="vec", block_size=32)
     with pytest.raises(ValueError, match="ISA"):
         layout_name("cpu_blocked")
+
+
+@pytest.mark.parametrize("packing", ["kv_packed", "cpu_blocked"])
+def test_pages_address_the_blocks_in_place(packing: str) -> None:
+    buf, views = physical(ORDERS[packing][0])
+    pager = PagedKV(views, PageFormat(packing, H, D, N), num_blocks=B)
+    pages = pager.pages([4, 1, 3], skip_blocks=1)
+    assert pages is not None and pages.shape == (L, 2, 3 * N, H, D)
+    assert pages.pages.data_ptr() == buf.data_ptr()  # a view of vLLM's cache, not a copy
+    assert list(pages.page_ids) == [-1, 1, 3]
+    kv = torch.randn(L, 2, 3 * N, H, D)
+    before = buf.clone()
+    pages.scatter(kv)  # the skipped block 4 keeps its KV
+    assert torch.equal(pager.gather([1, 3]), kv[:, :, N:])
+    assert torch.equal(pager.gather([4]), expected_kv(views, [4], packing)) and torch.equal(buf[:, 4], before[:, 4])
+    assert torch.equal(pager.pages([4, 1, 3]).gather(), pager.gather([4, 1, 3]))
+
+
+def test_no_pages_for_separate_layer_tensors() -> None:
+    views = [torch.randn(B, H, N, 2 * D) for _ in range(L)]
+    assert PagedKV(views, PageFormat("kv_packed", H, D, N), num_blocks=B).pages([0]) is None

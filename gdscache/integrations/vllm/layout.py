@@ -11,9 +11,10 @@ What ``content`` holds depends on the attention backend:
   (ISA-specific, transposed) order, then ``block_tokens`` rows of V. The K rows are copied bit
   for bit; the layout name carries the ISA and block size so only an identical engine reads them.
 
-A chunk is always a whole number of blocks. Gather and scatter run one indexing kernel over all
-layers and all blocks of a request when the layers share one strided allocation, which vLLM
-0.32 always does; otherwise one per layer.
+A chunk is always a whole number of blocks. When the layers share one strided allocation (vLLM
+0.32 always does) a request's blocks are handed to gdscache as :class:`gdscache.KVPages`: the
+cachegen kernels read and write them in place, other codecs run one indexing kernel over all
+layers; otherwise the blocks are gathered and scattered one layer at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
+
+from gdscache.pages import SKIP, KVPages
 
 Packing = Literal["kv_packed", "cpu_blocked"]
 
@@ -90,7 +94,7 @@ def stack_layers(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 
 class PagedKV:
-    """Gather whole blocks of a paged cache into ``[L, 2, T, H, D]`` and scatter them back."""
+    """vLLM's paged cache as gdscache :class:`KVPages`: one request's blocks, stored from and loaded into in place."""
 
     def __init__(self, views: Sequence[torch.Tensor], fmt: PageFormat, num_blocks: int) -> None:
         if not views:
@@ -112,8 +116,10 @@ class PagedKV:
         self.fmt = fmt
         self.views = list(views)
         self.stacked = stack_layers(self.views)
+        # one [L, 2, blocks, tokens, H, D] view over all layers, or one per layer when they are not one allocation
+        self.layer_pages = [self._pages_view(v) for v in ([self.stacked] if self.stacked is not None
+                                                            else [v.unsqueeze(0) for v in self.views])]
         self.split = blocks // num_blocks  # kernel blocks per scheduler block
-        self.kernel_tokens = tokens
         self.device = first.device
         self.dtype = first.dtype
 
@@ -121,41 +127,37 @@ class PagedKV:
     def num_layers(self) -> int:
         return len(self.views)
 
-    def _kernel_ids(self, block_ids: Sequence[int]) -> torch.Tensor:
-        ids = torch.as_tensor(list(block_ids), dtype=torch.long)
-        if self.split > 1:
-            ids = (ids[:, None] * self.split + torch.arange(self.split)).flatten()
-        return ids.to(self.device, non_blocking=True)
-
-    def _to_canonical(self, pages: torch.Tensor) -> torch.Tensor:
-        """``[L, nb, H, N, C]`` pages -> ``[L, 2, nb*N, H, D]``."""
-        layers, nb, heads, n, _ = pages.shape
+    def _pages_view(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``[L, B, H, N, C]`` -> a ``[L, 2, B, N, H, D]`` view of the same memory."""
+        layers, blocks, heads, n, content = stacked.shape
         d = self.fmt.head_size
         if self.fmt.packing == "kv_packed":
-            six = pages.reshape(layers, nb, heads, n, 2, d).permute(0, 4, 1, 3, 2, 5)
-        else:
-            six = pages.reshape(layers, nb, heads, 2, n, d).permute(0, 3, 1, 4, 2, 5)
-        return six.reshape(layers, 2, nb * n, heads, d)
+            return stacked.unflatten(-1, (2, d)).permute(0, 4, 1, 3, 2, 5)
+        s_layer, s_block, s_head, s_token, s_elem = stacked.stride()
+        if s_token != content * s_elem:
+            raise ValueError("cpu_blocked KV pages must keep each (block, head) page contiguous")
+        return stacked.as_strided((layers, 2, blocks, n, heads, d),
+                                  (s_layer, n * d * s_elem, s_block, d * s_elem, s_head, s_elem),
+                                  stacked.storage_offset())
 
-    def _to_pages(self, kv: torch.Tensor, nb: int) -> torch.Tensor:
-        """``[L, 2, nb*N, H, D]`` -> contiguous ``[L, nb, H, N, C]`` pages."""
-        layers, _, _, heads, d = kv.shape
-        n = self.kernel_tokens
-        six = kv.reshape(layers, 2, nb, n, heads, d)
-        if self.fmt.packing == "kv_packed":
-            pages = six.permute(0, 2, 4, 3, 1, 5)
-        else:
-            pages = six.permute(0, 2, 4, 1, 3, 5)
-        return pages.reshape(layers, nb, heads, n, 2 * d)
+    def _kernel_ids(self, block_ids: Sequence[int], skip_blocks: int = 0) -> np.ndarray:
+        ids = np.asarray(block_ids, dtype=np.int64)
+        ids = (ids[:, None] * self.split + np.arange(self.split)).reshape(-1)
+        ids[: skip_blocks * self.split] = SKIP
+        return ids
+
+    def pages(self, block_ids: Sequence[int], skip_blocks: int = 0) -> KVPages | None:
+        """The blocks ``block_ids`` (in token order) as pages gdscache reads and writes in place; the first
+        ``skip_blocks`` are left alone on retrieve. None when the layers are not one allocation."""
+        if self.stacked is None:
+            return None
+        return KVPages(self.layer_pages[0], self._kernel_ids(block_ids, skip_blocks))
 
     def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
         """KV of ``block_ids`` (in token order) as a new ``[L, 2, len(block_ids)*block_size, H, D]`` tensor."""
         ids = self._kernel_ids(block_ids)
-        if self.stacked is not None:
-            pages = self.stacked.index_select(1, ids)
-        else:
-            pages = torch.stack([view.index_select(0, ids) for view in self.views])
-        return self._to_canonical(pages)
+        parts = [KVPages(pages, ids).gather() for pages in self.layer_pages]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def scatter(self, block_ids: Sequence[int], kv: torch.Tensor) -> None:
         """Write ``kv`` ``[L, 2, len(block_ids)*block_size, H, D]`` into the blocks ``block_ids``."""
@@ -163,9 +165,5 @@ class PagedKV:
         if tuple(kv.shape) != expected:
             raise ValueError(f"scatter got KV of shape {tuple(kv.shape)}, expected {expected}")
         ids = self._kernel_ids(block_ids)
-        pages = self._to_pages(kv.to(self.device, self.dtype, non_blocking=True), len(ids))
-        if self.stacked is not None:
-            self.stacked.index_copy_(1, ids, pages)
-        else:
-            for view, layer_pages in zip(self.views, pages, strict=True):
-                view.index_copy_(0, ids, layer_pages)
+        for layer, pages in enumerate(self.layer_pages):
+            KVPages(pages, ids).scatter(kv if len(self.layer_pages) == 1 else kv[layer : layer + 1])

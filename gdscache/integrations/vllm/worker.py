@@ -13,6 +13,7 @@ from gdscache.api import GDSCache
 from gdscache.config import Config
 from gdscache.integrations.vllm.layout import PagedKV
 from gdscache.integrations.vllm.metadata import GDSCacheMetadata, LoadSpec, SaveSpec
+from gdscache.pages import KVPages
 
 log = logging.getLogger("vllm.gdscache")
 
@@ -22,8 +23,9 @@ class WorkerSide:
 
     Loads are synchronous in ``load`` (before the first layer runs): ``retrieve`` returns whole
     chunks across all layers, so a per-layer wait would only add synchronisation. Saves run on
-    one background thread that gathers the blocks and stores them; the scheduler keeps those
-    blocks until ``finished`` reports the request.
+    one background thread; the scheduler keeps those blocks until ``finished`` reports the request.
+    Both hand gdscache the request's blocks as pages (codecs with kernels read and write them in
+    place), or gather and scatter when the layers are separate allocations.
     """
 
     def __init__(self, config: Config, pager: PagedKV) -> None:
@@ -46,17 +48,20 @@ class WorkerSide:
 
     def _load_one(self, spec: LoadSpec) -> None:
         pager, bs = self.pager, self.block_size
-        out = torch.empty(
-            (pager.num_layers, 2, spec.end, pager.fmt.num_kv_heads, pager.fmt.head_size),
-            dtype=pager.dtype, device=pager.device,
-        )
+        blocks = spec.block_ids[: -(-spec.end // bs)]
+        # blocks before ``start`` hold KV the engine computed (maybe shared with other requests): never written
+        out = pager.pages(blocks, skip_blocks=spec.start // bs)
+        staged = out is None
+        if staged:
+            out = torch.empty((pager.num_layers, 2, spec.end, pager.fmt.num_kv_heads, pager.fmt.head_size),
+                              dtype=pager.dtype, device=pager.device)
         try:
             n_read = self.cache.retrieve(spec.token_ids, out)
         except Exception:  # a storage fault is a miss, never a crash
             log.exception("gdscache: loading %d tokens of request %s failed", spec.end, spec.req_id)
             n_read = 0
         good = max(spec.start, min(n_read, spec.end) // bs * bs)
-        if good > spec.start:
+        if staged and good > spec.start:
             pager.scatter(spec.block_ids[spec.start // bs : good // bs], out[:, :, spec.start : good])
         if good < spec.end:
             bad = spec.block_ids[good // bs : -(-spec.end // bs)]
@@ -89,13 +94,17 @@ class WorkerSide:
             if self._stream is not None and ready is not None:
                 with torch.cuda.stream(self._stream):
                     self._stream.wait_event(ready)
-                    kv = self.pager.gather(spec.block_ids)
-                    self.cache.store(spec.token_ids, kv)
+                    self.cache.store(spec.token_ids, self._blocks(spec.block_ids))
                 self._stream.synchronize()
             else:
-                self.cache.store(spec.token_ids, self.pager.gather(spec.block_ids))
+                self.cache.store(spec.token_ids, self._blocks(spec.block_ids))
         except Exception:  # a failed save is a future miss, never a crash
             log.exception("gdscache: saving %d tokens of request %s failed", len(spec.token_ids), spec.req_id)
+
+    def _blocks(self, block_ids: list[int]) -> KVPages | torch.Tensor:
+        """The blocks to save: as pages, or gathered when the layers are separate allocations."""
+        pages = self.pager.pages(block_ids)
+        return pages if pages is not None else self.pager.gather(block_ids)
 
     def wait_for(self, req_ids: set[str]) -> None:
         """Block until the saves of ``req_ids`` have read their blocks (preempted requests)."""

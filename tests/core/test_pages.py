@@ -1,0 +1,76 @@
+"""KVPages: an engine's paged KV stored from and retrieved into in place, through every codec (CPU paths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdscache import GDSCache, KVPages
+
+L, H, D, N, PAGES = 2, 2, 8, 16, 12  # layers, kv heads, head_dim, tokens per page, pages in the cache
+
+
+def _cache(dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vLLM-like cache [L, pages, N, H, 2D] (K and V packed per token) and its [L, 2, pages, N, H, D] view."""
+    buf = torch.randn(L, PAGES, N, H, 2 * D, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return buf, buf.unflatten(-1, (2, D)).permute(0, 4, 1, 2, 3, 5)
+
+
+def test_gather_and_scatter_follow_the_page_ids() -> None:
+    buf, pages = _cache(torch.float32)
+    kv = KVPages(pages, [7, 2, 9]).gather()
+    assert kv.shape == (L, 2, 3 * N, H, D)
+    assert torch.equal(kv[1, 1, N + 3, 0], buf[1, 2, 3, 0, D:])  # token 3 of page 2: V of head 0
+    new = torch.randn(L, 2, 3 * N, H, D)
+    before = buf.clone()
+    KVPages(pages, [4, -1, 11]).scatter(new)
+    assert torch.equal(KVPages(pages, [4, 11]).gather(), torch.cat([new[:, :, :N], new[:, :, 2 * N:]], dim=2))
+    assert torch.equal(buf[:, [p for p in range(PAGES) if p not in (4, 11)]],
+                       before[:, [p for p in range(PAGES) if p not in (4, 11)]])
+
+
+def test_bad_pages_are_clear_errors() -> None:
+    _, pages = _cache()
+    with pytest.raises(ValueError, match="6-dim"):
+        KVPages(pages[0], [0])
+    with pytest.raises(ValueError, match=r"in \[0, 12\)"):
+        KVPages(pages, [0, 12])
+    with pytest.raises(ValueError, match="twice"):
+        KVPages(pages, [3, 3])
+    with pytest.raises(ValueError, match="ints"):
+        KVPages(pages, [0.5])
+    with pytest.raises(ValueError, match="whole pages"):
+        KVPages(pages, [0, 1]).tokens(0, N + 1)
+    with pytest.raises(ValueError, match="skipped"):
+        KVPages(pages, [0, -1]).gather()
+    with pytest.raises(ValueError, match="shape"):
+        KVPages(pages, [0]).scatter(torch.zeros(L, 2, N + 1, H, D))
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless", "cachegen"])
+def test_store_and_retrieve_pages(codec: str, tmp_path) -> None:
+    buf, pages = _cache()
+    tokens = list(range(4 * N))
+    src = KVPages(pages, [3, 8, 0, 5])
+    with GDSCache(path=str(tmp_path), chunk_size=2 * N, model_id="m", codec=codec) as cache:
+        assert cache.store(tokens, src) == 4 * N
+        want = torch.empty(src.shape, dtype=src.dtype)
+        assert cache.retrieve(tokens, want) == 4 * N
+        if codec != "cachegen":
+            assert torch.equal(want, src.gather())
+        before = buf.clone()
+        dest = KVPages(pages, [-1, 1, 2, 4])  # the first page is the engine's own: left alone
+        assert cache.retrieve(tokens, dest) == 4 * N
+        assert torch.equal(KVPages(pages, [1, 2, 4]).gather(), want[:, :, N:])
+        untouched = [p for p in range(PAGES) if p not in (1, 2, 4)]
+        assert torch.equal(buf[:, untouched], before[:, untouched])
+
+
+def test_store_and_retrieve_reject_unfit_pages(tmp_path) -> None:
+    _, pages = _cache()
+    with (GDSCache(path=str(tmp_path), chunk_size=24, model_id="m") as cache,
+          pytest.raises(ValueError, match="whole number of 16-token pages")):
+        cache.store(list(range(2 * N)), KVPages(pages, [0, 1]))
+    with (GDSCache(path=str(tmp_path / "b"), chunk_size=N, model_id="m") as cache,
+          pytest.raises(ValueError, match="skipped pages")):
+        cache.store(list(range(2 * N)), KVPages(pages, [0, -1]))
