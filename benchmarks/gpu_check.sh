@@ -68,6 +68,11 @@ step_tests() {
     python3 -m pytest -m gpu tests --continue-on-collection-errors -q -rs -p no:cacheprovider
 }
 
+step_read_steps() {
+    # per-step times of one warm GPU chunk read (issue 3: where small chunks spend their time)
+    python3 benchmarks/gpu_read_steps.py
+}
+
 step_bench_gds() {
     # GDS_BENCH_ARGS: e.g. "--skip-raw --shapes llama8b"; default: everything
     python3 benchmarks/bench_gds.py --dir "$REPO/.bench/gds" --total-gib "${GDS_TOTAL_GIB:-4}" \

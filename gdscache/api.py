@@ -9,7 +9,8 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from gdscache.metrics import Metrics, start_metrics_server
 from gdscache.pages import KVPages, token_slice
 from gdscache.spec import KVSpec, dtype_name, parse_dtype
 from gdscache.tiers.dram import DramTier
-from gdscache.tiers.local import LocalTier
+from gdscache.tiers.local import LocalTier, thread_stream
 from gdscache.writeback import WriteBehind
 from io_backends import make_file_backend
 from io_backends.buffers import host_pool
@@ -31,9 +32,17 @@ log = logging.getLogger("gdscache")
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
-Fetched = tuple[ChunkMeta, torch.Tensor | None, bool] | None
-"""(meta, payload, owned): ``owned`` payloads were read for this call alone and may be recycled;
-a None payload was read straight into the destination."""
+
+
+class Fetched(NamedTuple):
+    """One chunk found in a tier. ``owned`` payloads were read for this call alone and may be recycled; a None
+    payload is already in the destination (read or decoded there; on a GPU, once ``ready`` has passed)."""
+
+    meta: ChunkMeta
+    payload: torch.Tensor | None
+    owned: bool
+    ready: torch.cuda.Event | None = None
+
 
 
 class GDSCache:
@@ -167,29 +176,34 @@ class GDSCache:
         started = time.perf_counter()
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         window = max(2, 2 * self.config.io_threads)
-        inflight: list[Future[Fetched]] = []
-        batch: list[tuple[ChunkMeta, torch.Tensor | None, bool]] = []  # fetched in order, not yet decoded
+        inflight: list[Future[Fetched | None]] = []
+        batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
+        # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
+        decode_each = not (self._codec.batches and out.is_cuda)
         n_read = 0
         next_submit = 0
         stopped = False
         while not stopped and n_read + len(batch) < len(chunk_keys):
             while next_submit < len(chunk_keys) and len(inflight) < window:
                 target = token_slice(out, next_submit * chunk, (next_submit + 1) * chunk)
-                inflight.append(self._backend.submit(self._fetch, chunk_keys[next_submit], target))
+                key = chunk_keys[next_submit]
+                inflight.append(self._backend.submit(self._fetch_decoded, key, target, spec) if decode_each
+                                else self._backend.submit(self._fetch, key, target))
                 next_submit += 1
             fetched = inflight.pop(0).result()
             if fetched is None:
                 break
             batch.append(fetched)
-            # the CPU decodes each chunk as it arrives, overlapping the reads; the GPU decodes a window's worth in
-            # one codec call (fuller kernels), which also bounds the payloads held at once
+            # on the CPU each chunk counts as it arrives; on the GPU a window's worth at once, decoded by one codec
+            # call where the codec batches (fuller kernels), which also bounds the payloads held at once
             if not out.is_cuda or len(batch) == window:
                 done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
                 n_read, stopped, batch = n_read + done, done < len(batch), []
         if batch and not stopped:
             n_read += self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
-        for job in inflight:
-            job.cancel()
+        for job in inflight:  # a read already running may still write into ``out``: let it finish first
+            if not job.cancel():
+                job.exception()
         misses = len(chunk_keys) - n_read
         self.metrics.inc("hit_chunks", n_read)
         self.metrics.inc("miss_chunks", misses)
@@ -353,16 +367,16 @@ class GDSCache:
                 ok = True
         return ok
 
-    def _fetch(self, key: bytes, target: KV) -> Fetched:
+    def _fetch(self, key: bytes, target: KV) -> Fetched | None:
         """Find one chunk in the fastest tier that has it, promoting it into the faster tiers.
 
         ``target`` is where the chunk will be decoded; a raw chunk from the local tier lands there directly.
         """
         if self._writer is not None and (pending := self._writer.pending(key)) is not None:
-            return (*pending, False)
+            return Fetched(*pending, False)
         if self._dram is not None and (hit := self._dram.get(key)) is not None:
             self.metrics.inc("dram_hits")
-            return (*hit, False)
+            return Fetched(*hit, False)
         runs = self._codec.direct_runs(target)
         if runs is not None:
             meta = self._local.read_runs(self._namespace, key, runs)
@@ -370,7 +384,7 @@ class GDSCache:
                 self.metrics.inc("local_hits")
                 if self._dram is not None:
                     self._dram.put(key, meta, torch.cat(runs))
-                return meta, None, False
+                return Fetched(meta, None, False)
             hit = None
         else:
             hit = self._local.read(self._namespace, key, target.device)
@@ -385,7 +399,30 @@ class GDSCache:
             return None
         if self._dram is not None:
             self._dram.put(key, *hit)
-        return (*hit, owned)
+        return Fetched(*hit, owned)
+
+    def _fetch_decoded(self, key: bytes, target: KV, spec: KVSpec) -> Fetched | None:
+        """:meth:`_fetch`, then decode into ``target`` on this I/O thread when the payload is already on the
+        target's device (on a GPU, on the thread's own stream, where it was read). Host payloads for a GPU (DRAM or
+        remote hits) and chunks that do not decode go back as fetched, for the caller to copy in batches or to
+        report."""
+        fetched = self._fetch(key, target)
+        device = target.device
+        if fetched is None or fetched.payload is None or fetched.payload.device != device \
+                or not self._same_settings(fetched.meta, spec):
+            return fetched
+        stream = thread_stream(device) if target.is_cuda else None
+        if stream is not None:  # after anything this thread queued on its default stream (a pending chunk's copy)
+            stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if self._codec.decode_many([fetched.payload], spec, self.config.chunk_size, [target])[0] is not None:
+                return fetched
+            ready = torch.cuda.Event() if target.is_cuda else None
+            if ready is not None:
+                ready.record()
+        if fetched.owned and not target.is_cuda:
+            self._recycle(fetched.payload)
+        return Fetched(fetched.meta, None, False, ready)
 
     def _recycle(self, payload: torch.Tensor) -> None:
         """Return a host payload to the buffer pool once no tier can still be reading it."""
@@ -397,8 +434,7 @@ class GDSCache:
         chunk = self.config.chunk_size
         return [token_slice(kv, k * chunk, (k + 1) * chunk) for k in range(first, first + count)]
 
-    def _decode_prefix(self, fetched: list[tuple[ChunkMeta, torch.Tensor | None, bool]], spec: KVSpec,
-                       outs: list[KV]) -> int:
+    def _decode_prefix(self, fetched: list[Fetched], spec: KVSpec, outs: list[KV]) -> int:
         """Decode fetched chunks into ``outs`` with one codec call; how many, from the first, are now in place.
 
         Payloads this call owns go back to the buffer pool once decoding no longer needs them.
@@ -407,7 +443,10 @@ class GDSCache:
         while usable < len(fetched) and self._matches(fetched[usable][0], spec):
             usable += 1
         device = outs[0].device
-        todo = [k for k in range(usable) if fetched[k][1] is not None]  # None: already in ``outs``, verified there
+        for item in fetched[:usable]:  # already in ``outs`` (verified), written on an I/O thread's stream
+            if item.payload is None and item.ready is not None:
+                torch.cuda.current_stream(device).wait_event(item.ready)
+        todo = [k for k in range(usable) if fetched[k].payload is not None]
         for k in todo:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done
             if fetched[k][1].is_cuda:
                 fetched[k][1].record_stream(torch.cuda.current_stream(fetched[k][1].device))
@@ -415,7 +454,7 @@ class GDSCache:
                                          self.config.chunk_size, [outs[k] for k in todo]) if todo else []
         failed = dict(zip(todo, errors, strict=True))
         done = 0
-        for k, (meta, _, _) in enumerate(fetched[:usable]):
+        for k, (meta, *_) in enumerate(fetched[:usable]):
             if failed.get(k) is not None:
                 log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), failed[k])
                 self.metrics.inc("decode_errors")
@@ -423,15 +462,18 @@ class GDSCache:
             self.metrics.inc("bytes_read", meta.payload_len)
             done = k + 1
         if device.type != "cuda":  # a copy to the GPU may still be reading a host buffer
-            for _, payload, owned in fetched:
-                if owned and payload is not None:
-                    self._recycle(payload)
+            for item in fetched:
+                if item.owned and item.payload is not None:
+                    self._recycle(item.payload)
         return done
+
+    def _same_settings(self, meta: ChunkMeta, spec: KVSpec) -> bool:
+        return (meta.spec == spec and meta.codec == self._codec.name and meta.codec_params == self._codec.params()
+                and meta.num_tokens == self.config.chunk_size)
 
     def _matches(self, meta: ChunkMeta, spec: KVSpec) -> bool:
         """True when a chunk was written with this cache's settings (its namespace promises so)."""
-        if meta.spec != spec or meta.codec != self._codec.name or meta.codec_params != self._codec.params() \
-                or meta.num_tokens != self.config.chunk_size:
+        if not self._same_settings(meta, spec):
             log.warning("chunk %s was written with other settings; treating as a miss", meta.key.hex())
             self.metrics.inc("mismatched_chunks")
             return False

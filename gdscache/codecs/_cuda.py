@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,15 +26,21 @@ if TYPE_CHECKING:
 LIB_NAME = "libgdscache_cuda.so"
 _lib: ctypes.CDLL | None = None
 _tried = False
+_load_lock = threading.Lock()
 
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried
     if _tried:
         return _lib
-    _tried = True
-    if os.environ.get("GDSCACHE_NO_KERNELS") == "1":
-        return None
+    with _load_lock:  # I/O threads check payloads with the checksum kernel: their first calls may race
+        if not _tried:
+            _lib = None if os.environ.get("GDSCACHE_NO_KERNELS") == "1" else _open_library()
+            _tried = True
+    return _lib
+
+
+def _open_library() -> ctypes.CDLL | None:
     here = Path(__file__).resolve()
     candidates = [os.environ.get("GDSCACHE_CUDA_LIB"), str(here.with_name(LIB_NAME)),
                   str(here.parents[2] / "build" / "cuda" / LIB_NAME)]
@@ -62,9 +69,8 @@ def _load() -> ctypes.CDLL | None:
                 fn = getattr(lib, name)
                 fn.argtypes = argtypes
                 fn.restype = ctypes.c_int
-            _lib = lib
-            break
-    return _lib
+            return lib
+    return None
 
 
 def available() -> bool:

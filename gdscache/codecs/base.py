@@ -21,6 +21,8 @@ class Codec(abc.ABC):
 
     name: ClassVar[str]
     lossless: ClassVar[bool]
+    batches: ClassVar[bool] = False
+    """True when :meth:`decode_many` of several GPU chunks beats decoding them one at a time (batched kernels)."""
     pages_in_place: ClassVar[bool] = False
     """True when :meth:`encode` and :meth:`decode` take :class:`KVPages` themselves; otherwise
     :meth:`encode_many` and :meth:`decode_many` gather and scatter around them."""

@@ -208,6 +208,7 @@ class CacheGenCodec(Codec):
 
     name = "cachegen"
     lossless = False
+    batches = True
     pages_in_place = True  # the kernels read and write pages directly; the CPU reference gathers and scatters
 
     def __init__(self, profile: str | CodecProfile | None = None, step_scale: float = 1.0, group: int = 8):

@@ -318,7 +318,7 @@ class LocalTier:
             raise CorruptChunk(f"file of {handle.size} bytes holds no {meta.payload_len}-byte payload")
         # This thread's own stream: the buffer and its checksum neither wait for nor hold up other threads'
         # GPU work (the caller must record_stream the payload where it uses it).
-        with torch.cuda.stream(_thread_stream(device)):
+        with torch.cuda.stream(thread_stream(device)):
             header, payload = host_pool.acquire(HEADER_SIZE), torch.empty(length, dtype=torch.uint8, device=device)
             try:
                 handle.read_into_runs([header, payload], 0)
@@ -412,7 +412,7 @@ def split_pieces(runs: Sequence[torch.Tensor], size: int) -> list[list[torch.Ten
 _threads = threading.local()
 
 
-def _thread_stream(device: torch.device) -> torch.cuda.Stream:
+def thread_stream(device: torch.device) -> torch.cuda.Stream:
     """A CUDA stream of this thread's own on ``device`` (created once per thread and device)."""
     streams = _threads.__dict__.setdefault("streams", {})
     if device not in streams:
