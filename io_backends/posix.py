@@ -41,14 +41,18 @@ def _host_view(data: bytes | torch.Tensor) -> memoryview:
 
 
 def _coalesce(parts: Sequence[Part]) -> torch.Tensor:
-    """All parts in one zero-filled, page-aligned host buffer (for O_DIRECT with unaligned parts)."""
+    """All parts in one page-aligned host buffer, gaps and tail zeroed (for O_DIRECT with unaligned parts)."""
     total = max(p.offset + p.nbytes for p in parts)
     buf = host_pool.acquire(align_up(total))
-    buf.zero_()
-    for part in parts:
+    at = 0
+    for part in sorted(parts, key=lambda p: p.offset):
+        if part.offset > at:
+            buf[at : part.offset].zero_()
         data = part.data
         src = torch.frombuffer(bytearray(data), dtype=torch.uint8) if isinstance(data, (bytes, bytearray)) else data
         buf[part.offset : part.offset + part.nbytes].copy_(src)
+        at = max(at, part.offset + part.nbytes)
+    buf[at:].zero_()
     return buf
 
 
@@ -158,11 +162,15 @@ class PosixBackend(FileBackend):
         fd, direct = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         staged: list[torch.Tensor] = []
         try:
-            if direct and any(part.offset % ALIGN for part in parts):  # O_DIRECT needs aligned offsets
-                staged = [_coalesce(parts)]
-                parts = [Part(0, staged[0])]
-            elif direct:
+            if direct:
                 parts, staged = _stage_small(parts)
+                if not all(_gatherable(part, True) for part in parts):
+                    # unaligned offsets, or caller memory off a page boundary (torch's CPU tensors are 64-byte
+                    # aligned): one aligned copy of the whole file and one request, not a bounced write per run
+                    whole = _coalesce(parts)
+                    for buf in staged:
+                        host_pool.release(buf)
+                    staged, parts = [whole], [Part(0, whole)]
             self._write_parts(fd, sorted(parts, key=lambda p: p.offset), direct)
             if durable:
                 os.fsync(fd)
