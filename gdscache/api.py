@@ -7,7 +7,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -36,7 +36,8 @@ KV = torch.Tensor | KVPages
 
 class Fetched(NamedTuple):
     """One chunk found in a tier. ``owned`` payloads were read for this call alone and may be recycled; a None
-    payload is already in the destination (read or decoded there; on a GPU, once ``ready`` has passed)."""
+    payload is already in the destination (read or decoded there). ``ready``: on a GPU, the end of an I/O
+    thread's write into the destination (done, or tried and failed)."""
 
     meta: ChunkMeta
     payload: torch.Tensor | None
@@ -180,30 +181,45 @@ class GDSCache:
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
         decode_each = not (self._codec.batches and out.is_cuda)
+        caller = torch.cuda.current_stream(out.device) if out.is_cuda else None
+        after = None  # I/O threads write into ``out`` only after the work the caller has queued on it so far
+        if caller is not None and decode_each:
+            after = torch.cuda.Event()
+            after.record(caller)
+        written: list[torch.cuda.Event] = []  # I/O threads' writes into ``out``: the caller's stream waits for all
+
+        def take(job: Future[Fetched | None]) -> Fetched | None:
+            fetched = job.result()
+            if fetched is not None and fetched.ready is not None:
+                written.append(fetched.ready)
+            return fetched
+
         n_read = 0
         next_submit = 0
         stopped = False
-        while not stopped and n_read + len(batch) < len(chunk_keys):
-            while next_submit < len(chunk_keys) and len(inflight) < window:
-                target = token_slice(out, next_submit * chunk, (next_submit + 1) * chunk)
-                key = chunk_keys[next_submit]
-                inflight.append(self._backend.submit(self._fetch_decoded, key, target, spec) if decode_each
-                                else self._backend.submit(self._fetch, key, target))
-                next_submit += 1
-            fetched = inflight.pop(0).result()
-            if fetched is None:
-                break
-            batch.append(fetched)
-            # on the CPU each chunk counts as it arrives; on the GPU a window's worth at once, decoded by one codec
-            # call where the codec batches (fuller kernels), which also bounds the payloads held at once
-            if not out.is_cuda or len(batch) == window:
-                done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
-                n_read, stopped, batch = n_read + done, done < len(batch), []
-        if batch and not stopped:
-            n_read += self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
-        for job in inflight:  # a read already running may still write into ``out``: let it finish first
-            if not job.cancel():
-                job.exception()
+        try:
+            while not stopped and n_read + len(batch) < len(chunk_keys):
+                while next_submit < len(chunk_keys) and len(inflight) < window:
+                    target = token_slice(out, next_submit * chunk, (next_submit + 1) * chunk)
+                    key = chunk_keys[next_submit]
+                    inflight.append(self._backend.submit(self._fetch_decoded, key, target, spec, after) if decode_each
+                                    else self._backend.submit(self._fetch, key, target))
+                    next_submit += 1
+                fetched = take(inflight.pop(0))
+                if fetched is None:
+                    break
+                batch.append(fetched)
+                # on the CPU each chunk counts as it arrives; on the GPU a window's worth at once, decoded by one
+                # codec call where the codec batches (fuller kernels), which also bounds the payloads held at once
+                if not out.is_cuda or len(batch) == window:
+                    done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
+                    n_read, stopped, batch = n_read + done, done < len(batch), []
+            if batch and not stopped:
+                n_read += self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
+        finally:
+            self._drain(inflight, take, recycle=not out.is_cuda)
+            for event in written:
+                caller.wait_event(event)
         misses = len(chunk_keys) - n_read
         self.metrics.inc("hit_chunks", n_read)
         self.metrics.inc("miss_chunks", misses)
@@ -401,7 +417,21 @@ class GDSCache:
             self._dram.put(key, *hit)
         return Fetched(*hit, owned)
 
-    def _fetch_decoded(self, key: bytes, target: KV, spec: KVSpec) -> Fetched | None:
+    def _drain(self, jobs: list[Future[Fetched | None]], take: Callable[[Future[Fetched | None]], Fetched | None],
+               recycle: bool) -> None:
+        """Cancel the reads not started; wait for the running ones (they may write into the caller's ``out``)."""
+        for job in jobs:
+            if job.cancel():
+                continue
+            try:
+                left = take(job)
+            except Exception:  # the caller already has its answer, or its own error
+                log.exception("a chunk read that was no longer needed failed")
+                continue
+            if recycle and left is not None and left.owned and left.payload is not None:
+                self._recycle(left.payload)
+
+    def _fetch_decoded(self, key: bytes, target: KV, spec: KVSpec, after: torch.cuda.Event | None) -> Fetched | None:
         """:meth:`_fetch`, then decode into ``target`` on this I/O thread when the payload is already on the
         target's device (on a GPU, on the thread's own stream, where it was read). Host payloads for a GPU (DRAM or
         remote hits) and chunks that do not decode go back as fetched, for the caller to copy in batches or to
@@ -412,14 +442,18 @@ class GDSCache:
                 or not self._same_settings(fetched.meta, spec):
             return fetched
         stream = thread_stream(device) if target.is_cuda else None
-        if stream is not None:  # after anything this thread queued on its default stream (a pending chunk's copy)
-            stream.wait_stream(torch.cuda.current_stream(device))
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
+            if after is not None:
+                stream.wait_event(after)  # the caller's own work on ``out``
+            fetched.payload.record_stream(stream)
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if self._codec.decode_many([fetched.payload], spec, self.config.chunk_size, [target])[0] is not None:
-                return fetched
-            ready = torch.cuda.Event() if target.is_cuda else None
+            error = self._codec.decode_many([fetched.payload], spec, self.config.chunk_size, [target])[0]
+            ready = torch.cuda.Event() if stream is not None else None
             if ready is not None:
                 ready.record()
+        if error is not None:  # the caller decodes it again and reports it, after ``ready``
+            return fetched._replace(ready=ready)
         if fetched.owned and not target.is_cuda:
             self._recycle(fetched.payload)
         return Fetched(fetched.meta, None, False, ready)
@@ -443,8 +477,8 @@ class GDSCache:
         while usable < len(fetched) and self._matches(fetched[usable][0], spec):
             usable += 1
         device = outs[0].device
-        for item in fetched[:usable]:  # already in ``outs`` (verified), written on an I/O thread's stream
-            if item.payload is None and item.ready is not None:
+        for item in fetched[:usable]:  # written (or tried) on an I/O thread's stream
+            if item.ready is not None:
                 torch.cuda.current_stream(device).wait_event(item.ready)
         todo = [k for k in range(usable) if fetched[k].payload is not None]
         for k in todo:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done

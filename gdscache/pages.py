@@ -110,8 +110,9 @@ class KVPages:
             layers, planes, len(self.page_ids), self.page_tokens, heads, dim)
         if keep.all():
             self.pages.index_copy_(2, self._ids(keep), six)
-        elif keep.any():
-            self.pages.index_copy_(2, self._ids(keep), six[:, :, torch.from_numpy(keep).to(six.device)])
+        elif keep.any():  # index, not a boolean mask (which would sync with the device)
+            kept = torch.from_numpy(np.flatnonzero(keep)).to(six.device, non_blocking=True)
+            self.pages.index_copy_(2, self._ids(keep), six.index_select(2, kept))
 
     def __repr__(self) -> str:
         return f"KVPages(shape={tuple(self.shape)}, dtype={self.dtype}, pages={len(self.page_ids)}, device={self.device})"

@@ -272,6 +272,8 @@ class CacheGenCodec(Codec):
         spec = KVSpec.of(chunk)
         if dtype_name(spec.dtype) not in _DTYPE_CODES:
             raise ValueError(f"cachegen encodes float32/float16/bfloat16 KV, got {spec.dtype}")
+        if isinstance(chunk, KVPages) and not chunk.complete:
+            raise ValueError("cachegen cannot encode skipped pages (page id -1)")
         layers, planes, tokens, heads, dim = chunk.shape
         if tokens < 1 or tokens >= 1 << 23:
             raise ValueError(f"cachegen chunk must have 1..2**23-1 tokens, got {tokens}")

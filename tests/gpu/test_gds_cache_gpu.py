@@ -97,3 +97,37 @@ def test_corrupt_chunk_is_a_miss(cache_dir, where):
         assert torch.equal(_bits(out[:, :, :CHUNK]), _bits(kv[:, :, :CHUNK]))
         assert cache.lookup(tokens) <= 2 * CHUNK
         assert cache.retrieve(tokens, out) == CHUNK  # still a miss on the second try
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+def test_chunks_decoded_on_io_threads_follow_the_callers_stream(cache_dir, codec):
+    # raw and lossless chunks are decoded on the I/O thread that read them: after what the caller queued on
+    # ``out`` (a slow fill here), and before the caller's stream goes on
+    kv = make_kv(4, 4 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=5, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir, codec=codec) as cache:
+        cache.store(tokens, kv)
+        for _ in range(2):
+            out = torch.empty_like(kv)
+            torch.cuda._sleep(200_000_000)  # a few hundred ms of GPU time on the caller's stream
+            out.fill_(float("nan"))
+            assert cache.retrieve(tokens, out) == kv.shape[2]
+            assert torch.equal(_bits(out), _bits(kv))
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+def test_pages_on_the_gpu_through_io_thread_decode(cache_dir, codec):
+    from gdscache import KVPages
+
+    kv = make_kv(4, 2 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=6, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    cache_pages = torch.zeros(4, 2, 40, 16, 2, 64, dtype=torch.bfloat16, device="cuda")  # [L, P, pages, 16, H, D]
+    ids = list(range(3, 35))
+    KVPages(cache_pages, ids).scatter(kv)
+    dest = torch.zeros_like(cache_pages)
+    with _open(cache_dir, codec=codec) as cache:
+        assert cache.store(tokens, KVPages(cache_pages, ids)) == kv.shape[2]
+        assert cache.retrieve(tokens, KVPages(dest, [-1, -1, *ids[2:]])) == kv.shape[2]
+    assert torch.equal(_bits(KVPages(dest, ids[2:]).gather()), _bits(kv[:, :, 32:]))
+    others = [p for p in range(40) if p not in ids[2:]]
+    assert not bool(dest[:, :, others].any())  # the skipped pages and every other page untouched

@@ -49,13 +49,14 @@ class WorkerSide:
     def _load_one(self, spec: LoadSpec) -> None:
         pager, bs = self.pager, self.block_size
         blocks = spec.block_ids[: -(-spec.end // bs)]
-        # blocks before ``start`` hold KV the engine computed (maybe shared with other requests): never written
-        out = pager.pages(blocks, skip_blocks=spec.start // bs)
-        staged = out is None
-        if staged:
-            out = torch.empty((pager.num_layers, 2, spec.end, pager.fmt.num_kv_heads, pager.fmt.head_size),
-                              dtype=pager.dtype, device=pager.device)
+        staged = False
         try:
+            # blocks before ``start`` hold KV the engine computed (maybe shared with other requests): never written
+            out = pager.pages(blocks, skip_blocks=spec.start // bs)
+            staged = out is None
+            if staged:
+                out = torch.empty((pager.num_layers, 2, spec.end, pager.fmt.num_kv_heads, pager.fmt.head_size),
+                                  dtype=pager.dtype, device=pager.device)
             n_read = self.cache.retrieve(spec.token_ids, out)
         except Exception:  # a storage fault is a miss, never a crash
             log.exception("gdscache: loading %d tokens of request %s failed", spec.end, spec.req_id)
