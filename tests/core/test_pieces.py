@@ -88,8 +88,10 @@ def test_byte_string_parts_go_out_with_the_buffers_after_them(tmp_path, o_direct
 @pytest.mark.parametrize("o_direct", ["auto", "off"])
 def test_runs_off_a_page_boundary_and_gaps_are_written_exactly(tmp_path, o_direct):
     # torch's CPU tensors start 64 bytes past a page: with O_DIRECT the file is assembled in one aligned copy
-    kv = torch.randint(0, 256, (3 * ALIGN + 64,), dtype=torch.uint8)[64:]
-    assert kv.data_ptr() % ALIGN
+    buf = aligned_empty(3 * ALIGN + 64)
+    buf.copy_(torch.randint(0, 256, (3 * ALIGN + 64,), dtype=torch.uint8))
+    kv = buf[64:]
+    assert kv.data_ptr() % ALIGN == 64
     header = os.urandom(ALIGN)
     path = str(tmp_path / "g")
     dirty = host_pool.acquire(5 * ALIGN)  # the pool hands this buffer out again, full of 0xFF
