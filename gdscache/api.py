@@ -45,7 +45,6 @@ class Fetched(NamedTuple):
     ready: torch.cuda.Event | None = None
 
 
-
 class GDSCache:
     """A KV-cache store keyed by token prefixes.
 
@@ -474,21 +473,22 @@ class GDSCache:
         Payloads this call owns go back to the buffer pool once decoding no longer needs them.
         """
         usable = 0
-        while usable < len(fetched) and self._matches(fetched[usable][0], spec):
+        while usable < len(fetched) and self._matches(fetched[usable].meta, spec):
             usable += 1
         device = outs[0].device
         for item in fetched[:usable]:  # written (or tried) on an I/O thread's stream
             if item.ready is not None:
                 torch.cuda.current_stream(device).wait_event(item.ready)
         todo = [k for k in range(usable) if fetched[k].payload is not None]
-        for k in todo:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done
-            if fetched[k][1].is_cuda:
-                fetched[k][1].record_stream(torch.cuda.current_stream(fetched[k][1].device))
-        errors = self._codec.decode_many([fetched[k][1].to(device, non_blocking=True) for k in todo], spec,
+        payloads = [fetched[k].payload for k in todo]
+        for payload in payloads:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done
+            if payload.is_cuda:
+                payload.record_stream(torch.cuda.current_stream(payload.device))
+        errors = self._codec.decode_many([p.to(device, non_blocking=True) for p in payloads], spec,
                                          self.config.chunk_size, [outs[k] for k in todo]) if todo else []
         failed = dict(zip(todo, errors, strict=True))
         done = 0
-        for k, (meta, *_) in enumerate(fetched[:usable]):
+        for k, meta in enumerate(item.meta for item in fetched[:usable]):
             if failed.get(k) is not None:
                 log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), failed[k])
                 self.metrics.inc("decode_errors")

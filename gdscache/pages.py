@@ -8,6 +8,7 @@ and write the pages directly (no gather or scatter copy); the other codecs gathe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,7 +72,10 @@ class KVPages:
         n = self.page_tokens
         if start % n or stop % n or not 0 <= start <= stop <= self.shape[2]:
             raise ValueError(f"tokens [{start}, {stop}) are not whole pages of {n} tokens within {self.shape[2]}")
-        return KVPages(self.pages, self.page_ids[start // n : stop // n])
+        part = copy.copy(self)  # a slice of checked ids: nothing to check again (this runs once per chunk)
+        part.page_ids = self.page_ids[start // n : stop // n]
+        part.shape = torch.Size((*self.shape[:2], stop - start, *self.shape[3:]))
+        return part
 
     def strides(self) -> tuple[int, int, int, int]:
         """Element strides of layer, plane, head and head_dim."""
@@ -84,8 +88,8 @@ class KVPages:
         at = self.page_ids[:, None] * self.pages.stride(2) + slots
         return np.where(self.page_ids[:, None] == SKIP, -1, at).reshape(-1)
 
-    def _ids(self, keep: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.page_ids[keep]).to(self.device, non_blocking=True)
+    def _on_device(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(ids).to(self.device, non_blocking=True)
 
     def gather(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The KV as a contiguous ``[L, P, T, H, D]`` tensor (into ``out``, contiguous, when given)."""
@@ -97,7 +101,7 @@ class KVPages:
         elif tuple(out.shape) != tuple(self.shape) or not out.is_contiguous() or out.dtype != self.dtype:
             raise ValueError(f"gather needs a contiguous {self.dtype} out of shape {tuple(self.shape)}")
         six = out.view(layers, planes, len(self.page_ids), self.page_tokens, heads, dim)
-        torch.index_select(self.pages, 2, self._ids(np.ones(len(self.page_ids), bool)), out=six)
+        torch.index_select(self.pages, 2, self._on_device(self.page_ids), out=six)
         return out
 
     def scatter(self, kv: torch.Tensor) -> None:
@@ -109,10 +113,10 @@ class KVPages:
         six = kv.to(self.device, self.dtype, non_blocking=True).reshape(
             layers, planes, len(self.page_ids), self.page_tokens, heads, dim)
         if keep.all():
-            self.pages.index_copy_(2, self._ids(keep), six)
+            self.pages.index_copy_(2, self._on_device(self.page_ids), six)
         elif keep.any():  # index, not a boolean mask (which would sync with the device)
-            kept = torch.from_numpy(np.flatnonzero(keep)).to(six.device, non_blocking=True)
-            self.pages.index_copy_(2, self._ids(keep), six.index_select(2, kept))
+            kept = self._on_device(np.flatnonzero(keep))
+            self.pages.index_copy_(2, self._on_device(self.page_ids[keep]), six.index_select(2, kept))
 
     def __repr__(self) -> str:
         return f"KVPages(shape={tuple(self.shape)}, dtype={self.dtype}, pages={len(self.page_ids)}, device={self.device})"

@@ -190,7 +190,8 @@ class PosixBackend(FileBackend):
                 host_pool.release(buf)
 
     def _write_parts(self, fd: int, parts: Sequence[Part], direct: bool) -> None:
-        """Consecutive host buffers go out in one ``pwritev``; the rest part by part."""
+        """Consecutive host buffers go out in one ``pwritev``; the rest (GPU tensors, buffered I/O only: with
+        O_DIRECT ``write_file`` hands over only gatherable parts) part by part."""
         batch: list[memoryview] = []
         start = end = 0
         for part in parts:
@@ -206,31 +207,9 @@ class PosixBackend(FileBackend):
             if _gatherable(part, direct):
                 batch, start, end = [_host_view(part.data)], part.offset, part.offset + part.nbytes
             else:
-                self._write_part(fd, part, direct)
+                _pwrite_all(fd, _host_view(part.data), part.offset)
         if batch:
             _pwritev_all(fd, batch, start)
-
-    def _write_part(self, fd: int, part: Part, direct: bool) -> None:
-        view = _host_view(part.data)
-        if not direct:
-            _pwrite_all(fd, view, part.offset)
-            return
-        if part.offset % ALIGN:
-            raise ValueError(f"O_DIRECT write offset {part.offset} is not {ALIGN}-aligned")
-        body = len(view) // ALIGN * ALIGN
-        src = part.data
-        if body and isinstance(src, torch.Tensor) and not src.is_cuda and is_aligned(src):
-            _pwrite_all(fd, view[:body], part.offset)
-            rest = view[body:]
-            offset = part.offset + body
-        else:
-            rest, offset = view, part.offset
-        if len(rest):
-            bounce = self._bounce.get(align_up(len(rest)))
-            bounce_view = memoryview(bounce.numpy())
-            bounce_view[: len(rest)] = rest
-            bounce_view[len(rest) :] = bytes(len(bounce_view) - len(rest))
-            _pwrite_all(fd, bounce_view, offset)
 
     def open_read(self, path: str) -> ReadHandle:
         fd, direct = self._open(path, os.O_RDONLY)

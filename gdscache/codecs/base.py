@@ -66,12 +66,16 @@ class Codec(abc.ABC):
         for payload, out in zip(payloads, outs, strict=True):
             try:
                 if isinstance(out, KVPages) and not self.pages_in_place:
-                    staged = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-                    self.decode(payload, spec, num_tokens, staged)
-                    out.scatter(staged)
+                    self._decode_staged(payload, spec, num_tokens, out)
                 else:
                     self.decode(payload, spec, num_tokens, out)
                 errors.append(None)
             except ValueError as exc:
                 errors.append(str(exc))
         return errors
+
+    def _decode_staged(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: KVPages) -> None:
+        """:meth:`decode` into a tensor of the pages' shape, then scatter it into them."""
+        staged = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        self.decode(payload, spec, num_tokens, staged)
+        out.scatter(staged)

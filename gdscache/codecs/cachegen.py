@@ -25,7 +25,7 @@ import torch
 from gdscache.codecs import _cuda, rans
 from gdscache.codecs.base import Codec
 from gdscache.codecs.profile import CodecProfile
-from gdscache.pages import KVPages
+from gdscache.pages import KVPages, as_tensor
 from gdscache.spec import KVSpec, dtype_name
 
 MAGIC = b"GDCG"
@@ -249,8 +249,7 @@ class CacheGenCodec(Codec):
         group, header = self._check_chunk(chunk)
         if _kernels_for(chunk):
             return self._encode_kernels([chunk], group, header)[0]
-        if isinstance(chunk, KVPages):
-            chunk = chunk.gather()
+        chunk = as_tensor(chunk)  # the torch reference reads a tensor
         spec = KVSpec.of(chunk)
         q, base, rel = quantize(chunk, self._step_table(spec, chunk.device))
         sym, mu, table = channel_stats(q)
@@ -340,10 +339,8 @@ class CacheGenCodec(Codec):
             if self._decode_kernels([sec], spec, [out])[0]:
                 raise ValueError(_CORRUPT)
             return
-        if isinstance(out, KVPages):
-            staged = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-            self.decode(payload, spec, num_tokens, staged)
-            out.scatter(staged)
+        if isinstance(out, KVPages):  # the torch reference decodes into a tensor
+            self._decode_staged(payload, spec, num_tokens, out)
             return
         layers, planes, tokens, heads, dim = out.shape
         rows, channels = layers * planes, heads * dim
