@@ -18,6 +18,7 @@ import torch
 from gdscache import keys
 from gdscache.codecs import Codec, get_codec
 from gdscache.config import Config
+from gdscache.format.checksum import algorithm_for, digests
 from gdscache.format.chunkfile import ChunkMeta, make_meta
 from gdscache.metrics import Metrics, start_metrics_server
 from gdscache.pages import KVPages, token_slice
@@ -29,6 +30,15 @@ from io_backends import make_file_backend
 from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
+GROUP_BYTES = 128 << 20
+GROUP_CHUNKS = 128
+"""On a GPU, chunks are fetched up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per I/O task: one
+batched local-tier read (every file's reads in flight on kvikio's pool), one checksum sync and one decode call per
+group. One task per chunk spent most of its time in CUDA and Python calls contending across the I/O threads: warm
+reads of 1 MiB chunks ran at 2.0 GB/s in groups of 8 and 7.5 in groups of 128, of 32 MiB chunks at 28 GB/s alone
+and 32-34 in groups of 2-8 (benchmarks/RESULTS.md)."""
+INFLIGHT_BYTES = 512 << 20
+"""Fetch tasks in flight hold at most about this many payload bytes (and at least two tasks)."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
@@ -129,9 +139,12 @@ class GDSCache:
             todo.append((key, piece))
             if not kv.is_cuda:  # encoding on the CPU is slow: each chunk is written while the next one encodes
                 new_tokens += self._submit(key, spec, self._codec.encode_many([todo.pop()[1]])[0], jobs)
-        # on the GPU the chunks are encoded together (fuller kernel launches, one host sync)
-        for (key, _), payload in zip(todo, self._codec.encode_many([piece for _, piece in todo]), strict=True):
-            new_tokens += self._submit(key, spec, payload, jobs)
+        # on the GPU the chunks are encoded together (fuller kernel launches, one host sync), and checksummed
+        # together (one more)
+        payloads = self._codec.encode_many([piece for _, piece in todo])
+        sums = digests(payloads, [algorithm_for(p) for p in payloads])
+        for (key, _), payload, digest in zip(todo, payloads, sums, strict=True):
+            new_tokens += self._submit(key, spec, payload, jobs, digest)
         for job, payload in jobs:
             new_tokens += chunk if job.result() else 0
             if not isinstance(payload, list):
@@ -142,10 +155,10 @@ class GDSCache:
         return new_tokens
 
     def _submit(self, key: bytes, spec: KVSpec, payload: torch.Tensor,
-                jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]]) -> int:
+                jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]], digest: bytes | None = None) -> int:
         """Queue one encoded chunk for writing: to the write-behind queue (tokens accepted, returned) or to the
         I/O pool (a job in ``jobs``, 0 returned)."""
-        meta = self._meta(key, spec, payload)
+        meta = self._meta(key, spec, payload, digest)
         self.metrics.inc("bytes_encoded", meta.payload_len)
         if self._writer is not None:
             self._writer.submit(meta, payload)
@@ -175,48 +188,49 @@ class GDSCache:
         chunk = self.config.chunk_size
         started = time.perf_counter()
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
-        window = max(2, 2 * self.config.io_threads)
-        inflight: list[Future[Fetched | None]] = []
+        group = self._group_size(spec, out)
+        chunk_bytes = spec.bytes_per_token() * chunk
+        window = max(2, min(2 * self.config.io_threads, INFLIGHT_BYTES // (group * chunk_bytes)))  # tasks in flight
+        inflight: list[tuple[Future[list[Fetched]], int]] = []
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
-        decode_each = not (self._codec.batches and out.is_cuda)
+        decode_here = not (self._codec.batches and out.is_cuda)
         caller = torch.cuda.current_stream(out.device) if out.is_cuda else None
         after = None  # I/O threads write into ``out`` only after the work the caller has queued on it so far
-        if caller is not None and decode_each:
+        if caller is not None and decode_here:
             after = torch.cuda.Event()
             after.record(caller)
         written: list[torch.cuda.Event] = []  # I/O threads' writes into ``out``: the caller's stream waits for all
 
-        def take(job: Future[Fetched | None]) -> Fetched | None:
-            fetched = job.result()
-            if fetched is not None and fetched.ready is not None:
-                written.append(fetched.ready)
-            return fetched
+        def take(job: Future[list[Fetched]]) -> list[Fetched]:
+            found = job.result()
+            written.extend(fetched.ready for fetched in found if fetched.ready is not None)
+            return found
 
         n_read = 0
         next_submit = 0
         stopped = False
         try:
-            while not stopped and n_read + len(batch) < len(chunk_keys):
+            while not stopped and (inflight or next_submit < len(chunk_keys)):
                 while next_submit < len(chunk_keys) and len(inflight) < window:
-                    target = token_slice(out, next_submit * chunk, (next_submit + 1) * chunk)
-                    key = chunk_keys[next_submit]
-                    inflight.append(self._backend.submit(self._fetch_decoded, key, target, spec, after) if decode_each
-                                    else self._backend.submit(self._fetch, key, target))
-                    next_submit += 1
-                fetched = take(inflight.pop(0))
-                if fetched is None:
-                    break
-                batch.append(fetched)
+                    end = min(next_submit + group, len(chunk_keys))
+                    job = self._backend.submit(self._fetch_group, chunk_keys[next_submit:end],
+                                               self._chunk_views(out, next_submit, end - next_submit), spec, after,
+                                               decode_here)
+                    inflight.append((job, end - next_submit))
+                    next_submit = end
+                job, count = inflight.pop(0)
+                found = take(job)
+                batch += found
+                stopped = len(found) < count  # a miss ends the prefix
                 # on the CPU each chunk counts as it arrives; on the GPU a window's worth at once, decoded by one
                 # codec call where the codec batches (fuller kernels), which also bounds the payloads held at once
-                if not out.is_cuda or len(batch) == window:
+                last = not inflight and next_submit == len(chunk_keys)
+                if batch and (stopped or last or not out.is_cuda or len(batch) >= window * group):
                     done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
-                    n_read, stopped, batch = n_read + done, done < len(batch), []
-            if batch and not stopped:
-                n_read += self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
+                    n_read, stopped, batch = n_read + done, stopped or done < len(batch), []
         finally:
-            self._drain(inflight, take, recycle=not out.is_cuda)
+            self._drain([job for job, _ in inflight], take, recycle=not out.is_cuda)
             for event in written:
                 caller.wait_event(event)
         misses = len(chunk_keys) - n_read
@@ -360,8 +374,10 @@ class GDSCache:
             or self._local.contains(self._namespace, key)
         )
 
-    def _meta(self, key: bytes, spec: KVSpec, payload: torch.Tensor | list[torch.Tensor]) -> ChunkMeta:
-        return make_meta(key, self._namespace, spec, self.config.chunk_size, self._codec.name, self._codec.params(), payload)
+    def _meta(self, key: bytes, spec: KVSpec, payload: torch.Tensor | list[torch.Tensor],
+              digest: bytes | None = None) -> ChunkMeta:
+        return make_meta(key, self._namespace, spec, self.config.chunk_size, self._codec.name, self._codec.params(),
+                         payload, digest)
 
     def _seal(self, key: bytes, spec: KVSpec, runs: list[torch.Tensor]) -> bool:
         """Checksum a raw host chunk given as runs of the caller's tensor, then persist it."""
@@ -382,41 +398,93 @@ class GDSCache:
                 ok = True
         return ok
 
+    def _group_size(self, spec: KVSpec, out: KV) -> int:
+        """Chunks per fetch task: several small ones where the local tier reads them into the GPU together."""
+        if not (out.is_cuda and self._backend.gpu_native):
+            return 1
+        return max(1, min(GROUP_CHUNKS, GROUP_BYTES // (spec.bytes_per_token() * self.config.chunk_size)))
+
+    def _fetch_group(self, chunk_keys: list[bytes], targets: list[KV], spec: KVSpec, after: torch.cuda.Event | None,
+                     decode_here: bool) -> list[Fetched]:
+        """Fetch consecutive chunks up to the first miss (local-tier reads into a GPU batched); with ``decode_here``,
+        decode them on this thread (:meth:`_decode_here`)."""
+        device = targets[0].device
+        if len(chunk_keys) > 1 and device.type == "cuda" and self._backend.gpu_native:
+            found = self._fetch_batched(chunk_keys, device)
+        else:
+            found = []
+            for key, target in zip(chunk_keys, targets, strict=True):
+                fetched = self._fetch(key, target)
+                if fetched is None:
+                    break
+                found.append(fetched)
+        return self._decode_here(found, targets, spec, after) if decode_here else found
+
+    def _fetch_batched(self, chunk_keys: list[bytes], device: torch.device) -> list[Fetched]:
+        """:meth:`_fetch` of several chunks for a GPU, those in the local tier read together, up to the first miss."""
+        near = [self._fetch_near(key) for key in chunk_keys]
+        local = iter(self._local.read_many(self._namespace, [k for k, f in zip(chunk_keys, near) if f is None], device))
+        found = []
+        for key, fetched in zip(chunk_keys, near, strict=True):
+            if fetched is None:
+                hit = next(local)
+                if hit is not None:
+                    self.metrics.inc("local_hits")
+                    fetched = self._promoted(key, hit, owned=True)
+                else:
+                    fetched = self._fetch_remote(key)
+            if fetched is None:
+                break
+            found.append(fetched)
+        return found
+
     def _fetch(self, key: bytes, target: KV) -> Fetched | None:
         """Find one chunk in the fastest tier that has it, promoting it into the faster tiers.
 
         ``target`` is where the chunk will be decoded; a raw chunk from the local tier lands there directly.
         """
+        fetched = self._fetch_near(key)
+        if fetched is not None:
+            return fetched
+        runs = self._codec.direct_runs(target)
+        if runs is not None:
+            meta = self._local.read_runs(self._namespace, key, runs)
+            if meta is None:
+                return self._fetch_remote(key)
+            self.metrics.inc("local_hits")
+            if self._dram is not None:
+                self._dram.put(key, meta, torch.cat(runs))
+            return Fetched(meta, None, False)
+        hit = self._local.read(self._namespace, key, target.device)
+        if hit is None:
+            return self._fetch_remote(key)
+        self.metrics.inc("local_hits")
+        return self._promoted(key, hit, owned=True)
+
+    def _fetch_near(self, key: bytes) -> Fetched | None:
+        """A chunk still queued for writing, or one the DRAM tier holds."""
         if self._writer is not None and (pending := self._writer.pending(key)) is not None:
             return Fetched(*pending, False)
         if self._dram is not None and (hit := self._dram.get(key)) is not None:
             self.metrics.inc("dram_hits")
             return Fetched(*hit, False)
-        runs = self._codec.direct_runs(target)
-        if runs is not None:
-            meta = self._local.read_runs(self._namespace, key, runs)
-            if meta is not None:
-                self.metrics.inc("local_hits")
-                if self._dram is not None:
-                    self._dram.put(key, meta, torch.cat(runs))
-                return Fetched(meta, None, False)
-            hit = None
-        else:
-            hit = self._local.read(self._namespace, key, target.device)
-        owned = True
-        if hit is not None:
-            self.metrics.inc("local_hits")
-        elif self._remote is not None and (hit := self._remote.get(self._namespace, key)) is not None:
-            self.metrics.inc("remote_hits")
-            self._local.write(self._namespace, *hit)
-            owned = False
-        if hit is None:
+        return None
+
+    def _fetch_remote(self, key: bytes) -> Fetched | None:
+        """A chunk from the remote tier, written through to the local one."""
+        if self._remote is None or (hit := self._remote.get(self._namespace, key)) is None:
             return None
+        self.metrics.inc("remote_hits")
+        self._local.write(self._namespace, *hit)
+        return self._promoted(key, hit, owned=False)
+
+    def _promoted(self, key: bytes, hit: tuple[ChunkMeta, torch.Tensor], owned: bool) -> Fetched:
+        """A chunk found below the DRAM tier, now also held there (when there is one)."""
         if self._dram is not None:
             self._dram.put(key, *hit)
         return Fetched(*hit, owned)
 
-    def _drain(self, jobs: list[Future[Fetched | None]], take: Callable[[Future[Fetched | None]], Fetched | None],
+    def _drain(self, jobs: list[Future[list[Fetched]]], take: Callable[[Future[list[Fetched]]], list[Fetched]],
                recycle: bool) -> None:
         """Cancel the reads not started; wait for the running ones (they may write into the caller's ``out``)."""
         for job in jobs:
@@ -427,35 +495,44 @@ class GDSCache:
             except Exception:  # the caller already has its answer, or its own error
                 log.exception("a chunk read that was no longer needed failed")
                 continue
-            if recycle and left is not None and left.owned and left.payload is not None:
-                self._recycle(left.payload)
+            for fetched in left if recycle else ():
+                if fetched.owned and fetched.payload is not None:
+                    self._recycle(fetched.payload)
 
-    def _fetch_decoded(self, key: bytes, target: KV, spec: KVSpec, after: torch.cuda.Event | None) -> Fetched | None:
-        """:meth:`_fetch`, then decode into ``target`` on this I/O thread when the payload is already on the
-        target's device (on a GPU, on the thread's own stream, where it was read). Host payloads for a GPU (DRAM or
-        remote hits) and chunks that do not decode go back as fetched, for the caller to copy in batches or to
-        report."""
-        fetched = self._fetch(key, target)
-        device = target.device
-        if fetched is None or fetched.payload is None or fetched.payload.device != device \
-                or not self._same_settings(fetched.meta, spec):
-            return fetched
-        stream = thread_stream(device) if target.is_cuda else None
+    def _decode_here(self, found: list[Fetched], targets: list[KV], spec: KVSpec,
+                     after: torch.cuda.Event | None) -> list[Fetched]:
+        """Decode, on this I/O thread, the fetched chunks whose payloads are already on their target's device (on a
+        GPU, with one codec call on the thread's own stream, after ``after``: the caller's work on ``out``). Host
+        payloads for a GPU (DRAM or remote hits) and chunks that do not decode go back as fetched, for the caller
+        to copy in batches or to report."""
+        todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
+                and fetched.payload.device == targets[i].device and self._same_settings(fetched.meta, spec)]
+        if not todo:
+            return found
+        device = targets[0].device
+        stream = thread_stream(device) if device.type == "cuda" else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
             if after is not None:
-                stream.wait_event(after)  # the caller's own work on ``out``
-            fetched.payload.record_stream(stream)
+                stream.wait_event(after)
+            for i in todo:
+                found[i].payload.record_stream(stream)
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            error = self._codec.decode_many([fetched.payload], spec, self.config.chunk_size, [target])[0]
+            errors = self._codec.decode_many([found[i].payload for i in todo], spec, self.config.chunk_size,
+                                             [targets[i] for i in todo])
             ready = torch.cuda.Event() if stream is not None else None
             if ready is not None:
                 ready.record()
-        if error is not None:  # the caller decodes it again and reports it, after ``ready``
-            return fetched._replace(ready=ready)
-        if fetched.owned and not target.is_cuda:
-            self._recycle(fetched.payload)
-        return Fetched(fetched.meta, None, False, ready)
+        decoded = list(found)
+        for i, error in zip(todo, errors, strict=True):
+            fetched = found[i]
+            if error is not None:  # the caller decodes it again and reports it, after ``ready``
+                decoded[i] = fetched._replace(ready=ready)
+                continue
+            if fetched.owned and stream is None:
+                self._recycle(fetched.payload)
+            decoded[i] = Fetched(fetched.meta, None, False, ready)
+        return decoded
 
     def _recycle(self, payload: torch.Tensor) -> None:
         """Return a host payload to the buffer pool once no tier can still be reading it."""

@@ -39,6 +39,10 @@ def check_buffer(buf: torch.Tensor, name: str = "buffer") -> None:
         )
 
 
+def _nothing_pending() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class Part:
     """One piece of a file to write: ``data`` (bytes or a buffer) placed at byte ``offset``."""
@@ -72,6 +76,14 @@ class ReadHandle(abc.ABC):
         for dest in dests:
             self.read_into(dest, offset)
             offset += dest.numel()
+
+    def start_read(self, dests: Sequence[torch.Tensor], offset: int) -> Callable[[], None]:
+        """Begin :meth:`read_into_runs`; the returned function waits for it and raises what it raised.
+
+        Lets one thread keep the reads of several files in flight. This default reads at once.
+        """
+        self.read_into_runs(dests, offset)
+        return _nothing_pending
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -15,10 +15,11 @@ kvikio can do no I/O without ``libcuda``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
@@ -211,21 +212,40 @@ class _KvikioReadHandle(ReadHandle):
 
     def read_into_runs(self, dests: Sequence[torch.Tensor], offset: int) -> None:
         """All runs in flight at once on kvikio's thread pool, straight into host or GPU memory."""
+        self.start_read(dests, offset)()
+
+    def start_read(self, dests: Sequence[torch.Tensor], offset: int) -> Callable[[], None]:
+        """Submit every run to kvikio's pool now; the returned function waits for them all."""
         total = sum(d.numel() for d in dests)
         if offset + total > self.size:
             raise OSError(errno.EIO, f"short file: need {offset + total} bytes, file has {self.size}")
         pending = []
-        try:
-            for dest in dests:
-                check_buffer(dest, "dest")
-                _ready(dest)
+
+        def wait() -> None:
+            failure: Exception | None = None
+            for n, at, future in pending:  # every submitted run is waited for, even after a failure
+                try:
+                    if future.get() != n and failure is None:
+                        failure = OSError(errno.EIO, f"short read of {n} bytes at offset {at}")
+                except RuntimeError as exc:
+                    failure = failure or _os_error(exc, f"scatter read of {total} bytes failed")
+            if failure is not None:
+                raise failure
+
+        for dest in dests:
+            check_buffer(dest, "dest")
+        cuda = next((d for d in dests if d.is_cuda), None)
+        if cuda is not None:
+            _ready(cuda)
+        for dest in dests:
+            try:
                 pending.append((dest.numel(), offset, self._handle.pread(_io_view(dest), dest.numel(), offset)))
-                offset += dest.numel()
-            for n, at, future in pending:
-                if future.get() != n:
-                    raise OSError(errno.EIO, f"short read of {n} bytes at offset {at}")
-        except RuntimeError as exc:
-            raise _os_error(exc, f"scatter read of {total} bytes failed") from exc
+            except RuntimeError as exc:
+                with contextlib.suppress(OSError):
+                    wait()  # the runs already submitted must land before the caller reuses their buffers
+                raise _os_error(exc, f"scatter read of {total} bytes failed") from exc
+            offset += dest.numel()
+        return wait
 
     def close(self) -> None:
         if not self._handle.closed:

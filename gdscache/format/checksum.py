@@ -75,6 +75,24 @@ def halfsum3_digest(runs: Sequence[torch.Tensor]) -> bytes:
     return struct.pack("<3q", *totals.tolist())
 
 
+def digests(payloads: Sequence[torch.Tensor], algorithms: Sequence[int]) -> list[bytes]:
+    """The digest of each 1-D uint8 payload under its algorithm; GPU ``halfsum3`` payloads share one host sync."""
+    out = [b""] * len(payloads)
+    together = [i for i, (p, alg) in enumerate(zip(payloads, algorithms, strict=True))
+                if alg == HALFSUM3 and p.is_cuda and p.data_ptr() % 2 == 0 and p.numel() % 2 == 0
+                and p.numel() < _MAX_HALFSUM_BYTES]
+    if len(together) > 1 and _cuda.available():
+        totals = torch.zeros(len(together), 3, dtype=torch.int64, device=payloads[together[0]].device)
+        for row, i in enumerate(together):
+            _cuda.halfsum3(payloads[i].view(torch.int16), 0, totals[row])
+        for i, sums in zip(together, totals.tolist(), strict=True):
+            out[i] = struct.pack("<3q", *sums)
+    for i, (payload, alg) in enumerate(zip(payloads, algorithms, strict=True)):
+        if not out[i]:
+            out[i] = digest(payload, alg)
+    return out
+
+
 def digest_runs(runs: Sequence[torch.Tensor], algorithm: int) -> bytes:
     """The digest of the concatenation of 1-D uint8 ``runs`` (one payload split across buffers)."""
     if algorithm == XXH3_64:

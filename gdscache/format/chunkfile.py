@@ -98,12 +98,14 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
 
 
 def make_meta(key: bytes, namespace: bytes, spec: KVSpec, num_tokens: int, codec: str,
-              codec_params: dict[str, Any], payload: torch.Tensor | list[torch.Tensor]) -> ChunkMeta:
-    """Header fields for ``payload`` (one buffer, or consecutive runs of it), checksummed on its device."""
+              codec_params: dict[str, Any], payload: torch.Tensor | list[torch.Tensor],
+              digest: bytes | None = None) -> ChunkMeta:
+    """Header fields for ``payload`` (one buffer, or consecutive runs of it), checksummed on its device unless its
+    ``digest`` (under :func:`checksum.algorithm_for` the payload) is given."""
     runs = payload if isinstance(payload, list) else [payload]
     alg = checksum.algorithm_for(runs[0])
     return ChunkMeta(key, namespace, spec, num_tokens, codec, codec_params, sum(r.numel() for r in runs), alg,
-                     checksum.digest_runs(runs, alg))
+                     digest if digest is not None else checksum.digest_runs(runs, alg))
 
 
 def verify_payload(meta: ChunkMeta, payload: torch.Tensor) -> None:

@@ -16,12 +16,13 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from gdscache.format.checksum import PipelinedDigest
+from gdscache.format.checksum import PipelinedDigest, digests
 from gdscache.format.chunkfile import (
     HEADER_SIZE,
     PAYLOAD_OFFSET,
@@ -31,7 +32,7 @@ from gdscache.format.chunkfile import (
     pack_header,
     unpack_header,
 )
-from io_backends.base import FileBackend, Part, ReadHandle, align_up
+from io_backends.base import ALIGN, FileBackend, Part, ReadHandle, align_up
 from io_backends.buffers import host_pool
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class LocalTier:
         A host payload comes from ``io_backends.buffers.host_pool``: the caller may release it there.
         """
         if device.type == "cuda" and self.backend.gpu_native:
-            return self._guarded(namespace, key, lambda handle: self._read_to_gpu(handle, key, device))
+            return self.read_many(namespace, [key], device)[0]
         return self._guarded(namespace, key, lambda handle: self._read_payload(handle, self._header(handle, key)))
 
     def read_runs(self, namespace: bytes, key: bytes, runs: list[torch.Tensor]) -> ChunkMeta | None:
@@ -309,28 +310,94 @@ class LocalTier:
             raise
         return meta, payload
 
-    def _read_to_gpu(self, handle: ReadHandle, key: bytes, device: torch.device) -> tuple[ChunkMeta, torch.Tensor]:
-        """Header to the host and payload to the GPU, both in flight at once (the file's size gives the payload
-        length, which the header must then confirm), verified on the GPU."""
-        length = handle.size - PAYLOAD_OFFSET
-        if length <= 0:  # too short to hold a payload: let the header say why
-            meta = self._header(handle, key)
-            raise CorruptChunk(f"file of {handle.size} bytes holds no {meta.payload_len}-byte payload")
-        # This thread's own stream: the buffer and its checksum neither wait for nor hold up other threads'
-        # GPU work (the caller must record_stream the payload where it uses it).
-        with torch.cuda.stream(thread_stream(device)):
-            header, payload = host_pool.acquire(HEADER_SIZE), torch.empty(length, dtype=torch.uint8, device=device)
+    def read_many(self, namespace: bytes, keys: Sequence[bytes],
+                  device: torch.device) -> list[tuple[ChunkMeta, torch.Tensor] | None]:
+        """:meth:`read` of several chunks into one new buffer on ``device``, for small chunks: every file's header
+        and payload reads in flight at once (where the backend can), payloads on a GPU verified with one host sync.
+        Each chunk is a hit or a miss on its own.
+
+        A CUDA ``device`` needs a backend that reads into GPU memory (``gpu_native``).
+        """
+        paths = [self.path_of(namespace, key) for key in keys]
+        outcome: list[tuple[ChunkMeta, torch.Tensor] | Exception | None] = [None] * len(keys)
+        handles: list[ReadHandle | None] = [None] * len(keys)
+        self._pin(keys)
+        try:
+            for i, path in enumerate(paths):
+                try:
+                    handles[i] = self.backend.open_read(path)
+                except OSError as exc:
+                    outcome[i] = exc
+            # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
+            # threads' GPU work (the caller must record_stream a payload where it uses it)
+            with torch.cuda.stream(thread_stream(device)) if device.type == "cuda" else nullcontext():
+                self._read_open_files(keys, handles, outcome, device)
+        finally:
+            for handle in handles:
+                if handle is not None:
+                    handle.close()
+            self._unpin(keys)
+        results: list[tuple[ChunkMeta, torch.Tensor] | None] = []
+        for key, path, got in zip(keys, paths, outcome, strict=True):
+            if isinstance(got, Exception):
+                self._missed(path, key, got)
+                results.append(None)
+            else:
+                self._hit(path, key)
+                results.append(got)
+        return results
+
+    def _read_open_files(self, keys: Sequence[bytes], handles: Sequence[ReadHandle | None],
+                         outcome: list, device: torch.device) -> None:
+        """Fill ``outcome[i]`` with ``(meta, payload)`` or the exception that makes chunk ``i`` a miss."""
+        lengths = [h.size - PAYLOAD_OFFSET if h is not None else 0 for h in handles]
+        starts = [0] * len(keys)
+        total = 0
+        for i, length in enumerate(lengths):  # payload slots 4 KiB apart, as GPUDirect likes them
+            starts[i], total = total, total + align_up(max(length, 0))
+        headers = host_pool.acquire(HEADER_SIZE * len(keys))
+        payloads = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        waits: list[Callable[[], None] | None] = [None] * len(keys)
+        try:
+            for i, handle in enumerate(handles):
+                if handle is None:
+                    continue
+                header = headers[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]
+                runs = [header] if lengths[i] <= 0 else [header, payloads[starts[i] : starts[i] + lengths[i]]]
+                try:
+                    waits[i] = handle.start_read(runs, 0)
+                except OSError as exc:
+                    outcome[i] = exc
+        finally:
+            for i, wait in enumerate(waits):  # every read started lands before its buffers can be reused
+                if wait is not None:
+                    try:
+                        wait()
+                    except OSError as exc:
+                        outcome[i] = exc
+        header_bytes = headers.numpy().tobytes()
+        host_pool.release(headers)
+        checked: list[tuple[int, ChunkMeta, torch.Tensor]] = []
+        for i, handle in enumerate(handles):
+            if handle is None or outcome[i] is not None:
+                continue
             try:
-                handle.read_into_runs([header, payload], 0)
-                meta = unpack_header(header.numpy().tobytes(), handle.size)
-            finally:
-                host_pool.release(header)
-            if meta.key != key:
-                raise CorruptChunk("file holds another key")
-            if meta.payload_len != length:
-                raise CorruptChunk(f"payload is {meta.payload_len} bytes, the file holds {length}")
-            _read_verified(handle, meta, [[payload]], 1)
-        return meta, payload
+                meta = unpack_header(header_bytes[i * HEADER_SIZE : (i + 1) * HEADER_SIZE], handle.size)
+                if meta.key != keys[i]:
+                    raise CorruptChunk("file holds another key")
+                if not 0 <= lengths[i] - meta.payload_len < ALIGN:  # a payload, maybe padded to a 4 KiB boundary
+                    raise CorruptChunk(f"file of {handle.size} bytes holds no {meta.payload_len}-byte payload")
+            except CorruptChunk as exc:
+                outcome[i] = exc
+                continue
+            checked.append((i, meta, payloads[starts[i] : starts[i] + meta.payload_len]))
+        sums = digests([p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
+        for (i, meta, payload), got in zip(checked, sums, strict=True):
+            try:
+                check_digest(meta, got)
+                outcome[i] = (meta, payload)
+            except CorruptChunk as exc:
+                outcome[i] = exc
 
     @staticmethod
     def _header(handle: ReadHandle, key: bytes) -> ChunkMeta:
@@ -343,28 +410,45 @@ class LocalTier:
     def _guarded(self, namespace: bytes, key: bytes, body: Callable[[ReadHandle], T]) -> T | None:
         """Open the chunk and run ``body`` on it, the key pinned meanwhile; faults become None."""
         path = self.path_of(namespace, key)
-        with self._lock:
-            self._in_use[key] += 1
+        self._pin([key])
         try:
             with self.backend.open_read(path) as handle:
                 result = body(handle)
-        except FileNotFoundError:
-            self._forget(key)
-            self.stats.read_misses += 1
-            return None
-        except CorruptChunk as exc:
-            self.quarantine(path, str(exc))
-            self._forget(key)
-            return None
-        except OSError as exc:
-            log.warning("read of %s failed: %s; treating as a miss", path, exc)
-            self.stats.read_misses += 1
+        except (OSError, CorruptChunk) as exc:
+            self._missed(path, key, exc)
             return None
         finally:
-            with self._lock:
+            self._unpin([key])
+        self._hit(path, key)
+        return result
+
+    def _pin(self, keys: Sequence[bytes]) -> None:
+        """Keep ``keys`` from eviction while they are read."""
+        with self._lock:
+            for key in keys:
+                self._in_use[key] += 1
+
+    def _unpin(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
                 self._in_use[key] -= 1
                 if not self._in_use[key]:
                     del self._in_use[key]
+
+    def _missed(self, path: str, key: bytes, exc: Exception) -> None:
+        """Account a read that failed: a vanished file is forgotten, a corrupt one quarantined, an I/O fault logged."""
+        if isinstance(exc, CorruptChunk):
+            self.quarantine(path, str(exc))
+            self._forget(key)
+            return
+        if isinstance(exc, FileNotFoundError):
+            self._forget(key)
+        else:
+            log.warning("read of %s failed: %s; treating as a miss", path, exc)
+        self.stats.read_misses += 1
+
+    def _hit(self, path: str, key: bytes) -> None:
+        """Account a verified read: most recently used here, and by mtime for the next process's scan."""
         self.stats.reads += 1
         with self._lock:
             if key in self._index:
@@ -373,7 +457,6 @@ class LocalTier:
             os.utime(path)
         except OSError:
             pass
-        return result
 
     def quarantine(self, path: str, why: str) -> None:
         """Move a bad chunk file aside (or delete it if that fails) and log why."""

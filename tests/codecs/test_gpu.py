@@ -128,11 +128,15 @@ def test_cachegen_batches_match_one_by_one_and_isolate_a_corrupt_chunk():
     assert torch.equal(_bits(out[:, :, 136:200].cpu()), _bits(ref[:, :, 128:]))
 
 
-@pytest.mark.parametrize("nbytes", [2, 4098, 1 << 20, (1 << 21) + 6])
-def test_halfsum3_kernel_matches_its_definition(nbytes):
+@pytest.mark.parametrize("nbytes,skew", [(2, 0), (4098, 0), (1 << 20, 0), ((1 << 21) + 6, 0), (10, 6), (30, 2),
+                                         ((1 << 20) + 14, 10)])
+def test_halfsum3_kernel_matches_its_definition(nbytes, skew):
+    """Whole 16-byte loads, and words before the first 16-byte boundary (``skew``) and after the last load."""
     data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes))
     sums = torch.zeros(3, dtype=torch.int64, device="cuda")
-    _cuda.halfsum3(data.cuda().view(torch.int16), 70000, sums)
+    on_gpu = torch.empty(nbytes + skew, dtype=torch.uint8, device="cuda")[skew:]
+    on_gpu.copy_(data)
+    _cuda.halfsum3(on_gpu.view(torch.int16), 70000, sums)
     w = data.numpy().view("<u2").astype(np.int64)
     j = 70000 + np.arange(w.size, dtype=np.int64)
     want = [int(w.sum()), int((w * (j % 65521 + 1)).sum()), int((w * (j % 65519 + 1)).sum())]
@@ -208,3 +212,13 @@ def test_gdscache_stores_and_retrieves_pages_on_the_gpu(tmp_path):
         assert cache.retrieve(tokens, out) == 256
         assert torch.equal(_bits(KVPages(cache2_out, ids[2:]).gather()), _bits(ref[:, :, 32:]))
         assert not bool(cache2_out[:, :, [i for i in range(pages.shape[2]) if i not in ids[2:]]].any())
+
+
+def test_digests_of_gpu_payloads_share_one_sync_and_match_the_reference():
+    from gdscache.format import checksum
+
+    host = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+            for n in (1 << 20, 4096 + 2, 7, 70000)]
+    algs = [checksum.HALFSUM3] * 4
+    want = [checksum.digest(p, a) for p, a in zip(host, algs)]  # the torch reference, on the CPU
+    assert checksum.digests([p.cuda() for p in host], algs) == want

@@ -86,3 +86,32 @@ def test_header_written_with_other_codec_settings_is_a_miss(cache_dir):
         f.write(pack_header(meta))
     with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
         assert cache.retrieve(list(range(16)), torch.zeros_like(kv)) == 0
+
+
+def test_batched_read_tells_each_chunk_apart(cache_dir):
+    # one read_many call: good chunks come back verified, each kind of damage is a miss of its own chunk only
+    kv = make_kv(2, 6 * 16, 2, 8, dtype=torch.bfloat16)
+    tokens = list(range(kv.shape[2]))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        keys = cache.chunk_keys(tokens)
+        local, ns, cpu = cache._local, cache.namespace, torch.device("cpu")
+        paths = [local.path_of(ns, key) for key in keys]
+        singles = [local.read(ns, key, cpu) for key in keys]
+        _damage(paths[1], "payload-bitflip")
+        _damage(paths[2], "truncated")
+        os.unlink(paths[3])
+        with open(paths[0], "rb") as src, open(paths[4], "wb") as dst:  # another key's file under this name
+            dst.write(src.read())
+        got = local.read_many(ns, keys, cpu)
+        assert [hit is not None for hit in got] == [True, False, False, False, False, True]
+        for k in (0, 5):
+            meta, payload = got[k]
+            assert meta.key == keys[k] and meta.payload_digest == singles[k][0].payload_digest
+            assert torch.equal(payload, singles[k][1])
+        stats = cache.stats()
+        assert stats["local_corrupt"] == 3 and stats["local_read_misses"] == 1
+        assert not any(os.path.exists(paths[k]) for k in (1, 2, 3, 4))
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens, out) == 16
+        assert torch.equal(out[:, :, :16], kv[:, :, :16])

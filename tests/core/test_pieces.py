@@ -107,3 +107,13 @@ def test_runs_off_a_page_boundary_and_gaps_are_written_exactly(tmp_path, o_direc
     assert data[:ALIGN] == header and data[ALIGN : 2 * ALIGN] == kv[:ALIGN].numpy().tobytes()
     assert not set(data[2 * ALIGN : 3 * ALIGN]) - {0}  # the gap reads as zeros, whatever the pooled buffer held
     assert data[3 * ALIGN : 5 * ALIGN] == kv[ALIGN:].numpy().tobytes()
+
+
+def test_digests_of_many_payloads_match_one_by_one():
+    from gdscache.format import checksum
+
+    payloads = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+                for n in (4096, 1001, 0, 70000)]
+    algs = [checksum.HALFSUM3, checksum.XXH3_64, checksum.HALFSUM3, checksum.HALFSUM3]
+    assert checksum.digests(payloads, algs) == [checksum.digest(p, a) for p, a in zip(payloads, algs)]
+    assert checksum.digests([], []) == []

@@ -131,3 +131,26 @@ def test_pages_on_the_gpu_through_io_thread_decode(cache_dir, codec):
     assert torch.equal(_bits(KVPages(dest, ids[2:]).gather()), _bits(kv[:, :, 32:]))
     others = [p for p in range(40) if p not in ids[2:]]
     assert not bool(dest[:, :, others].any())  # the skipped pages and every other page untouched
+
+
+def test_small_chunks_fetched_in_groups_mix_tiers_and_stop_at_a_miss(cache_dir):
+    # 256 KiB chunks: all 40 fetched by one task (one batched read and one checksum sync); the last chunks
+    # stored also sit in the DRAM tier, so the group mixes DRAM hits with local reads
+    from gdscache import api
+
+    kv = make_kv(4, 40 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=7, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir, cpu_cache_bytes=9 << 20) as cache:  # holds the last 36 chunks stored
+        assert cache.store(tokens, kv) == kv.shape[2]
+        assert cache._group_size(cache._spec, kv) == api.GROUP_CHUNKS
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == kv.shape[2]
+        assert torch.equal(_bits(out), _bits(kv))
+        stats = cache.stats()
+        assert stats["dram_hits"] > 0 and stats["local_hits"] > 0
+        path = cache._local.path_of(cache.namespace, cache.chunk_keys(tokens)[20])
+    os.unlink(path)
+    with _open(cache_dir) as cache:
+        out.fill_(float("nan"))
+        assert cache.retrieve(tokens, out) == 20 * CHUNK  # chunk 20 (mid-group) is gone: the prefix ends there
+        assert torch.equal(_bits(out[:, :, : 20 * CHUNK]), _bits(kv[:, :, : 20 * CHUNK]))
