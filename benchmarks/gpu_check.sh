@@ -18,7 +18,8 @@ LOG=$OUT/gpu_check.log
 SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-# Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe).
+# Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
+# read_steps and fetch_groups (~1 min each).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -85,6 +86,14 @@ step_bench_cli() {
         --json "$OUT/bench_cli.json" --plot "$OUT/bench_cli.png" ${BENCH_CLI_ARGS:-}
 }
 
+step_fetch_groups() {
+    # chunks per I/O task x I/O threads, 1 MiB and 32 MiB chunks (issue 3; FETCH_GROUPS_ARGS adds options)
+    python3 benchmarks/gpu_fetch_groups.py --shape 16,1,64 --groups 1,8,128 --threads 1,8 \
+        --json "$OUT/fetch_groups_small.json" ${FETCH_GROUPS_ARGS:-}
+    python3 benchmarks/gpu_fetch_groups.py --shape 32,8,128 --request-chunks 32 --requests 2 --groups 1,4 \
+        --threads 8 --json "$OUT/fetch_groups_llama.json" ${FETCH_GROUPS_ARGS:-}
+}
+
 step_warm_probe() {
     # why page-cache-warm kvikio reads run at 20 or 40 GB/s: write method x warm-up x file size (WARM_PROBE_ARGS)
     python3 benchmarks/kvikio_warm_probe.py --dir "$REPO/.bench/warm_probe" --json "$OUT/warm_probe.json" \
@@ -108,6 +117,7 @@ for s in "${STEPS[@]}"; do
         bench_gds) run_step bench_gds 300 ;;
         bench_cli) run_step bench_cli 300 ;;
         warm_probe) run_step warm_probe 300 ;;
+        fetch_groups) run_step fetch_groups 240 ;;
         *) run_step "$s" 60 ;;
     esac
 done

@@ -32,16 +32,19 @@ from io_backends.buffers import host_pool
 log = logging.getLogger("gdscache")
 GROUP_BYTES = 128 << 20
 GROUP_CHUNKS = 128
-"""On a GPU, chunks are fetched up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per I/O task: one
-batched local-tier read (every file's reads in flight on kvikio's pool), one checksum sync and one decode call per
-group. One task per chunk spent most of its time in CUDA and Python calls contending across the I/O threads: warm
-reads of 1 MiB chunks ran at 2.0 GB/s in groups of 8 and 7.5 in groups of 128, of 32 MiB chunks at 28 GB/s alone
-and 32-34 in groups of 2-8 (benchmarks/RESULTS.md)."""
+"""On a GPU, chunks are fetched and stored up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per
+I/O task: one batched local-tier read (every file's reads in flight on kvikio's pool), one checksum sync and one
+decode call per group; on store, every file's writes in flight and one filesystem sync. One task per chunk spent
+most of its time in CUDA and Python calls contending across the I/O threads: warm reads of 1 MiB chunks ran at
+2.0 GB/s in groups of 8 and 7.5 in groups of 128, of 32 MiB chunks at 28 GB/s alone and 32-34 in groups of 2-8
+(benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
 """Fetch tasks in flight hold at most about this many payload bytes (and at least two tasks)."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
+Payload = torch.Tensor | list[torch.Tensor]
+"""An encoded chunk: one buffer, or consecutive runs of one (a raw host chunk straight from the caller's tensor)."""
 
 
 class Fetched(NamedTuple):
@@ -122,7 +125,7 @@ class GDSCache:
         arr, spec = self._prepare(tokens, kv, "kv")
         chunk = self.config.chunk_size
         started = time.perf_counter()
-        jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]] = []
+        jobs: list[tuple[Future[list[bool]], list[Payload]]] = []  # each: which of its chunks were stored
         todo: list[tuple[bytes, KV]] = []  # chunks to encode
         new_tokens = 0
         for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
@@ -134,36 +137,43 @@ class GDSCache:
             runs = self._codec.direct_runs(piece) if self._writer is None else None
             if runs is not None:
                 self.metrics.inc("bytes_encoded", sum(run.numel() for run in runs))
-                jobs.append((self._backend.submit(self._seal, key, spec, runs), runs))
+                jobs.append((self._backend.submit(self._seal, key, spec, runs), [runs]))
                 continue
             todo.append((key, piece))
             if not kv.is_cuda:  # encoding on the CPU is slow: each chunk is written while the next one encodes
-                new_tokens += self._submit(key, spec, self._codec.encode_many([todo.pop()[1]])[0], jobs)
-        # on the GPU the chunks are encoded together (fuller kernel launches, one host sync), and checksummed
-        # together (one more)
+                key, piece = todo.pop()
+                payload = self._codec.encode_many([piece])[0]
+                new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
+        # on the GPU the chunks are encoded together (fuller kernel launches, one host sync), checksummed together
+        # (one more), and written in groups (one I/O task, its files in flight together and made durable together)
         payloads = self._codec.encode_many([piece for _, piece in todo])
         sums = digests(payloads, [algorithm_for(p) for p in payloads])
-        for (key, _), payload, digest in zip(todo, payloads, sums, strict=True):
-            new_tokens += self._submit(key, spec, payload, jobs, digest)
-        for job, payload in jobs:
-            new_tokens += chunk if job.result() else 0
-            if not isinstance(payload, list):
-                self._recycle(payload)
+        metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(todo, payloads, sums, strict=True)]
+        group = self._group_size(spec, kv)
+        for start in range(0, len(metas), group):
+            new_tokens += self._submit(metas[start : start + group], payloads[start : start + group], jobs)
+        for job, held in jobs:
+            new_tokens += chunk * sum(job.result())
+            for payload in held:
+                if not isinstance(payload, list):
+                    self._recycle(payload)
         if jobs or new_tokens:
-            self.metrics.observe("store", (time.perf_counter() - started) / max(1, len(jobs) or new_tokens // chunk))
+            chunks_sent = sum(len(held) for _, held in jobs)
+            self.metrics.observe("store", (time.perf_counter() - started) / max(1, chunks_sent or new_tokens // chunk))
         self.metrics.inc("stored_tokens", new_tokens)
         return new_tokens
 
-    def _submit(self, key: bytes, spec: KVSpec, payload: torch.Tensor,
-                jobs: list[tuple[Future[bool], torch.Tensor | list[torch.Tensor]]], digest: bytes | None = None) -> int:
-        """Queue one encoded chunk for writing: to the write-behind queue (tokens accepted, returned) or to the
-        I/O pool (a job in ``jobs``, 0 returned)."""
-        meta = self._meta(key, spec, payload, digest)
-        self.metrics.inc("bytes_encoded", meta.payload_len)
+    def _submit(self, metas: list[ChunkMeta], payloads: list[torch.Tensor],
+                jobs: list[tuple[Future[list[bool]], list[Payload]]]) -> int:
+        """Queue encoded chunks for writing: to the write-behind queue (tokens accepted, returned) or to the I/O pool
+        as one job in ``jobs`` (0 returned)."""
+        for meta in metas:
+            self.metrics.inc("bytes_encoded", meta.payload_len)
         if self._writer is not None:
-            self._writer.submit(meta, payload)
-            return self.config.chunk_size
-        jobs.append((self._backend.submit(self._persist, meta, payload), payload))
+            for meta, payload in zip(metas, payloads, strict=True):
+                self._writer.submit(meta, payload)
+            return self.config.chunk_size * len(metas)
+        jobs.append((self._backend.submit(self._persist_many, metas, payloads), payloads))
         return 0
 
     def lookup(self, tokens: Tokens) -> int:
@@ -379,28 +389,33 @@ class GDSCache:
         return make_meta(key, self._namespace, spec, self.config.chunk_size, self._codec.name, self._codec.params(),
                          payload, digest)
 
-    def _seal(self, key: bytes, spec: KVSpec, runs: list[torch.Tensor]) -> bool:
+    def _seal(self, key: bytes, spec: KVSpec, runs: list[torch.Tensor]) -> list[bool]:
         """Checksum a raw host chunk given as runs of the caller's tensor, then persist it."""
-        return self._persist(self._meta(key, spec, runs), runs)
+        return self._persist_many([self._meta(key, spec, runs)], [runs])
 
-    def _persist(self, meta: ChunkMeta, payload: torch.Tensor | list[torch.Tensor]) -> bool:
-        """Write one encoded chunk (a buffer, or runs of one) to every tier; never raises for storage faults."""
-        ok = self._local.write(self._namespace, meta, payload)
-        self.metrics.inc("chunks_written" if ok else "chunk_write_failures")
-        if ok:
-            self.metrics.inc("bytes_written", meta.payload_len)
-        if self._dram is not None or self._remote is not None:
-            whole = torch.cat(payload) if isinstance(payload, list) else payload
-            if self._dram is not None:
-                self._dram.put(meta.key, meta, whole)
-            if self._remote is not None:
-                self._remote.put(self._namespace, meta.key, meta, whole)
-                ok = True
-        return ok
+    def _persist(self, meta: ChunkMeta, payload: Payload) -> bool:
+        """Write one encoded chunk to every tier; never raises for storage faults."""
+        return self._persist_many([meta], [payload])[0]
 
-    def _group_size(self, spec: KVSpec, out: KV) -> int:
-        """Chunks per fetch task: several small ones where the local tier reads them into the GPU together."""
-        if not (out.is_cuda and self._backend.gpu_native):
+    def _persist_many(self, metas: list[ChunkMeta], payloads: list[Payload]) -> list[bool]:
+        """Write encoded chunks to every tier (to the local one together); never raises for storage faults."""
+        stored = self._local.write_many(self._namespace, list(zip(metas, payloads, strict=True)))
+        for k, (meta, payload) in enumerate(zip(metas, payloads, strict=True)):
+            self.metrics.inc("chunks_written" if stored[k] else "chunk_write_failures")
+            if stored[k]:
+                self.metrics.inc("bytes_written", meta.payload_len)
+            if self._dram is not None or self._remote is not None:
+                whole = torch.cat(payload) if isinstance(payload, list) else payload
+                if self._dram is not None:
+                    self._dram.put(meta.key, meta, whole)
+                if self._remote is not None:
+                    self._remote.put(self._namespace, meta.key, meta, whole)
+                    stored[k] = True
+        return stored
+
+    def _group_size(self, spec: KVSpec, kv: KV) -> int:
+        """Chunks per I/O task: several where the GPU backend reads or writes their files together."""
+        if not (kv.is_cuda and self._backend.gpu_native):
             return 1
         return max(1, min(GROUP_CHUNKS, GROUP_BYTES // (spec.bytes_per_token() * self.config.chunk_size)))
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import ctypes
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -41,6 +44,23 @@ def check_buffer(buf: torch.Tensor, name: str = "buffer") -> None:
 
 def _nothing_pending() -> None:
     return None
+
+
+_syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None) if sys.platform.startswith("linux") else None
+
+
+def sync_together(fds: Sequence[int]) -> None:
+    """Make what was written to several open files durable: one ``syncfs(2)`` per filesystem where Linux has it
+    (one journal commit for all of them, but it also flushes other dirty data of that filesystem), else an
+    ``fsync`` each. Raises ``OSError``."""
+    if _syncfs is None or len(fds) < 2:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    for fd in {os.fstat(fd).st_dev: fd for fd in fds}.values():
+        if _syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs: {os.strerror(code)}")
 
 
 @dataclass(frozen=True)
@@ -120,14 +140,25 @@ class FileBackend(abc.ABC):
         temporary file behind.
         """
 
+    def write_files(self, files: Sequence[tuple[str, Sequence[Part]]], *, durable: bool = True) -> list[OSError | None]:
+        """:meth:`write_file` for several files: per file None, or the ``OSError`` that kept it from being published
+        (none of it is left behind). Backends that can keep several files' writes in flight and make them durable
+        together override this; here they go one by one."""
+        errors: list[OSError | None] = []
+        for path, parts in files:
+            try:
+                self.write_file(path, parts, durable=durable)
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        return errors
+
     @abc.abstractmethod
     def open_read(self, path: str) -> ReadHandle:
         """Open ``path`` for reading. Raises ``FileNotFoundError`` when it is gone."""
 
     def drop_page_cache(self, path: str) -> None:
         """Ask the kernel to drop cached pages of ``path`` (for cold-read measurements); no root needed."""
-        import os
-
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from io_backends.base import FileBackend, Part, ReadHandle, check_buffer
+from io_backends.base import FileBackend, Part, ReadHandle, check_buffer, sync_together
 from io_backends.posix import temp_path_for
 
 log = logging.getLogger("gdscache")
@@ -120,34 +120,76 @@ class KvikioBackend(FileBackend):
             self._kvikio.memory_deregister(buf)
 
     def write_file(self, path: str, parts: Sequence[Part], *, durable: bool = True) -> None:
-        for part in parts:
-            if not isinstance(part.data, (bytes, bytearray)):
-                check_buffer(part.data, f"part at offset {part.offset}")
-        tmp = temp_path_for(path)
-        try:
-            handle = self._kvikio.CuFile(tmp, "w")
-        except RuntimeError as exc:
-            raise _os_error(exc, f"cannot create {tmp}") from exc
-        try:
-            try:
-                self._write_parts(handle, parts)
-                if durable:
-                    os.fsync(handle.fileno())
-            finally:
-                handle.close()
-            os.rename(tmp, path)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            if isinstance(exc, RuntimeError):
-                raise _os_error(exc, f"write of {path} failed") from exc
-            raise
+        error = self.write_files([(path, parts)], durable=durable)[0]
+        if error is not None:
+            raise error
 
-    def _write_parts(self, handle: Any, parts: Sequence[Part]) -> None:
-        """Host bytes go by pwrite; buffers go to kvikio, all parts in flight together."""
+    def write_files(self, files: Sequence[tuple[str, Sequence[Part]]], *, durable: bool = True) -> list[OSError | None]:
+        """Every file's parts in flight at once on kvikio's pool, then one sync for all of them
+        (:func:`~io_backends.base.sync_together`), then each renamed into place."""
+        errors: list[OSError | None] = [None] * len(files)
+        started: list[tuple[int, str, Any, Callable[[], None] | None]] = []  # index, temp name, handle, wait
+        for i, (path, parts) in enumerate(files):
+            for part in parts:
+                if not isinstance(part.data, (bytes, bytearray)):
+                    check_buffer(part.data, f"part at offset {part.offset}")
+            tmp = temp_path_for(path)
+            try:
+                handle = self._kvikio.CuFile(tmp, "w")
+            except RuntimeError as exc:
+                errors[i] = _os_error(exc, f"cannot create {tmp}")
+                continue
+            try:
+                started.append((i, tmp, handle, self._start_parts(handle, parts)))
+            except (OSError, RuntimeError) as exc:
+                errors[i] = _os_error(exc, f"write of {path} failed")
+                started.append((i, tmp, handle, None))
+        try:
+            for i, _, _, wait in started:  # every write lands before its buffers can go back to the caller
+                if wait is not None:
+                    try:
+                        wait()
+                    except (OSError, RuntimeError) as exc:
+                        errors[i] = _os_error(exc, f"write of {files[i][0]} failed")
+            if durable:
+                written = [handle.fileno() for i, _, handle, _ in started if errors[i] is None]
+                try:
+                    sync_together(written)
+                except OSError as exc:
+                    for i, _, _, _ in started:
+                        errors[i] = errors[i] or exc
+        finally:
+            for _, _, handle, _ in started:
+                handle.close()
+        for i, tmp, _, _ in started:
+            if errors[i] is None:
+                try:
+                    os.rename(tmp, files[i][0])
+                    continue
+                except OSError as exc:
+                    errors[i] = exc
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return errors
+
+    def _start_parts(self, handle: Any, parts: Sequence[Part]) -> Callable[[], None]:
+        """Host bytes go by pwrite now; buffers go to kvikio, all parts in flight together. The returned function
+        waits for them."""
         pending = []
+
+        def wait() -> None:
+            failure: Exception | None = None
+            for part, future in pending:  # every submitted part is waited for, even after a failure
+                try:
+                    done = future.get()
+                except RuntimeError as exc:
+                    failure = failure or exc
+                    continue
+                if done != part.nbytes and failure is None:
+                    failure = OSError(errno.EIO, f"short write: {done} of {part.nbytes} bytes at offset {part.offset}")
+            if failure is not None:
+                raise failure
+
         for part in parts:
             if part.nbytes == 0:
                 continue
@@ -158,11 +200,13 @@ class KvikioBackend(FileBackend):
                     view, offset = view[done:], offset + done
                 continue
             _ready(part.data)
-            pending.append((part, handle.pwrite(_io_view(part.data), part.nbytes, part.offset)))
-        for part, future in pending:
-            done = future.get()
-            if done != part.nbytes:
-                raise OSError(errno.EIO, f"short write: {done} of {part.nbytes} bytes at offset {part.offset}")
+            try:
+                pending.append((part, handle.pwrite(_io_view(part.data), part.nbytes, part.offset)))
+            except RuntimeError:
+                with contextlib.suppress(OSError, RuntimeError):
+                    wait()
+                raise
+        return wait
 
     def open_read(self, path: str) -> ReadHandle:
         try:

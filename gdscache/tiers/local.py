@@ -61,6 +61,17 @@ class LocalStats:
     temps_removed: int = 0
 
 
+@dataclass
+class _Pending:
+    """A chunk on its way to disk: where it goes in the caller's list, its file, and its bytes."""
+
+    index: int
+    key: bytes
+    path: str
+    size: int
+    parts: list[Part]
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -179,51 +190,75 @@ class LocalTier:
 
     def write(self, namespace: bytes, meta: ChunkMeta, payload: torch.Tensor | list[torch.Tensor]) -> bool:
         """Publish one chunk (its payload as one buffer or as consecutive runs); False when the disk refuses it."""
-        path = self.path_of(namespace, meta.key)
-        size = align_up(meta.file_size)
-        directory = os.path.dirname(path)
-        if directory not in self._known_dirs:
-            os.makedirs(directory, exist_ok=True)
-            self._known_dirs.add(directory)
-        if self.max_bytes is not None and size > self.max_bytes:
-            log.warning("chunk of %d bytes exceeds the %d-byte disk quota; not stored", size, self.max_bytes)
-            return False
+        return self.write_many(namespace, [(meta, payload)])[0]
+
+    def write_many(self, namespace: bytes,
+                   chunks: Sequence[tuple[ChunkMeta, torch.Tensor | list[torch.Tensor]]]) -> list[bool]:
+        """Publish several chunks, their writes in flight and made durable together where the backend can; per
+        chunk, False when the disk refuses it."""
+        stored = [False] * len(chunks)
+        todo: list[_Pending] = []
+        for i, (meta, payload) in enumerate(chunks):
+            path = self.path_of(namespace, meta.key)
+            size = align_up(meta.file_size)
+            if self.max_bytes is not None and size > self.max_bytes:
+                log.warning("chunk of %d bytes exceeds the %d-byte disk quota; not stored", size, self.max_bytes)
+                continue
+            directory = os.path.dirname(path)
+            if directory not in self._known_dirs:
+                os.makedirs(directory, exist_ok=True)
+                self._known_dirs.add(directory)
+            parts = [Part(0, pack_header(meta))]
+            offset = PAYLOAD_OFFSET
+            for run in payload if isinstance(payload, list) else [payload]:
+                parts.append(Part(offset, run))
+                offset += run.numel()
+            todo.append(_Pending(i, meta.key, path, size, parts))
         with self._lock:  # reserve the bytes first, so parallel writers cannot overshoot the quota together
-            self._bytes += size
+            self._bytes += sum(item.size for item in todo)
             excess = self._bytes - self.max_bytes if self.max_bytes is not None else 0
         if excess > 0:
             self._evict(excess)
-        parts = [Part(0, pack_header(meta))]
-        offset = PAYLOAD_OFFSET
-        for run in payload if isinstance(payload, list) else [payload]:
-            parts.append(Part(offset, run))
-            offset += run.numel()
         for attempt in (1, 2):
-            try:
-                self.backend.write_file(path, parts, durable=self.durable)
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+            errors = self.backend.write_files([(item.path, item.parts) for item in todo], durable=self.durable)
+            full: list[_Pending] = []
+            for item, error in zip(todo, errors, strict=True):
+                if error is None:
+                    self._published(item)
+                    stored[item.index] = True
+                elif error.errno == errno.ENOSPC:
                     self.stats.enospc += 1
-                    if attempt == 1 and self._make_room_after_enospc(size):
-                        continue
-                    if attempt == 2:  # eviction did not help: the disk is full of other data
-                        self._no_evict_until = time.monotonic() + ENOSPC_BACKOFF_S
-                    log.warning("disk full under %s; chunk not stored (stored chunks and reads are unaffected)", self.root)
+                    full.append(item)
                 else:
-                    log.warning("could not write chunk %s: %s", path, exc)
-                self.stats.write_errors += 1
-                with self._lock:
-                    self._bytes -= size
-                return False
+                    log.warning("could not write chunk %s: %s", item.path, error)
+                    self._unreserve(item)
+            if not full:
+                break
+            if attempt == 1 and self._make_room_after_enospc(sum(item.size for item in full)):
+                todo = full
+                continue
+            if attempt == 2:  # eviction did not help: the disk is full of other data
+                self._no_evict_until = time.monotonic() + ENOSPC_BACKOFF_S
+            log.warning("disk full under %s; %d chunk(s) not stored (stored chunks and reads are unaffected)",
+                        self.root, len(full))
+            for item in full:
+                self._unreserve(item)
+            break
+        return stored
+
+    def _published(self, item: _Pending) -> None:
         self.stats.writes += 1
         with self._lock:
-            if meta.key in self._index:  # a duplicate store replaced the same bytes
-                self._bytes -= size
-                self._index.move_to_end(meta.key)
+            if item.key in self._index:  # a duplicate store replaced the same bytes
+                self._bytes -= item.size
+                self._index.move_to_end(item.key)
             else:
-                self._index[meta.key] = (path, size)
-        return True
+                self._index[item.key] = (item.path, item.size)
+
+    def _unreserve(self, item: _Pending) -> None:
+        self.stats.write_errors += 1
+        with self._lock:
+            self._bytes -= item.size
 
     def _make_room_after_enospc(self, size: int) -> bool:
         """Evict two chunks' worth for a retry, unless a recent retry showed that eviction does not help.

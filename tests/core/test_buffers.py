@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from io_backends.base import ALIGN
@@ -34,3 +37,19 @@ def test_pool_keeps_at_most_max_bytes_and_ignores_foreign_buffers():
     assert pool._free_bytes == 8192
     pool.release(torch.empty(4096, dtype=torch.uint8)[1:])  # unaligned, not ours
     assert pool._free_bytes == 8192
+
+
+def test_sync_together_syncs_files_and_reports_bad_descriptors(tmp_path):
+    from io_backends.base import sync_together
+
+    fds = [os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT) for name in ("a", "b", "c")]
+    try:
+        for fd in fds:
+            os.write(fd, b"x" * 5000)
+        sync_together(fds)  # one syncfs on Linux
+        sync_together(fds[:1])  # an fsync
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with pytest.raises(OSError):
+        sync_together(fds)  # closed descriptors

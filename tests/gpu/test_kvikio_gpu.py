@@ -94,3 +94,20 @@ def test_registered_staging_buffer_is_reused(kvikio_backend, tmp_path):
             handle.read_into(staging, 0)
         assert torch.equal(staging, payload)
     kvikio_backend.deregister_buffer(staging)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_write_files_publishes_each_file_on_its_own(kvikio_backend, tmp_path, durable):
+    # several files in flight and synced together; one that cannot be created fails alone and leaves nothing
+    payloads = [_random_bytes(n) for n in (MiB, 4096, 3 * MiB + 10)]
+    paths = [str(tmp_path / "a.gdc"), str(tmp_path / "missing-dir" / "b.gdc"), str(tmp_path / "c.gdc")]
+    files = [(path, [Part(0, bytes(4096)), Part(4096, p)]) for path, p in zip(paths, payloads)]
+    errors = kvikio_backend.write_files(files, durable=durable)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], OSError)
+    assert sorted(os.listdir(tmp_path)) == ["a.gdc", "c.gdc"]  # no temporaries left
+    for k in (0, 2):
+        with kvikio_backend.open_read(paths[k]) as handle:
+            back = torch.empty_like(payloads[k])
+            handle.read_into(back, 4096)
+        assert torch.equal(back, payloads[k])
