@@ -8,7 +8,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -30,16 +30,17 @@ from io_backends import make_file_backend
 from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
-GROUP_BYTES = 128 << 20
 GROUP_CHUNKS = 128
+GROUP_BYTES = 128 << 20
 """On a GPU, chunks are fetched and stored up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per
 I/O task: one batched local-tier read (every file's reads in flight on kvikio's pool), one checksum sync and one
-decode call per group; on store, every file's writes in flight and one filesystem sync. One task per chunk spent
-most of its time in CUDA and Python calls contending across the I/O threads: warm reads of 1 MiB chunks ran at
-2.0 GB/s in groups of 8 and 7.5 in groups of 128, of 32 MiB chunks at 28 GB/s alone and 32-34 in groups of 2-8
-(benchmarks/RESULTS.md)."""
+decode call per group; on store, every file's writes in flight, then their fsyncs in parallel. One task per chunk
+spent most of its time in CUDA and Python calls contending across the I/O threads: with 8 threads, warm reads of
+1 MiB chunks ran at 0.8 GB/s one per task and 5.1 in groups of 128, of 32 MiB chunks at 19.9 and 27.4 in groups
+of 4 (benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
-"""Fetch tasks in flight hold at most about this many payload bytes (and at least two tasks)."""
+"""Grouped fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that decodes
+in batches holds up to as many again awaiting its decode."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
@@ -79,6 +80,8 @@ class GDSCache:
         self._local = LocalTier(cfg.path, self._backend, max_bytes=cfg.max_disk_bytes, durable=cfg.durable)
         self._dram = DramTier(cfg.cpu_cache_bytes) if cfg.cpu_cache_bytes else None
         self._remote = _make_remote(cfg)
+        self._remote_pool = (ThreadPoolExecutor(cfg.remote_concurrency, thread_name_prefix="gdscache-remote")
+                             if self._remote is not None else None)
         self._writer = (
             WriteBehind(self._persist, depth=cfg.write_queue_depth, workers=cfg.io_threads, release=self._recycle)
             if cfg.write_mode == "async" else None
@@ -199,8 +202,9 @@ class GDSCache:
         started = time.perf_counter()
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         group = self._group_size(spec, out)
-        chunk_bytes = spec.bytes_per_token() * chunk
-        window = max(2, min(2 * self.config.io_threads, INFLIGHT_BYTES // (group * chunk_bytes)))  # tasks in flight
+        window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
+        if group > 1:
+            window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
         inflight: list[tuple[Future[list[Fetched]], int]] = []
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
@@ -233,8 +237,8 @@ class GDSCache:
                 found = take(job)
                 batch += found
                 stopped = len(found) < count  # a miss ends the prefix
-                # on the CPU each chunk counts as it arrives; on the GPU a window's worth at once, decoded by one
-                # codec call where the codec batches (fuller kernels), which also bounds the payloads held at once
+                # on the CPU each chunk counts as it arrives; on the GPU the chunks of all the tasks in flight at
+                # once, decoded by one codec call where the codec batches (fuller kernels), bounding the payloads held
                 last = not inflight and next_submit == len(chunk_keys)
                 if batch and (stopped or last or not out.is_cuda or len(batch) >= window * group):
                     done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
@@ -295,6 +299,8 @@ class GDSCache:
             self._metrics_server.close()
         if self._writer is not None:
             self._writer.close()
+        if self._remote_pool is not None:
+            self._remote_pool.shutdown(wait=True)
         if self._remote is not None:
             self._remote.close()
         self._backend.close()
@@ -400,6 +406,7 @@ class GDSCache:
     def _persist_many(self, metas: list[ChunkMeta], payloads: list[Payload]) -> list[bool]:
         """Write encoded chunks to every tier (to the local one together); never raises for storage faults."""
         stored = self._local.write_many(self._namespace, list(zip(metas, payloads, strict=True)))
+        uploads = []
         for k, (meta, payload) in enumerate(zip(metas, payloads, strict=True)):
             self.metrics.inc("chunks_written" if stored[k] else "chunk_write_failures")
             if stored[k]:
@@ -408,9 +415,11 @@ class GDSCache:
                 whole = torch.cat(payload) if isinstance(payload, list) else payload
                 if self._dram is not None:
                     self._dram.put(meta.key, meta, whole)
-                if self._remote is not None:
-                    self._remote.put(self._namespace, meta.key, meta, whole)
+                if self._remote_pool is not None:  # uploads of a group at once ("through" waits for each)
+                    uploads.append(self._remote_pool.submit(self._remote.put, self._namespace, meta.key, meta, whole))
                     stored[k] = True
+        for upload in uploads:
+            upload.result()
         return stored
 
     def _group_size(self, spec: KVSpec, kv: KV) -> int:
@@ -423,32 +432,54 @@ class GDSCache:
                      decode_here: bool) -> list[Fetched]:
         """Fetch consecutive chunks up to the first miss (local-tier reads into a GPU batched); with ``decode_here``,
         decode them on this thread (:meth:`_decode_here`)."""
-        device = targets[0].device
-        if len(chunk_keys) > 1 and device.type == "cuda" and self._backend.gpu_native:
-            found = self._fetch_batched(chunk_keys, device)
-        else:
+        batched = len(chunk_keys) > 1 and targets[0].is_cuda and self._backend.gpu_native
+        found = self._fetch_batched(chunk_keys, targets) if batched else self._fetch_each(chunk_keys, targets)
+        return self._decode_here(found, targets, spec, after) if decode_here else found
+
+    def _fetch_batched(self, chunk_keys: list[bytes], targets: list[KV]) -> list[Fetched]:
+        """:meth:`_fetch` of consecutive chunks for a GPU up to the first miss: those the local tier holds, up to
+        the first it does not, are read together; the rest as :meth:`_fetch_each` does."""
+        plan: list[Fetched | None] = []  # a chunk held nearer (write queue, DRAM), or None: in the local tier
+        for key in chunk_keys:
+            near = self._fetch_near(key)
+            if near is None and not self._local.contains(self._namespace, key):
+                break
+            plan.append(near)
+        local_keys = [key for key, near in zip(chunk_keys, plan) if near is None]
+        local = iter(self._local.read_many(self._namespace, local_keys, targets[0].device) if local_keys else ())
+        found: list[Fetched] = []
+        for key, fetched in zip(chunk_keys, plan):
+            if fetched is None:
+                hit = next(local)
+                if hit is not None:
+                    self.metrics.inc("local_hits")
+                    fetched = self._promoted(key, hit, owned=True)
+                else:  # the file went bad or away since ``contains``
+                    fetched = self._fetch_remote(key)
+            if fetched is None:
+                return found
+            found.append(fetched)
+        return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :])
+
+    def _fetch_each(self, chunk_keys: list[bytes], targets: list[KV]) -> list[Fetched]:
+        """:meth:`_fetch` of consecutive chunks up to the first miss; with a remote tier, several at once on its
+        pool (object-store requests wait on the network), later ones dropped after a miss."""
+        if self._remote_pool is None or len(chunk_keys) < 2:
             found = []
             for key, target in zip(chunk_keys, targets, strict=True):
                 fetched = self._fetch(key, target)
                 if fetched is None:
                     break
                 found.append(fetched)
-        return self._decode_here(found, targets, spec, after) if decode_here else found
-
-    def _fetch_batched(self, chunk_keys: list[bytes], device: torch.device) -> list[Fetched]:
-        """:meth:`_fetch` of several chunks for a GPU, those in the local tier read together, up to the first miss."""
-        near = [self._fetch_near(key) for key in chunk_keys]
-        local = iter(self._local.read_many(self._namespace, [k for k, f in zip(chunk_keys, near) if f is None], device))
+            return found
+        jobs = [self._remote_pool.submit(self._fetch, key, target) for key, target in zip(chunk_keys, targets)]
         found = []
-        for key, fetched in zip(chunk_keys, near, strict=True):
+        for k, job in enumerate(jobs):
+            fetched = job.result()
             if fetched is None:
-                hit = next(local)
-                if hit is not None:
-                    self.metrics.inc("local_hits")
-                    fetched = self._promoted(key, hit, owned=True)
-                else:
-                    fetched = self._fetch_remote(key)
-            if fetched is None:
+                for later in jobs[k + 1 :]:
+                    if not later.cancel():
+                        later.result()  # a direct read may be writing into its target: let it finish
                 break
             found.append(fetched)
         return found

@@ -66,7 +66,7 @@ class Config(BaseModel):
     write_queue_depth: int = Field(16, gt=0, description="chunks queued in async mode before store() blocks")
     io_threads: int = Field(8, gt=0, le=256, description="parallel file operations")
     o_direct: Literal["auto", "on", "off"] = Field("auto", description="POSIX O_DIRECT use")
-    durable: bool = Field(True, description="make each chunk durable (fsync, or one syncfs per group) before publishing it")
+    durable: bool = Field(True, description="fsync each chunk before publishing it")
     remote_url: str | None = Field(None, description="fsspec URL of the shared object tier, e.g. s3://bucket/kv")
     remote_options: dict[str, Any] = Field(default_factory=dict, description="fsspec/s3fs options (endpoint_url, ...)")
     remote_write: Literal["through", "behind"] = Field("behind", description="upload before store() returns, or after")

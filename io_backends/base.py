@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
-import ctypes
 import os
-import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -46,21 +45,28 @@ def _nothing_pending() -> None:
     return None
 
 
-_syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None) if sys.platform.startswith("linux") else None
+_fsync_pool: cf.ThreadPoolExecutor | None = None
+_fsync_lock = threading.Lock()
 
 
-def sync_together(fds: Sequence[int]) -> None:
-    """Make what was written to several open files durable: one ``syncfs(2)`` per filesystem where Linux has it
-    (one journal commit for all of them, but it also flushes other dirty data of that filesystem), else an
-    ``fsync`` each. Raises ``OSError``."""
-    if _syncfs is None or len(fds) < 2:
-        for fd in fds:
+def fsync_all(fds: Sequence[int]) -> list[OSError | None]:
+    """``fsync`` several open files at once (on a shared pool of 16 threads), so that a journaling filesystem can
+    commit them together rather than one commit each; per file None or the ``OSError`` its fsync raised."""
+    global _fsync_pool
+
+    def one(fd: int) -> OSError | None:
+        try:
             os.fsync(fd)
-        return
-    for fd in {os.fstat(fd).st_dev: fd for fd in fds}.values():
-        if _syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"syncfs: {os.strerror(code)}")
+        except OSError as exc:
+            return exc
+        return None
+
+    if len(fds) < 2:
+        return [one(fd) for fd in fds]
+    with _fsync_lock:
+        if _fsync_pool is None:
+            _fsync_pool = cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="gdscache-fsync")
+    return list(_fsync_pool.map(one, fds))
 
 
 @dataclass(frozen=True)

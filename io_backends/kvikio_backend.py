@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from io_backends.base import FileBackend, Part, ReadHandle, check_buffer, sync_together
+from io_backends.base import FileBackend, Part, ReadHandle, check_buffer, fsync_all
 from io_backends.posix import temp_path_for
 
 log = logging.getLogger("gdscache")
@@ -125,51 +125,53 @@ class KvikioBackend(FileBackend):
             raise error
 
     def write_files(self, files: Sequence[tuple[str, Sequence[Part]]], *, durable: bool = True) -> list[OSError | None]:
-        """Every file's parts in flight at once on kvikio's pool, then one sync for all of them
-        (:func:`~io_backends.base.sync_together`), then each renamed into place."""
-        errors: list[OSError | None] = [None] * len(files)
-        started: list[tuple[int, str, Any, Callable[[], None] | None]] = []  # index, temp name, handle, wait
-        for i, (path, parts) in enumerate(files):
+        """Every file's parts in flight at once on kvikio's pool, then every file fsynced at once
+        (:func:`~io_backends.base.fsync_all`), then each renamed into place."""
+        for path, parts in files:  # before any file is created
             for part in parts:
                 if not isinstance(part.data, (bytes, bytearray)):
-                    check_buffer(part.data, f"part at offset {part.offset}")
-            tmp = temp_path_for(path)
-            try:
-                handle = self._kvikio.CuFile(tmp, "w")
-            except RuntimeError as exc:
-                errors[i] = _os_error(exc, f"cannot create {tmp}")
-                continue
-            try:
-                started.append((i, tmp, handle, self._start_parts(handle, parts)))
-            except (OSError, RuntimeError) as exc:
-                errors[i] = _os_error(exc, f"write of {path} failed")
-                started.append((i, tmp, handle, None))
+                    check_buffer(part.data, f"part at offset {part.offset} of {path}")
+        errors: list[OSError | None] = [None] * len(files)
+        started: list[_Writing] = []
         try:
-            for i, _, _, wait in started:  # every write lands before its buffers can go back to the caller
-                if wait is not None:
-                    try:
-                        wait()
-                    except (OSError, RuntimeError) as exc:
-                        errors[i] = _os_error(exc, f"write of {files[i][0]} failed")
-            if durable:
-                written = [handle.fileno() for i, _, handle, _ in started if errors[i] is None]
+            for i, (path, parts) in enumerate(files):
+                tmp = temp_path_for(path)
                 try:
-                    sync_together(written)
-                except OSError as exc:
-                    for i, _, _, _ in started:
-                        errors[i] = errors[i] or exc
-        finally:
-            for _, _, handle, _ in started:
-                handle.close()
-        for i, tmp, _, _ in started:
-            if errors[i] is None:
-                try:
-                    os.rename(tmp, files[i][0])
+                    writing = _Writing(i, tmp, self._kvikio.CuFile(tmp, "w"))
+                except RuntimeError as exc:
+                    errors[i] = _os_error(exc, f"cannot create {tmp}")
                     continue
-                except OSError as exc:
-                    errors[i] = exc
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                started.append(writing)
+                try:
+                    writing.wait = self._start_parts(writing.handle, parts)
+                except (OSError, RuntimeError) as exc:
+                    errors[i] = _os_error(exc, f"write of {path} failed")
+            for writing in started:  # every write lands before its buffers can go back to the caller
+                try:
+                    writing.finish()
+                except (OSError, RuntimeError) as exc:
+                    errors[writing.index] = _os_error(exc, f"write of {files[writing.index][0]} failed")
+            if durable:
+                synced = [w for w in started if errors[w.index] is None]
+                for writing, error in zip(synced, fsync_all([w.handle.fileno() for w in synced]), strict=True):
+                    errors[writing.index] = error
+        except BaseException:
+            for writing in started:
+                errors[writing.index] = errors[writing.index] or OSError(errno.EIO, "write abandoned")
+                with contextlib.suppress(Exception):
+                    writing.finish()
+            raise
+        finally:
+            for writing in started:
+                writing.handle.close()
+                if errors[writing.index] is None:
+                    try:
+                        os.rename(writing.tmp, files[writing.index][0])
+                        continue
+                    except OSError as exc:
+                        errors[writing.index] = exc
+                with contextlib.suppress(OSError):
+                    os.unlink(writing.tmp)
         return errors
 
     def _start_parts(self, handle: Any, parts: Sequence[Part]) -> Callable[[], None]:
@@ -190,22 +192,22 @@ class KvikioBackend(FileBackend):
             if failure is not None:
                 raise failure
 
-        for part in parts:
-            if part.nbytes == 0:
-                continue
-            if isinstance(part.data, (bytes, bytearray)):
-                view, offset = memoryview(part.data), part.offset
-                while len(view):
-                    done = os.pwrite(handle.fileno(), view, offset)
-                    view, offset = view[done:], offset + done
-                continue
-            _ready(part.data)
-            try:
+        try:
+            for part in parts:
+                if part.nbytes == 0:
+                    continue
+                if isinstance(part.data, (bytes, bytearray)):
+                    view, offset = memoryview(part.data), part.offset
+                    while len(view):
+                        done = os.pwrite(handle.fileno(), view, offset)
+                        view, offset = view[done:], offset + done
+                    continue
+                _ready(part.data)
                 pending.append((part, handle.pwrite(_io_view(part.data), part.nbytes, part.offset)))
-            except RuntimeError:
-                with contextlib.suppress(OSError, RuntimeError):
-                    wait()
-                raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                wait()  # the parts already submitted must land before the caller reuses their buffers
+            raise
         return wait
 
     def open_read(self, path: str) -> ReadHandle:
@@ -221,6 +223,20 @@ class KvikioBackend(FileBackend):
         for buf in list(self._registered.values()):
             self.deregister_buffer(buf)
         super().close()
+
+
+class _Writing:
+    """One file of :meth:`KvikioBackend.write_files` in progress: its temporary name, handle and pending writes."""
+
+    def __init__(self, index: int, tmp: str, handle: Any) -> None:
+        self.index, self.tmp, self.handle = index, tmp, handle
+        self.wait: Callable[[], None] | None = None
+
+    def finish(self) -> None:
+        """Wait for the writes started (once); raises what they raised."""
+        wait, self.wait = self.wait, None
+        if wait is not None:
+            wait()
 
 
 class _KvikioReadHandle(ReadHandle):

@@ -70,6 +70,8 @@ class _Pending:
     path: str
     size: int
     parts: list[Part]
+    reserved: bool = True
+    """Its bytes count in the tier's total while neither published nor failed."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -219,6 +221,21 @@ class LocalTier:
             excess = self._bytes - self.max_bytes if self.max_bytes is not None else 0
         if excess > 0:
             self._evict(excess)
+        keys = [item.key for item in todo]
+        self._pin(keys)  # eviction to make room for a retry must not take this group's chunks just published
+        try:
+            self._write_pending(todo, stored)
+        finally:
+            self._unpin(keys)
+            for item in todo:
+                if item.reserved:  # neither published nor failed: an unexpected error
+                    self._unreserve(item)
+        if self.max_bytes is not None:  # groups written side by side may have outgrown the quota together
+            self.evict_to(self.max_bytes)
+        return stored
+
+    def _write_pending(self, todo: list[_Pending], stored: list[bool]) -> None:
+        """Write ``todo`` (bytes reserved); on ENOSPC evict to make room and retry once."""
         for attempt in (1, 2):
             errors = self.backend.write_files([(item.path, item.parts) for item in todo], durable=self.durable)
             full: list[_Pending] = []
@@ -233,7 +250,7 @@ class LocalTier:
                     log.warning("could not write chunk %s: %s", item.path, error)
                     self._unreserve(item)
             if not full:
-                break
+                return
             if attempt == 1 and self._make_room_after_enospc(sum(item.size for item in full)):
                 todo = full
                 continue
@@ -243,11 +260,11 @@ class LocalTier:
                         self.root, len(full))
             for item in full:
                 self._unreserve(item)
-            break
-        return stored
+            return
 
     def _published(self, item: _Pending) -> None:
         self.stats.writes += 1
+        item.reserved = False
         with self._lock:
             if item.key in self._index:  # a duplicate store replaced the same bytes
                 self._bytes -= item.size
@@ -257,11 +274,13 @@ class LocalTier:
 
     def _unreserve(self, item: _Pending) -> None:
         self.stats.write_errors += 1
+        item.reserved = False
         with self._lock:
             self._bytes -= item.size
 
     def _make_room_after_enospc(self, size: int) -> bool:
-        """Evict two chunks' worth for a retry, unless a recent retry showed that eviction does not help.
+        """Evict twice ``size`` (the bytes that did not fit) for a retry, unless a recent retry showed that eviction
+        does not help.
 
         A disk filled by someone else must not drain the cache: after an eviction that did not make
         room, eviction on ENOSPC pauses for ``ENOSPC_BACKOFF_S`` seconds.
@@ -347,9 +366,9 @@ class LocalTier:
 
     def read_many(self, namespace: bytes, keys: Sequence[bytes],
                   device: torch.device) -> list[tuple[ChunkMeta, torch.Tensor] | None]:
-        """:meth:`read` of several chunks into one new buffer on ``device``, for small chunks: every file's header
-        and payload reads in flight at once (where the backend can), payloads on a GPU verified with one host sync.
-        Each chunk is a hit or a miss on its own.
+        """:meth:`read` of several chunks into one new buffer on ``device``: every file's header and payload reads
+        in flight at once (where the backend can), payloads on a GPU verified with one host sync. Each chunk is a
+        hit or a miss on its own. Host payloads here are not from ``host_pool``: never release them there.
 
         A CUDA ``device`` needs a backend that reads into GPU memory (``gpu_native``).
         """

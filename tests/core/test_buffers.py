@@ -39,17 +39,19 @@ def test_pool_keeps_at_most_max_bytes_and_ignores_foreign_buffers():
     assert pool._free_bytes == 8192
 
 
-def test_sync_together_syncs_files_and_reports_bad_descriptors(tmp_path):
-    from io_backends.base import sync_together
+def test_fsync_all_syncs_each_file_and_reports_each_failure(tmp_path):
+    from io_backends.base import fsync_all
 
     fds = [os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT) for name in ("a", "b", "c")]
     try:
         for fd in fds:
             os.write(fd, b"x" * 5000)
-        sync_together(fds)  # one syncfs on Linux
-        sync_together(fds[:1])  # an fsync
+        assert fsync_all(fds) == [None, None, None]  # on the shared pool
+        assert fsync_all(fds[:1]) == [None]  # here
     finally:
-        for fd in fds:
+        for fd in fds[1:]:
             os.close(fd)
-    with pytest.raises(OSError):
-        sync_together(fds)  # closed descriptors
+    errors = fsync_all(fds)  # two of them closed now
+    assert errors[0] is None
+    assert all(isinstance(e, OSError) for e in errors[1:])
+    os.close(fds[0])

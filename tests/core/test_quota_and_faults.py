@@ -123,3 +123,48 @@ def test_unreadable_file_is_a_miss_not_an_exception(cache_dir):
         os.mkdir(path)  # reading a directory raises IsADirectoryError
         out = torch.zeros_like(kv)
         assert cache.retrieve(tokens, out) == 16
+
+
+def _chunks(n: int, seed: int) -> list:
+    """``n`` raw chunks (8 KiB files) with keys of their own, as the API hands them to the local tier."""
+    from gdscache.format.chunkfile import make_meta
+    from gdscache.spec import KVSpec
+
+    spec = KVSpec.of(make_kv(2, 16, 2, 8))
+    out = []
+    for i in range(n):
+        payload = make_kv(2, 16, 2, 8, seed=seed + i).reshape(-1).view(torch.uint8).clone()
+        out.append((make_meta(bytes([seed, i]) * 8, NS, spec, 16, "raw", {}, payload), payload))
+    return out
+
+
+NS = b"n" * 16
+
+
+def test_group_write_on_a_full_disk_keeps_what_it_published(tmp_path):
+    from gdscache.tiers.local import LocalTier
+
+    tier = LocalTier(str(tmp_path), _FullDisk(room=3))
+    assert tier.write_many(NS, _chunks(1, 0)) == [True]
+    group = _chunks(4, 10)
+    # two files fit, two hit ENOSPC; the eviction that makes room for their retry must not take the two just
+    # published (the retry fails again: the disk is full of other data)
+    assert tier.write_many(NS, group) == [True, True, False, False]
+    assert tier.stats.evictions == 1 and len(tier) == 2 and tier.used_bytes == 2 * CHUNK_ON_DISK
+    for meta, payload in group[:2]:
+        got_meta, got = tier.read(NS, meta.key, torch.device("cpu"))
+        assert got_meta.key == meta.key and torch.equal(got, payload)
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".tmp")]
+
+
+def test_group_write_honours_the_quota(tmp_path):
+    from gdscache.tiers.local import LocalTier
+
+    tier = LocalTier(str(tmp_path), PosixBackend(threads=2), max_bytes=3 * CHUNK_ON_DISK)
+    group = _chunks(8, 20)
+    assert tier.write_many(NS, group) == [True] * 8
+    assert tier.used_bytes <= 3 * CHUNK_ON_DISK and len(tier) == 3
+    on_disk = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith(".gdc")]
+    assert len(on_disk) == 3
+    for meta, payload in group[-3:]:  # the newest stay
+        assert torch.equal(tier.read(NS, meta.key, torch.device("cpu"))[1], payload)

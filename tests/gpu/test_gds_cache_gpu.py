@@ -154,3 +154,23 @@ def test_small_chunks_fetched_in_groups_mix_tiers_and_stop_at_a_miss(cache_dir):
         out.fill_(float("nan"))
         assert cache.retrieve(tokens, out) == 20 * CHUNK  # chunk 20 (mid-group) is gone: the prefix ends there
         assert torch.equal(_bits(out[:, :, : 20 * CHUNK]), _bits(kv[:, :, : 20 * CHUNK]))
+
+
+def test_group_from_the_remote_tier_into_the_gpu(cache_dir, tmp_path):
+    # a fresh local tier: every chunk of the group comes from the remote tier (fetched in parallel), up to the
+    # first one it lacks
+    pytest.importorskip("fsspec")
+    from gdscache.tiers.remote import object_key
+
+    url = f"memory://gdscache-gpu-group-{os.getpid()}"
+    kv = make_kv(4, 24 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=8, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir, remote_url=url, remote_write="through") as cache:
+        assert cache.store(tokens, kv) == kv.shape[2]
+        missing = object_key(cache.namespace, cache.chunk_keys(tokens)[17])
+    with _open(str(tmp_path / "fresh"), remote_url=url) as cache:
+        out = torch.full_like(kv, float("nan"))
+        cache._remote.store.delete(missing)
+        assert cache.retrieve(tokens, out) == 17 * CHUNK
+        assert torch.equal(_bits(out[:, :, : 17 * CHUNK]), _bits(kv[:, :, : 17 * CHUNK]))
+        assert cache.stats()["remote_hits"] >= 17

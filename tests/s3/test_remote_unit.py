@@ -7,8 +7,10 @@ import time
 
 import pytest
 import torch
+from kvtestlib import make_kv
 from s3chunks import NAMESPACE, make_chunk, put_all
 
+from gdscache import GDSCache
 from gdscache.tiers.remote import RemoteTier, object_key
 from io_backends.fsspec_store import DEFAULT_MULTIPART_THRESHOLD, FsspecStore, _Bodies, _s3_options, redact
 
@@ -231,3 +233,23 @@ def test_upload_bodies_are_reused_only_after_their_request_ended():
     with pytest.raises(ZeroDivisionError):
         bodies.sending(in_flight, lambda: 1 / 0)  # a failed request frees its body too
     assert bodies.copy(pieces, 2, 1002) is in_flight
+
+
+def test_fetch_each_takes_remote_chunks_in_parallel_up_to_the_first_miss(memory_url, tmp_path):
+    # what a GPU fetch task does with the chunks of its group that only the remote tier holds
+    kv = make_kv(2, 8 * 16, 2, 8, seed=3)
+    tokens = list(range(kv.shape[2]))
+    with GDSCache(path=str(tmp_path / "a"), chunk_size=16, model_id="m", remote_url=memory_url,
+                  remote_write="through") as cache:
+        assert cache.store(tokens, kv) == kv.shape[2]
+        keys = cache.chunk_keys(tokens)
+        cache._remote.store.delete(object_key(cache.namespace, keys[5]))
+    with GDSCache(path=str(tmp_path / "b"), chunk_size=16, model_id="m", remote_url=memory_url) as cache:
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens[:8], out) == 0  # less than a chunk: binds the namespace, reads nothing
+        targets = cache._chunk_views(out, 0, 8)
+        found = cache._fetch_each(keys, targets)
+        assert len(found) == 5 and [f.meta.key for f in found] == keys[:5]
+        for k, fetched in enumerate(found):
+            assert torch.equal(fetched.payload.view(torch.float32).view(2, 2, 16, 2, 8), kv[:, :, 16 * k : 16 * (k + 1)])
+        assert cache.stats()["remote_hits"] >= 5
