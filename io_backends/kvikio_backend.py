@@ -177,21 +177,8 @@ class KvikioBackend(FileBackend):
     def _start_parts(self, handle: Any, parts: Sequence[Part]) -> Callable[[], None]:
         """Host bytes go by pwrite now; buffers go to kvikio, all parts in flight together. The returned function
         waits for them."""
-        pending = []
-
-        def wait() -> None:
-            failure: Exception | None = None
-            for part, future in pending:  # every submitted part is waited for, even after a failure
-                try:
-                    done = future.get()
-                except RuntimeError as exc:
-                    failure = failure or exc
-                    continue
-                if done != part.nbytes and failure is None:
-                    failure = OSError(errno.EIO, f"short write: {done} of {part.nbytes} bytes at offset {part.offset}")
-            if failure is not None:
-                raise failure
-
+        pending: list[tuple[int, int, Any]] = []
+        wait = _waiter(pending, "write")
         try:
             for part in parts:
                 if part.nbytes == 0:
@@ -203,7 +190,7 @@ class KvikioBackend(FileBackend):
                         view, offset = view[done:], offset + done
                     continue
                 _ready(part.data)
-                pending.append((part, handle.pwrite(_io_view(part.data), part.nbytes, part.offset)))
+                pending.append((part.nbytes, part.offset, handle.pwrite(_io_view(part.data), part.nbytes, part.offset)))
         except BaseException:
             with contextlib.suppress(Exception):
                 wait()  # the parts already submitted must land before the caller reuses their buffers
@@ -223,6 +210,26 @@ class KvikioBackend(FileBackend):
         for buf in list(self._registered.values()):
             self.deregister_buffer(buf)
         super().close()
+
+
+def _waiter(pending: list[tuple[int, int, Any]], verb: str) -> Callable[[], None]:
+    """A function that waits for every kvikio future in ``pending`` (``(nbytes, offset, future)``, filled later),
+    even after one failed, then raises the first failure as an ``OSError``."""
+
+    def wait() -> None:
+        failure: OSError | None = None
+        for nbytes, offset, future in pending:
+            try:
+                done = future.get()
+            except RuntimeError as exc:
+                failure = failure or _os_error(exc, f"{verb} of {nbytes} bytes at offset {offset} failed")
+                continue
+            if done != nbytes and failure is None:
+                failure = OSError(errno.EIO, f"short {verb}: {done} of {nbytes} bytes at offset {offset}")
+        if failure is not None:
+            raise failure
+
+    return wait
 
 
 class _Writing:
@@ -279,19 +286,8 @@ class _KvikioReadHandle(ReadHandle):
         total = sum(d.numel() for d in dests)
         if offset + total > self.size:
             raise OSError(errno.EIO, f"short file: need {offset + total} bytes, file has {self.size}")
-        pending = []
-
-        def wait() -> None:
-            failure: Exception | None = None
-            for n, at, future in pending:  # every submitted run is waited for, even after a failure
-                try:
-                    if future.get() != n and failure is None:
-                        failure = OSError(errno.EIO, f"short read of {n} bytes at offset {at}")
-                except RuntimeError as exc:
-                    failure = failure or _os_error(exc, f"scatter read of {total} bytes failed")
-            if failure is not None:
-                raise failure
-
+        pending: list[tuple[int, int, Any]] = []
+        wait = _waiter(pending, "read")
         for dest in dests:
             check_buffer(dest, "dest")
         cuda = next((d for d in dests if d.is_cuda), None)

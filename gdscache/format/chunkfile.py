@@ -21,6 +21,8 @@ MAGIC = b"GDSCHUNK"
 VERSION = 1
 HEADER_SIZE = 4096
 PAYLOAD_OFFSET = HEADER_SIZE
+MAX_PAYLOAD = 1 << 32
+"""Payloads are below 4 GiB (the range of the ``halfsum3`` checksum; a chunk is far smaller)."""
 # magic, version, header crc32, checksum algorithm, key, namespace, payload offset, payload length,
 # tokens, metadata length, payload digest
 _FIXED = struct.Struct("<8sHIH16s16sQQII24s")

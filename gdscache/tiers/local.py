@@ -25,6 +25,7 @@ import torch
 from gdscache.format.checksum import PipelinedDigest, digests
 from gdscache.format.chunkfile import (
     HEADER_SIZE,
+    MAX_PAYLOAD,
     PAYLOAD_OFFSET,
     ChunkMeta,
     CorruptChunk,
@@ -385,7 +386,12 @@ class LocalTier:
             # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
             # threads' GPU work (the caller must record_stream a payload where it uses it)
             with torch.cuda.stream(thread_stream(device)) if device.type == "cuda" else nullcontext():
-                self._read_open_files(keys, handles, outcome, device)
+                try:
+                    self._read_open_files(keys, handles, outcome, device)
+                except torch.OutOfMemoryError as exc:  # no room for the payloads now: misses, not a crash
+                    for i, got in enumerate(outcome):
+                        if not isinstance(got, Exception):
+                            outcome[i] = OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")
         finally:
             for handle in handles:
                 if handle is not None:
@@ -405,6 +411,9 @@ class LocalTier:
                          outcome: list, device: torch.device) -> None:
         """Fill ``outcome[i]`` with ``(meta, payload)`` or the exception that makes chunk ``i`` a miss."""
         lengths = [h.size - PAYLOAD_OFFSET if h is not None else 0 for h in handles]
+        for i, length in enumerate(lengths):
+            if length >= MAX_PAYLOAD:  # no chunk is that large: do not let a stray file claim the memory
+                outcome[i], lengths[i] = CorruptChunk(f"file of {length} payload bytes"), 0
         starts = [0] * len(keys)
         total = 0
         for i, length in enumerate(lengths):  # payload slots 4 KiB apart, as GPUDirect likes them
@@ -414,7 +423,7 @@ class LocalTier:
         waits: list[Callable[[], None] | None] = [None] * len(keys)
         try:
             for i, handle in enumerate(handles):
-                if handle is None:
+                if handle is None or outcome[i] is not None:
                     continue
                 header = headers[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]
                 runs = [header] if lengths[i] <= 0 else [header, payloads[starts[i] : starts[i] + lengths[i]]]

@@ -115,3 +115,16 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
         out = torch.zeros_like(kv)
         assert cache.retrieve(tokens, out) == 16
         assert torch.equal(out[:, :, :16], kv[:, :, :16])
+
+
+def test_a_stray_file_of_absurd_size_is_a_miss_without_claiming_memory(cache_dir):
+    kv = make_kv(2, 32, 2, 8)
+    tokens = list(range(32))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        keys = cache.chunk_keys(tokens)
+        path = cache._local.path_of(cache.namespace, keys[1])
+        os.truncate(path, 5 << 30)  # sparse: 5 GiB of nothing after a valid header
+        got = cache._local.read_many(cache.namespace, keys, torch.device("cpu"))
+        assert got[0] is not None and got[1] is None
+        assert cache.stats()["local_corrupt"] == 1 and not os.path.exists(path)

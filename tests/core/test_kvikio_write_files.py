@@ -1,0 +1,84 @@
+"""KvikioBackend.write_files' bookkeeping (each file published or failed alone, no temporary left behind).
+
+kvikio can do no I/O without a CUDA driver, so here its ``CuFile`` is stood in by plain file I/O on host
+tensors; tests/gpu runs the same code with the real kvikio on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+from io_backends.base import Part
+from io_backends.kvikio_backend import KvikioBackend
+
+
+class _Future:
+    def __init__(self, result: int | Exception) -> None:
+        self._result = result
+
+    def get(self) -> int:
+        if isinstance(self._result, Exception):
+            raise self._result
+        return self._result
+
+
+class _CuFile:
+    """Writes synchronously; a file whose name contains ``fail-`` fails its tensor writes the way kvikio does."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:  # what kvikio raises
+            raise RuntimeError(f"Unable to open file. Linux system/library function call error: {exc.strerror}") from exc
+        self._failing = "fail-" in path
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pwrite(self, buf: object, nbytes: int, offset: int) -> _Future:
+        if self._failing:
+            return _Future(RuntimeError("Linux system/library function call error: No space left on device"))
+        return _Future(os.pwrite(self._fd, memoryview(buf), offset))  # host buffers arrive as numpy arrays
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+            self.closed = True
+
+
+@pytest.fixture
+def backend() -> KvikioBackend:
+    fake = object.__new__(KvikioBackend)
+    fake._kvikio = types.SimpleNamespace(CuFile=_CuFile)
+    return fake
+
+
+def _file(path: str, fill: int) -> tuple[str, list[Part]]:
+    return path, [Part(0, bytes([fill]) * 4096), Part(4096, torch.full((5000,), fill, dtype=torch.uint8))]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_each_file_is_published_or_fails_alone(backend, tmp_path, durable):
+    files = [_file(str(tmp_path / "a.gdc"), 1), _file(str(tmp_path / "fail-b.gdc"), 2),
+             _file(str(tmp_path / "no-such-dir" / "c.gdc"), 3), _file(str(tmp_path / "d.gdc"), 4)]
+    errors = backend.write_files(files, durable=durable)
+    assert errors[0] is None and errors[3] is None
+    assert isinstance(errors[1], OSError) and errors[1].errno == 28  # kvikio's ENOSPC text, as an OSError
+    assert isinstance(errors[2], OSError)
+    assert sorted(os.listdir(tmp_path)) == ["a.gdc", "d.gdc"]  # no temporaries, nothing of the failed files
+    for name, fill in (("a.gdc", 1), ("d.gdc", 4)):
+        assert (tmp_path / name).read_bytes() == bytes([fill]) * (4096 + 5000)
+
+
+def test_write_file_raises_the_files_error(backend, tmp_path):
+    with pytest.raises(OSError, match="No space left"):
+        backend.write_file(*_file(str(tmp_path / "fail-x.gdc"), 7))
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(TypeError, match="uint8"):  # a bad buffer is refused before any file is created
+        backend.write_files([_file(str(tmp_path / "y.gdc"), 1), (str(tmp_path / "z.gdc"), [Part(0, torch.zeros(3))])])
+    assert os.listdir(tmp_path) == []
