@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -39,8 +40,8 @@ spent most of its time in CUDA and Python calls contending across the I/O thread
 1 MiB chunks ran at 0.8 GB/s one per task and 5.1 in groups of 128, of 32 MiB chunks at 19.9 and 27.4 in groups
 of 4 (benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
-"""Grouped fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that decodes
-in batches holds up to as many again awaiting its decode."""
+"""On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
+decodes in batches holds up to as many again awaiting its decode."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
@@ -148,7 +149,7 @@ class GDSCache:
                 payload = self._codec.encode_many([piece])[0]
                 new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
         # on the GPU the chunks are encoded together (fuller kernel launches, one host sync), checksummed together
-        # (one more), and written in groups (one I/O task, its files in flight together and made durable together)
+        # (one more), and written in groups (one I/O task, its files in flight together, then fsynced in parallel)
         payloads = self._codec.encode_many([piece for _, piece in todo])
         sums = digests(payloads, [algorithm_for(p) for p in payloads])
         metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(todo, payloads, sums, strict=True)]
@@ -203,7 +204,7 @@ class GDSCache:
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         group = self._group_size(spec, out)
         window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
-        if group > 1:
+        if out.is_cuda:
             window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
         inflight: list[tuple[Future[list[Fetched]], int]] = []
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
@@ -415,8 +416,12 @@ class GDSCache:
                 whole = torch.cat(payload) if isinstance(payload, list) else payload
                 if self._dram is not None:
                     self._dram.put(meta.key, meta, whole)
-                if self._remote_pool is not None:  # uploads of a group at once ("through" waits for each)
-                    uploads.append(self._remote_pool.submit(self._remote.put, self._namespace, meta.key, meta, whole))
+                if self._remote is not None:
+                    if self.config.remote_write == "through":  # a group's uploads at once: each waits for its PUT
+                        uploads.append(self._remote_pool.submit(self._remote.put, self._namespace, meta.key, meta,
+                                                                whole))
+                    else:  # queued for the upload threads
+                        self._remote.put(self._namespace, meta.key, meta, whole)
                     stored[k] = True
         for upload in uploads:
             upload.result()
@@ -473,15 +478,18 @@ class GDSCache:
                 found.append(fetched)
             return found
         jobs = [self._remote_pool.submit(self._fetch, key, target) for key, target in zip(chunk_keys, targets)]
-        found = []
-        for k, job in enumerate(jobs):
-            fetched = job.result()
-            if fetched is None:
-                for later in jobs[k + 1 :]:
-                    if not later.cancel():
-                        later.result()  # a direct read may be writing into its target: let it finish
-                break
-            found.append(fetched)
+        found: list[Fetched] = []
+        try:
+            for job in jobs:
+                fetched = job.result()
+                if fetched is None:
+                    break
+                found.append(fetched)
+        finally:
+            for job in jobs[len(found) + 1 :]:  # after a miss (or an error) the rest are not needed
+                if not job.cancel():
+                    with contextlib.suppress(Exception):
+                        job.result()
         return found
 
     def _fetch(self, key: bytes, target: KV) -> Fetched | None:

@@ -221,7 +221,7 @@ def _waiter(pending: list[tuple[int, int, Any]], verb: str) -> Callable[[], None
         for nbytes, offset, future in pending:
             try:
                 done = future.get()
-            except RuntimeError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever kvikio raises, every future is still waited for
                 failure = failure or _os_error(exc, f"{verb} of {nbytes} bytes at offset {offset} failed")
                 continue
             if done != nbytes and failure is None:
