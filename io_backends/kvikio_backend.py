@@ -149,8 +149,8 @@ class KvikioBackend(FileBackend):
             for writing in started:  # every write lands before its buffers can go back to the caller
                 try:
                     writing.finish()
-                except (OSError, RuntimeError) as exc:
-                    errors[writing.index] = _os_error(exc, f"write of {files[writing.index][0]} failed")
+                except OSError as exc:  # what _waiter raises
+                    errors[writing.index] = exc
             if durable:
                 synced = [w for w in started if errors[w.index] is None]
                 for writing, error in zip(synced, fsync_all([w.handle.fileno() for w in synced]), strict=True):

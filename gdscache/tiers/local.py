@@ -226,15 +226,13 @@ class LocalTier:
             if excess > 0:
                 self._evict(excess)
             self._write_pending(todo, stored)
-            if self.max_bytes is not None:  # groups written side by side may have outgrown the quota together
-                self.evict_to(self.max_bytes)
         finally:
             self._unpin(keys)
             for item in todo:
                 if item.reserved:  # neither published nor failed: an unexpected error
                     self._unreserve(item)
-        if self.max_bytes is not None and self.used_bytes > self.max_bytes:  # a group larger than the quota
-            self.evict_to(self.max_bytes)
+        if self.max_bytes is not None:  # groups written side by side may have outgrown the quota together; LRU
+            self.evict_to(self.max_bytes)  # order takes older chunks first, this group's only if it alone is larger
         return stored
 
     def _write_pending(self, todo: list[_Pending], stored: list[bool]) -> None:
