@@ -3,13 +3,18 @@
 For each (chunk size, codec) it writes ``requests`` prompts of ``tokens`` tokens through
 ``GDSCache.store``, reads them back with ``GDSCache.retrieve`` after dropping their pages from the
 page cache (cold) and again without (warm), then times single-chunk requests one at a time for
-per-chunk latency. The raw ceiling is one large sequential write and read of the same bytes through
-the same ``FileBackend`` (same O_DIRECT mode), measured before and after the codecs; the best of the
-two is the ceiling each result is a percentage of.
+per-chunk latency.
+
+The raw ceiling is measured in paired rounds: the prompts are split into ``rounds`` rounds, and each
+round's cache operation runs next to one sequential write (or read) of the same number of bytes in one
+file through the same ``FileBackend`` (same O_DIRECT mode), the order alternating from round to round.
+Storage whose speed drifts within minutes (a shared disk, a network filesystem) then moves both sides
+of each pair alike, and the percentage of the ceiling is total raw time over total cache time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -52,6 +57,7 @@ class BenchOptions:
     cold: bool = True
     warm: bool = True
     latency_chunks: int = 8
+    rounds: int = 4
     keep: bool = False
     prefill_tflops: float = DEFAULT_TFLOPS
     seed: int = 0
@@ -76,6 +82,8 @@ class BenchOptions:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.total_bytes < 1:
             raise ValueError(f"--total-size must be > 0, got {self.total_bytes}")
+        if self.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         if self.latency_chunks < 0:
             raise ValueError(f"--latency-chunks must be >= 0, got {self.latency_chunks}")
         if not (self.cold or self.warm):
@@ -93,9 +101,8 @@ class BenchOptions:
 
 def plan_steps(opts: BenchOptions) -> int:
     """Number of progress steps :func:`run_bench` reports."""
-    raw_steps = 2 * (1 + opts.cold + opts.warm)
     per_config = 1 + opts.cold + opts.warm + (1 if opts.latency_chunks else 0)
-    return 1 + raw_steps + per_config * len(opts.codecs) * len(opts.chunk_sizes)
+    return 1 + per_config * len(opts.codecs) * len(opts.chunk_sizes)
 
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, object]:
@@ -114,8 +121,8 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         meta = describe(opts.path, device, opts.command)
         kv = synthetic_kv(spec, opts.tokens, device, opts.seed)
         out = kv_buffer(spec, opts.tokens, device)
+        raw = _RawFiles(backend, kv, kv_buffer(spec, opts.tokens, device), root)
         tick("synthetic KV generated", 1)
-        raw_runs = [_raw_ceiling(backend, kv, out, n_req, root, opts, tick, "before")]
         prefills: dict[int, Prefill] = {}
         results = []
         for chunk in opts.chunk_sizes:
@@ -123,11 +130,9 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             if req_tokens not in prefills:
                 prefills[req_tokens] = _prefill(opts, req_tokens, device)
             for codec in opts.codecs:
-                results.append(_measure_config(opts, codec, chunk, kv, out, n_req, root, backend, tick))
-        raw_runs.append(_raw_ceiling(backend, kv, out, n_req, root, opts, tick, "after"))
-        raw = _best_of(raw_runs)
-        for res in results:
-            _relate(res, raw, prefills[res["request_tokens"]])
+                res = _measure_config(opts, codec, chunk, kv, out, n_req, root, raw, tick)
+                _relate(res, prefills[req_tokens])
+                results.append(res)
         meta.update({
             "io_mode": results[0]["io_mode"] if results else backend.io_mode,
             "raw_io_mode": backend.io_mode,
@@ -139,6 +144,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             "bytes_per_token": spec.bytes_per_token(),
             "tokens_per_request": opts.tokens,
             "requests": n_req,
+            "rounds": min(opts.rounds, n_req),
             "kv_bytes_per_config": n_req * req_bytes,
             "latency_chunks": opts.latency_chunks,
             "cold": opts.cold,
@@ -151,8 +157,6 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         })
         return {
             "meta": meta,
-            "raw": raw,
-            "raw_runs": raw_runs,
             "prefill": {str(t): p.to_json() for t, p in prefills.items()},
             "results": results,
         }
@@ -163,38 +167,67 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
 
 
 # ---------------------------------------------------------------------- measurements
-def _raw_ceiling(backend: FileBackend, kv: torch.Tensor, out: torch.Tensor, n_req: int, root: str,
-                 opts: BenchOptions, tick: Progress, when: str) -> dict[str, object]:
-    """One sequential write of ``n_req`` copies of the KV bytes into one file, then sequential reads."""
-    src = kv.reshape(-1).view(torch.uint8)
-    dest = out.reshape(-1).view(torch.uint8)
-    nbytes = src.numel()
-    path = os.path.join(root, f"raw-ceiling-{when}.bin")
-    result: dict[str, object] = {"when": when, "bytes": nbytes * n_req}
-    start = _now(kv.device)
-    backend.write_file(path, [Part(i * nbytes, src) for i in range(n_req)], durable=True)
-    result["write_gbps"] = nbytes * n_req / (_now(kv.device) - start) / 1e9
-    tick(f"raw write ({when})", 1)
-    for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
-        if not wanted:
-            continue
-        if temp == "cold":
-            backend.drop_page_cache(path)
-        start = _now(kv.device)
-        with backend.open_read(path) as handle:
-            for i in range(n_req):
-                handle.read_into(dest, i * nbytes)
-        result[f"read_{temp}_gbps"] = nbytes * n_req / (_now(kv.device) - start) / 1e9
-        tick(f"raw {temp} read ({when})", 1)
-    if not torch.equal(dest, src):
-        raise RuntimeError(f"raw ceiling read back different bytes from {path}: the storage path is broken")
-    result["io_mode"] = backend.io_mode
-    os.unlink(path)
-    return result
+class _RawFiles:
+    """The raw side of each pair: copies of the KV tensor in one sequential file, written and read through the
+    benchmark's own backend. Reads land in a buffer of their own, never in the cache's ``out``."""
+
+    def __init__(self, backend: FileBackend, kv: torch.Tensor, dest: torch.Tensor, root: str) -> None:
+        self.backend = backend
+        self.src = kv.reshape(-1).view(torch.uint8)
+        self.dest = dest.reshape(-1).view(torch.uint8)
+        self.root = root
+        self.nbytes = self.src.numel()
+
+    def path(self, label: str, round_no: int) -> str:
+        return os.path.join(self.root, f"raw-{label}-round{round_no}.bin")
+
+    def write(self, path: str, copies: int) -> None:
+        self.backend.write_file(path, [Part(i * self.nbytes, self.src) for i in range(copies)], durable=True)
+
+    def read(self, path: str, copies: int) -> None:
+        with self.backend.open_read(path) as handle:
+            for i in range(copies):
+                handle.read_into(self.dest, i * self.nbytes)
+
+    def verify(self, path: str) -> None:
+        if not torch.equal(self.dest, self.src):
+            raise RuntimeError(f"raw ceiling read back different bytes from {path}: the storage path is broken")
+
+
+RoundFn = Callable[[int, list[int]], None]
+"""``fn(round_no, request_indices)``: one side of one round."""
+
+
+def _paired(rounds: list[list[int]], raw_side: RoundFn, cache_side: RoundFn, device: torch.device,
+            after_raw: Callable[[int], None] = lambda _r: None) -> list[tuple[float, float]]:
+    """(raw seconds, cache seconds) per round; even rounds run the raw side first, odd rounds the cache side."""
+    pairs = []
+    for r, idx in enumerate(rounds):
+        sides = [(raw_side, True), (cache_side, False)]
+        took = {}
+        for fn, is_raw in sides if r % 2 == 0 else sides[::-1]:
+            took[is_raw] = _timed(lambda fn=fn, r=r, idx=idx: fn(r, idx), device)
+            if is_raw:
+                after_raw(r)
+        pairs.append((took[True], took[False]))
+    return pairs
+
+
+def _paired_op(pairs: list[tuple[float, float]], rounds: list[list[int]], cache_bytes: int, raw_bytes: int,
+               tokens: int) -> tuple[dict[str, object], float]:
+    """The cache operation's totals with its % of the raw side (total bytes over total time on each side), the %
+    round by round, and the raw side's GB/s. ``*_bytes`` and ``tokens`` are per request."""
+    n = sum(len(idx) for idx in rounds)
+    raw_s, cache_s = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+    op: dict[str, object] = dict(_op([cache_s], n * cache_bytes, n * tokens))
+    raw_gbps = n * raw_bytes / raw_s / 1e9
+    op["pct_of_raw"] = 100.0 * n * cache_bytes / cache_s / 1e9 / raw_gbps
+    op["pct_by_round"] = [100.0 * (cache_bytes / c) / (raw_bytes / r) for (r, c) in pairs]
+    return op, raw_gbps
 
 
 def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor, out: torch.Tensor, n_req: int,
-                    root: str, backend: FileBackend, tick: Progress) -> dict[str, object]:
+                    root: str, raw: _RawFiles, tick: Progress) -> dict[str, object]:
     req_tokens = opts.tokens // chunk * chunk
     cfg_dir = os.path.join(root, f"{codec}-chunk{chunk}")
     rng = np.random.default_rng([opts.seed, chunk])
@@ -203,49 +236,72 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
     src, dst = kv[:, :, :req_tokens], out[:, :, :req_tokens]
     label = f"{codec} chunk={chunk}"
     res: dict[str, object] = {"codec": codec, "chunk_size": chunk, "request_tokens": req_tokens, "requests": n_req}
-    logical = n_req * req_tokens * opts.spec.bytes_per_token()
-    with GDSCache(path=cfg_dir, chunk_size=chunk, model_id=f"gdscache-bench/{opts.model.name}", storage=opts.storage,
-                  codec=codec, io_threads=opts.threads, o_direct=opts.o_direct) as cache:
-        times = [_timed(lambda p=p: _expect(cache.store(p, src), req_tokens, "store"), kv.device) for p in prompts]
-        res["store"] = _op(times, logical, n_req * req_tokens)
-        res["stored_bytes"] = int(cache.stats().get("bytes_written", 0))
-        res["ratio"] = logical / res["stored_bytes"] if res["stored_bytes"] else None
-        tick(f"{label}: store", 1)
-        for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
-            if not wanted:
-                continue
-            if temp == "cold":
-                _drop_all(backend, cfg_dir)
-            times = [_timed(lambda p=p: _expect(cache.retrieve(p, dst), req_tokens, "retrieve"), kv.device)
-                     for p in prompts]
-            res[f"retrieve_{temp}"] = _op(times, logical, n_req * req_tokens)
-            tick(f"{label}: retrieve {temp}", 1)
-        res["check"] = _check(codec, src, dst)
-        if singles:
-            one, one_out = kv[:, :, :chunk], out[:, :, :chunk]
-            lat = {"store": [_timed(lambda p=p: _expect(cache.store(p, one), chunk, "store"), kv.device)
-                             for p in singles]}
+    req_bytes = req_tokens * opts.spec.bytes_per_token()
+    rounds = [idx.tolist() for idx in np.array_split(np.arange(n_req), min(opts.rounds, n_req))]
+    raw_paths = [raw.path(f"{codec}-chunk{chunk}", r) for r in range(len(rounds))]
+    ceiling: dict[str, object] = {"bytes": n_req * raw.nbytes, "io_mode": raw.backend.io_mode, "rounds": len(rounds)}
+    res["raw"] = ceiling
+
+    try:
+        with GDSCache(path=cfg_dir, chunk_size=chunk, model_id=f"gdscache-bench/{opts.model.name}",
+                      storage=opts.storage, codec=codec, io_threads=opts.threads, o_direct=opts.o_direct) as cache:
+
+            def stores(_r: int, idx: list[int]) -> None:
+                for i in idx:
+                    _expect(cache.store(prompts[i], src), req_tokens, "store")
+
+            def retrieves(_r: int, idx: list[int]) -> None:
+                for i in idx:
+                    _expect(cache.retrieve(prompts[i], dst), req_tokens, "retrieve")
+
+            pairs = _paired(rounds, lambda r, idx: raw.write(raw_paths[r], len(idx)), stores, kv.device)
+            res["store"], ceiling["write_gbps"] = _paired_op(pairs, rounds, req_bytes, raw.nbytes, req_tokens)
+            res["stored_bytes"] = int(cache.stats().get("bytes_written", 0))
+            res["ratio"] = n_req * req_bytes / res["stored_bytes"] if res["stored_bytes"] else None
+            tick(f"{label}: store", 1)
             for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
-                if wanted:
-                    if temp == "cold":
-                        _drop_all(backend, cfg_dir)
-                    lat[f"retrieve_{temp}"] = [
-                        _timed(lambda p=p: _expect(cache.retrieve(p, one_out), chunk, "retrieve"), kv.device)
-                        for p in singles
-                    ]
-            res["latency_ms"] = {op: _percentiles(v) for op, v in lat.items()}
-            tick(f"{label}: per-chunk latency", 1)
-        res["io_mode"] = cache.io_mode
+                if not wanted:
+                    continue
+                if temp == "cold":
+                    _drop_all(raw.backend, cfg_dir)
+                    for path in raw_paths:
+                        raw.backend.drop_page_cache(path)
+                pairs = _paired(rounds, lambda r, idx: raw.read(raw_paths[r], len(idx)), retrieves, kv.device,
+                                after_raw=lambda r: raw.verify(raw_paths[r]))
+                res[f"retrieve_{temp}"], ceiling[f"read_{temp}_gbps"] = _paired_op(pairs, rounds, req_bytes,
+                                                                                   raw.nbytes, req_tokens)
+                tick(f"{label}: retrieve {temp}", 1)
+            res["check"] = _check(codec, src, dst)
+            if singles:
+                res["latency_ms"] = _latencies(opts, cache, kv, out, chunk, singles, raw.backend, cfg_dir)
+                tick(f"{label}: per-chunk latency", 1)
+            res["io_mode"] = cache.io_mode
+    finally:
+        for path in raw_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     if not opts.keep:
         shutil.rmtree(cfg_dir, ignore_errors=True)
     return res
 
 
-def _relate(res: dict, raw: dict, prefill: Prefill) -> None:
-    """Add % of the raw ceiling to each throughput, and the TTFT comparison."""
-    for op, key in (("store", "write_gbps"), ("retrieve_cold", "read_cold_gbps"), ("retrieve_warm", "read_warm_gbps")):
-        if op in res and key in raw:
-            res[op]["pct_of_raw"] = 100.0 * res[op]["gbps"] / raw[key]
+def _latencies(opts: BenchOptions, cache: GDSCache, kv: torch.Tensor, out: torch.Tensor, chunk: int,
+               singles: list[np.ndarray], backend: FileBackend, cfg_dir: str) -> dict[str, dict[str, float]]:
+    """p50/p99 of single-chunk requests, one at a time: store, then retrieve cold and warm."""
+    one, one_out = kv[:, :, :chunk], out[:, :, :chunk]
+    lat = {"store": [_timed(lambda p=p: _expect(cache.store(p, one), chunk, "store"), kv.device) for p in singles]}
+    for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
+        if wanted:
+            if temp == "cold":
+                _drop_all(backend, cfg_dir)
+            lat[f"retrieve_{temp}"] = [
+                _timed(lambda p=p: _expect(cache.retrieve(p, one_out), chunk, "retrieve"), kv.device) for p in singles
+            ]
+    return {op: _percentiles(v) for op, v in lat.items()}
+
+
+def _relate(res: dict, prefill: Prefill) -> None:
+    """Add the TTFT comparison: retrieving one prompt against prefilling it."""
     op = res.get("retrieve_cold") or res.get("retrieve_warm")
     retrieve_s = op["seconds"] / res["requests"]
     res["ttft"] = {
@@ -337,12 +393,3 @@ def _check(codec: str, src: torch.Tensor, got: torch.Tensor) -> dict[str, object
         worst = max(worst, float((a - b).abs().max()))
         peak = max(peak, float(a.abs().max()))
     return {"lossless": False, "max_abs_err": worst, "max_rel_err": worst / peak if peak else 0.0}
-
-
-def _best_of(runs: list[dict]) -> dict[str, object]:
-    best: dict[str, object] = {"bytes": runs[0]["bytes"], "io_mode": runs[0]["io_mode"]}
-    for key in ("write_gbps", "read_cold_gbps", "read_warm_gbps"):
-        values = [r[key] for r in runs if key in r]
-        if values:
-            best[key] = max(values)
-    return best

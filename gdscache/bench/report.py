@@ -32,7 +32,7 @@ def _check(check: dict) -> str:
 
 def render(report: dict, console: Console) -> None:
     """Print the header facts, the raw ceiling, the throughput table and the latency/TTFT table."""
-    meta, raw = report["meta"], report["raw"]
+    meta = report["meta"]
     fs = meta["filesystem"]
     model = meta["model"]
     console.print(
@@ -46,19 +46,25 @@ def render(report: dict, console: Console) -> None:
         f"{meta['requests']} request(s) x {meta['tokens_per_request']} tokens = "
         f"{meta['kv_bytes_per_config'] / 2**20:.0f} MiB per configuration"
     )
-    ceiling = Table(title=f"raw ceiling: one sequential file through the same backend ({raw['io_mode']})")
-    ceiling.add_column("run")
-    for _, key, name in OPS:
-        if key in raw:
-            ceiling.add_column(f"{name.replace('store', 'write').replace('retrieve', 'read')} GB/s", justify="right")
-    for run in [*report["raw_runs"], {**raw, "when": "ceiling (best)"}]:
-        ceiling.add_row(run["when"], *[f"{run[key]:.2f}" for _, key, _ in OPS if key in raw])
+    results = report["results"]
+    ceiling = Table(title=f"raw ceiling: sequential files through the same backend ({meta['raw_io_mode']}), in "
+                          f"{meta['rounds']} round(s) paired with the cache's")
+    ceiling.add_column("codec")
+    ceiling.add_column("chunk", justify="right")
+    ops = [(op, key, name) for op, key, name in OPS if any(key in r["raw"] for r in results)]
+    for _, _, name in ops:
+        ceiling.add_column(f"{name.replace('store', 'write').replace('retrieve', 'read')} GB/s", justify="right")
+    for _, _, name in ops:
+        ceiling.add_column(f"{name} % by round", justify="right")
+    for res in results:
+        ceiling.add_row(res["codec"], str(res["chunk_size"]), *[f"{res['raw'][key]:.2f}" for _, key, _ in ops],
+                        *[" ".join(f"{p:.0f}" for p in res[op]["pct_by_round"]) for op, _, _ in ops])
     console.print(ceiling)
 
     table = Table(title="throughput: GB/s of uncompressed KV (% of the raw ceiling)")
     for col in ("codec", "chunk", "ratio", "store", "retrieve cold", "retrieve warm", "tokens/s (retrieve)", "check"):
         table.add_column(col, justify="left" if col in ("codec", "check") else "right")
-    for res in report["results"]:
+    for res in results:
         best = res.get("retrieve_cold") or res.get("retrieve_warm")
         table.add_row(
             res["codec"], str(res["chunk_size"]), f"{res['ratio']:.2f}x" if res.get("ratio") else "-",
@@ -95,13 +101,14 @@ def write_json(report: dict, path: str) -> None:
 
 
 def plot(report: dict, path: str) -> None:
-    """Grouped bars: one panel per operation, groups by chunk size, one bar per codec; dashed line = raw ceiling."""
+    """Grouped bars: one panel per operation, groups by chunk size, one bar per codec; a black line across each bar
+    marks the raw ceiling paired with it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results, raw = report["results"], report["raw"]
+    results = report["results"]
     ops = [(op, key, name) for op, key, name in OPS if any(op in r for r in results)]
     chunks = sorted({r["chunk_size"] for r in results})
     codecs = list(dict.fromkeys(r["codec"] for r in results))
@@ -109,12 +116,13 @@ def plot(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(ops), figsize=(4.5 * len(ops), 4), squeeze=False, sharey=True)
     for ax, (op, key, name) in zip(axes[0], ops):
         for i, codec in enumerate(codecs):
-            values = [next((r[op]["gbps"] for r in results if r["codec"] == codec and r["chunk_size"] == c), 0.0)
-                      for c in chunks]
-            bars = ax.bar([x + i * width for x in range(len(chunks))], values, width, label=codec)
+            found = [next((r for r in results if r["codec"] == codec and r["chunk_size"] == c), None) for c in chunks]
+            xs = [x + i * width for x in range(len(chunks))]
+            bars = ax.bar(xs, [r[op]["gbps"] if r else 0.0 for r in found], width, label=codec)
             ax.bar_label(bars, fmt="%.2f", fontsize="x-small")
-        if key in raw:
-            ax.axhline(raw[key], linestyle="--", color="black", label=f"raw ceiling {raw[key]:.2f}")
+            ceil = [(x, r["raw"][key]) for x, r in zip(xs, found) if r and key in r["raw"]]
+            ax.hlines([v for _, v in ceil], [x - width / 2 for x, _ in ceil], [x + width / 2 for x, _ in ceil],
+                      colors="black", label="raw ceiling (paired)" if i == 0 else None)
         ax.set_xticks([x + width * (len(codecs) - 1) / 2 for x in range(len(chunks))], [str(c) for c in chunks])
         ax.set_xlabel("chunk size (tokens)")
         ax.set_title(name)

@@ -2,10 +2,10 @@
 
 Stores and retrieves model-shaped KV through GDSCache for each codec and chunk size, cold (page
 cache dropped per file) and warm, and compares each throughput with the raw ceiling of the same
-path measured in the same run: one large sequential write and read of the same bytes through the
-same I/O backend. Reports per-chunk latency, the I/O mode that ran, the device, the filesystem, and
-the time to first token saved against prefill. Files go to a fresh subdirectory of DIR, removed at
-the end unless --keep.
+path measured in the same run: sequential writes and reads of the same bytes through the same I/O
+backend, in rounds interleaved with the cache's (--rounds). Reports per-chunk latency, the I/O mode
+that ran, the device, the filesystem, and the time to first token saved against prefill. Files go to
+a fresh subdirectory of DIR, removed at the end unless --keep.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "other codecs run their slow reference implementations)")
     w.add_argument("--total-size", default="512MiB", metavar="SIZE",
                    help="KV bytes per configuration (default 512MiB; raise it on fast storage)")
+    w.add_argument("--rounds", type=int, default=4,
+                   help="paired rounds: the requests are split into this many, each timed next to a raw write or "
+                        "read of the same bytes (default 4)")
     w.add_argument("--latency-chunks", type=int, default=8, help="single-chunk requests timed for latency (default 8)")
     t = w.add_mutually_exclusive_group()
     t.add_argument("--cold", action="store_true", help="only cold retrieval (page cache dropped per file)")
@@ -101,7 +104,8 @@ def options_from(args: argparse.Namespace, argv: list[str] | None = None) -> Ben
         chunk_sizes=_ints(args.chunk_size, "--chunk-size"), codecs=codecs, device=device,
         storage=args.storage or ("gds" if on_gpu else "posix"),
         o_direct=args.o_direct, threads=args.threads, total_bytes=parse_size(args.total_size, "--total-size") or 0,
-        cold=not args.warm, warm=not args.cold, latency_chunks=args.latency_chunks, keep=args.keep,
+        cold=not args.warm, warm=not args.cold, latency_chunks=args.latency_chunks, rounds=args.rounds,
+        keep=args.keep,
         prefill_tflops=args.prefill_tflops, seed=args.seed, command=shlex.join(["gdscache", *argv]),
     )
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gdscache.bench.data import synthetic_kv
+from gdscache.bench.engine import _paired
 from gdscache.bench.models import PRESETS, resolve_model
 from gdscache.bench.prefill import estimate_prefill, measure_prefill
 from gdscache.bench.sysinfo import filesystem_of
@@ -39,18 +40,21 @@ def test_bench_json_plot_and_cleanup(tmp_path, capsys):
     assert meta["requests"] == 2 and meta["kv_bytes_per_config"] == 2 * 256 * 256
     assert meta["command"].startswith("gdscache bench --path")
     assert meta["model"]["num_layers"] == 2 and meta["kv_dtype"] == "bfloat16"
-    assert {r["when"] for r in report["raw_runs"]} == {"before", "after"}
-    for key in ("write_gbps", "read_cold_gbps", "read_warm_gbps"):
-        assert report["raw"][key] == max(r[key] for r in report["raw_runs"]) > 0
+    assert meta["rounds"] == 2 and "raw" not in report
     results = report["results"]
     assert [(r["codec"], r["chunk_size"]) for r in results] == [("raw", 64), ("lossless", 64), ("raw", 128),
                                                                 ("lossless", 128)]
     for r in results:
         assert r["request_tokens"] == 256 and r["check"] == {"lossless": True, "exact": True}
+        assert r["raw"]["rounds"] == 2 and r["raw"]["bytes"] == 2 * 256 * 256
+        assert r["raw"]["io_mode"] == meta["raw_io_mode"]
         for op, raw_key in (("store", "write_gbps"), ("retrieve_cold", "read_cold_gbps"),
                             ("retrieve_warm", "read_warm_gbps")):
-            assert r[op]["gbps"] > 0 and r[op]["tokens_per_s"] > 0
-            assert r[op]["pct_of_raw"] == pytest.approx(100 * r[op]["gbps"] / report["raw"][raw_key])
+            assert r[op]["gbps"] > 0 and r[op]["tokens_per_s"] > 0 and r["raw"][raw_key] > 0
+            assert r[op]["pct_of_raw"] == pytest.approx(100 * r[op]["gbps"] / r["raw"][raw_key])
+            # total over total is a mediant of the rounds' ratios: it lies between them
+            by_round = r[op]["pct_by_round"]
+            assert len(by_round) == 2 and min(by_round) * 0.999 <= r[op]["pct_of_raw"] <= max(by_round) * 1.001
         assert set(r["latency_ms"]) == {"store", "retrieve_cold", "retrieve_warm"}
         assert all(v["n"] == 3 and 0 < v["p50"] <= v["p99"] for v in r["latency_ms"].values())
         assert r["ttft"]["prefill_method"] == "estimated" and r["ttft"]["retrieve_from"] == "cold"
@@ -71,11 +75,24 @@ def test_bench_keep_and_cold_only(tmp_path, capsys):
     assert kept and _bench_dirs(tmp_path) == [os.path.basename(kept)]
     assert any(n.endswith(".gdc") for _, _, names in os.walk(kept) for n in names)
     assert all("retrieve_warm" not in r and "retrieve_cold" in r for r in report["results"])
-    assert "read_warm_gbps" not in report["raw"]
+    assert all("read_warm_gbps" not in r["raw"] and r["raw"]["read_cold_gbps"] > 0 for r in report["results"])
+    assert not [n for _, _, names in os.walk(kept) for n in names if n.startswith("raw-")]
     assert f"files kept in {kept}" in capsys.readouterr().out.replace("\n", "")
 
 
+def test_paired_rounds_alternate_and_verify_after_each_raw_side():
+    calls = []
+    pairs = _paired([[0], [1, 2], [3]], lambda r, idx: calls.append(("raw", r, idx)),
+                    lambda r, idx: calls.append(("cache", r, idx)), torch.device("cpu"),
+                    after_raw=lambda r: calls.append(("verify", r)))
+    assert calls == [("raw", 0, [0]), ("verify", 0), ("cache", 0, [0]),
+                     ("cache", 1, [1, 2]), ("raw", 1, [1, 2]), ("verify", 1),
+                     ("raw", 2, [3]), ("verify", 2), ("cache", 2, [3])]
+    assert len(pairs) == 3 and all(raw_s >= 0 and cache_s >= 0 for raw_s, cache_s in pairs)
+
+
 def test_bench_lossy_codec_reports_its_error(tmp_path):
+    """Two rounds: in the second the raw read runs after the cache's retrieve, and must not overwrite its output."""
     report_file = tmp_path / "r.json"
     argv = ["bench", "--path", str(tmp_path), *TINY, "--chunk-size", "64", "--codecs", "cachegen", "--warm",
             "--latency-chunks", "0", "--json", str(report_file)]
@@ -96,6 +113,7 @@ def test_bench_lossy_codec_reports_its_error(tmp_path):
         (["--kv-heads", "0"], "--kv-heads must be a positive integer"),
         (["--dtype", "int8"], "unknown KV dtype 'int8'"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
         (["--device", "tpu"], "--device must be 'cpu' or 'cuda'"),
         (["--json", "/nonexistent-dir/r.json"], "--json /nonexistent-dir/r.json: directory /nonexistent-dir does not"),
     ],
