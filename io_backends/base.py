@@ -45,14 +45,34 @@ def _nothing_pending() -> None:
     return None
 
 
-_fsync_pool: cf.ThreadPoolExecutor | None = None
-_fsync_lock = threading.Lock()
+class SharedPool:
+    """A process-wide thread pool, started on first use. A forked child starts its own: the copy it inherits has
+    no threads, and work submitted to it would wait forever."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = workers
+        self._name = name
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def get(self) -> cf.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix=self._name)
+            return self._pool
+
+
+_fsync_pool = SharedPool(16, "gdscache-fsync")
 
 
 def fsync_all(fds: Sequence[int]) -> list[OSError | None]:
     """``fsync`` several open files at once (on a shared pool of 16 threads), so that a journaling filesystem can
     commit them together rather than one commit each; per file None or the ``OSError`` its fsync raised."""
-    global _fsync_pool
 
     def one(fd: int) -> OSError | None:
         try:
@@ -63,10 +83,7 @@ def fsync_all(fds: Sequence[int]) -> list[OSError | None]:
 
     if len(fds) < 2:
         return [one(fd) for fd in fds]
-    with _fsync_lock:
-        if _fsync_pool is None:
-            _fsync_pool = cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="gdscache-fsync")
-    return list(_fsync_pool.map(one, fds))
+    return list(_fsync_pool.get().map(one, fds))
 
 
 @dataclass(frozen=True)

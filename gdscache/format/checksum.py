@@ -16,13 +16,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import struct
-import threading
 from collections.abc import Sequence
 
 import torch
 import xxhash
 
 from gdscache.codecs import _cuda  # the CUDA kernel library (cuda/), also home of the halfsum3 kernel
+from io_backends.base import SharedPool
 
 XXH3_64 = 1
 HALFSUM3 = 2
@@ -112,16 +112,7 @@ def algorithm_for(payload: torch.Tensor) -> int:
     return HALFSUM3 if payload.is_cuda else XXH3_64
 
 
-_pool: cf.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _hash_pool() -> cf.ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = cf.ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="gdscache-hash")
-        return _pool
+_hash_pool = SharedPool(max(4, os.cpu_count() or 1), "gdscache-hash")
 
 
 class PipelinedDigest:
@@ -147,7 +138,7 @@ class PipelinedDigest:
             return
         self.wait()  # pieces are hashed in order
         if overlap:
-            self._job = _hash_pool().submit(_update, self._xxh, list(runs))
+            self._job = _hash_pool.get().submit(_update, self._xxh, list(runs))
         else:
             _update(self._xxh, runs)
 
