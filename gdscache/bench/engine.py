@@ -106,7 +106,7 @@ def plan_steps(opts: BenchOptions) -> int:
 
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, object]:
-    """Run every measurement and return the JSON-able report (``meta``, ``raw``, ``results``)."""
+    """Run every measurement and return the JSON-able report (``meta``, ``prefill``, ``results``)."""
     opts.validate()
     device = resolve_device(opts.device)
     tick = progress or (lambda _desc, _n: None)
@@ -145,6 +145,9 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             "tokens_per_request": opts.tokens,
             "requests": n_req,
             "rounds": min(opts.rounds, n_req),
+            "ceiling_method": "paired rounds: each round's cache operation next to a sequential write or read of the "
+                              "same bytes in one file through the same backend, order alternating; % = total raw time "
+                              "over total cache time",
             "kv_bytes_per_config": n_req * req_bytes,
             "latency_chunks": opts.latency_chunks,
             "cold": opts.cold,
