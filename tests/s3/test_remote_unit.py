@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -248,7 +249,19 @@ def test_fetch_each_takes_remote_chunks_in_parallel_up_to_the_first_miss(memory_
         out = torch.zeros_like(kv)
         assert cache.retrieve(tokens[:8], out) == 0  # less than a chunk: binds the namespace, reads nothing
         targets = cache._chunk_views(out, 0, 8)
+        # the first two object-store reads each wait for the other: one at a time, they would time out (a miss)
+        both_in_flight = threading.Barrier(2, timeout=20)
+        calls = itertools.count()
+        real_get = cache._remote.get
+
+        def get_in_pairs(namespace, key):
+            if next(calls) < 2:
+                both_in_flight.wait()
+            return real_get(namespace, key)
+
+        cache._remote.get = get_in_pairs
         found = cache._fetch_each(keys, targets)
+        assert not both_in_flight.broken
         assert len(found) == 5 and [f.meta.key for f in found] == keys[:5]
         for k, fetched in enumerate(found):
             assert torch.equal(fetched.payload.view(torch.float32).view(2, 2, 16, 2, 8), kv[:, :, 16 * k : 16 * (k + 1)])
