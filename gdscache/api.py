@@ -344,14 +344,14 @@ class GDSCache:
         """Validate ``tokens`` and a KV tensor or pages (``kv`` or ``out``) that must hold all their whole chunks."""
         self._check_open()
         arr = keys.as_token_array(tokens)
-        spec = KVSpec.of(tensor)
+        spec = KVSpec.of(tensor, name)
         if isinstance(tensor, KVPages):
             if self.config.chunk_size % tensor.page_tokens:
                 raise ValueError(f"chunk_size {self.config.chunk_size} is not a whole number of "
                                  f"{tensor.page_tokens}-token pages")
             if name == "kv" and not tensor.complete:
                 raise ValueError("kv pages to store include skipped pages (page id -1)")
-        self._bind(spec)
+        self._bind(spec, name)
         whole = len(arr) // self.config.chunk_size * self.config.chunk_size
         if tensor.shape[2] < whole:
             raise ValueError(
@@ -360,8 +360,8 @@ class GDSCache:
             )
         return arr, spec
 
-    def _bind(self, spec: KVSpec) -> None:
-        """Fix the KV spec (and so the namespace) on first use; later tensors must match it."""
+    def _bind(self, spec: KVSpec, name: str = "kv") -> None:
+        """Fix the KV spec (and so the namespace) on first use; later tensors (the caller's ``name``) must match it."""
         if self._spec == spec:
             return
         with self._spec_lock:
@@ -379,7 +379,7 @@ class GDSCache:
             elif self._spec != spec:
                 have, got = self._spec, spec
                 raise ValueError(
-                    f"KV tensor does not match this cache: expected [layers={have.num_layers}, planes={have.kv_planes}, "
+                    f"{name} does not match this cache's KV: expected [layers={have.num_layers}, planes={have.kv_planes}, "
                     f"tokens, heads={have.num_kv_heads}, dim={have.head_dim}] {dtype_name(have.dtype)}, got "
                     f"[{got.num_layers}, {got.kv_planes}, tokens, {got.num_kv_heads}, {got.head_dim}] {dtype_name(got.dtype)}"
                 )

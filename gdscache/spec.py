@@ -58,20 +58,21 @@ class KVSpec:
         dtype_name(self.dtype)
 
     @classmethod
-    def of(cls, kv: torch.Tensor) -> KVSpec:
-        """The spec of a KV tensor (or :class:`gdscache.pages.KVPages`), with clear errors for wrong rank or dtype."""
+    def of(cls, kv: torch.Tensor, name: str = "kv") -> KVSpec:
+        """The spec of a KV tensor (or :class:`gdscache.pages.KVPages`), with clear errors for wrong rank or dtype that
+        call it ``name`` (the caller's argument: ``kv`` or ``out``)."""
         from gdscache.pages import KVPages
 
         if isinstance(kv, KVPages):
             return kv.spec
         if not isinstance(kv, torch.Tensor):
-            raise TypeError(f"kv must be a torch.Tensor or gdscache.KVPages, got {type(kv).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor or gdscache.KVPages, got {type(kv).__name__}")
         if kv.dim() != 5:
             raise ValueError(
-                f"kv must have 5 dims [num_layers, 2, num_tokens, num_kv_heads, head_dim], got shape {tuple(kv.shape)}"
+                f"{name} must have 5 dims [num_layers, 2, num_tokens, num_kv_heads, head_dim], got shape {tuple(kv.shape)}"
             )
         if not kv.is_floating_point():
-            raise TypeError(f"kv must be a floating tensor, got dtype {kv.dtype}")
+            raise TypeError(f"{name} must be a floating tensor, got dtype {kv.dtype}")
         num_layers, planes, _, heads, dim = kv.shape
         return cls(int(num_layers), int(planes), int(heads), int(dim), kv.dtype)
 

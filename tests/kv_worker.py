@@ -6,7 +6,9 @@ KV values are a pure function of (seed, token ids), so any process can check any
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 import torch
 
@@ -43,6 +45,15 @@ def main() -> None:
             print(i, flush=True)
             i += 1
     elif mode == "mixed":  # store and retrieve overlapping prompts, report any wrong value
+        # ARGS: config JSON, rounds, a folder and a count: start together once that many workers are ready there
+        barrier, parties = args[2], int(args[3])
+        open(os.path.join(barrier, f"ready.{os.getpid()}"), "w").close()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(barrier)) < parties:
+            if time.monotonic() > deadline:
+                raise SystemExit("the other workers never became ready")
+            time.sleep(0.005)
+        started = time.time()
         bad = 0
         hits = 0
         for round_ in range(int(args[1])):
@@ -54,7 +65,7 @@ def main() -> None:
                 n = cache.retrieve(toks, out)
                 hits += n
                 bad += int(not torch.equal(out[:, :, :n], ref[:, :, :n]))
-        print(json.dumps({"bad": bad, "hits": hits}))
+        print(json.dumps({"bad": bad, "hits": hits, "started": started, "ended": time.time()}))
     cache.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import pytest
@@ -37,7 +38,7 @@ HOWS = ["payload-bitflip", "payload-zeroed", "truncated", "header-field", "bad-m
 
 
 @pytest.mark.parametrize("how", HOWS)
-def test_damaged_chunk_is_a_miss_and_quarantined(cache_dir, how):
+def test_damaged_chunk_is_a_miss_and_quarantined(cache_dir, how, caplog):
     kv = make_kv(2, 48, 2, 8, dtype=torch.bfloat16)
     tokens = list(range(48))
     with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
@@ -54,6 +55,8 @@ def test_damaged_chunk_is_a_miss_and_quarantined(cache_dir, how):
         assert cache.lookup(tokens) == 16
         assert cache.stats()["local_corrupt"] == 1
     assert glob.glob(os.path.join(cache_dir, ".quarantine", "*"))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "corrupt chunk" in r.getMessage()]
+    assert len(warned) == 1 and second[0] in warned[0].getMessage()
 
 
 def test_chunk_file_of_another_key_is_rejected(cache_dir):

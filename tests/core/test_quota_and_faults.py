@@ -71,10 +71,31 @@ class _FullDisk(PosixBackend):
         super().write_file(path, parts, durable=durable)
 
 
-def test_injected_enospc_fails_soft_and_keeps_existing_chunks(cache_dir, monkeypatch, caplog):
+class _FullDiskMidFile(PosixBackend):
+    """Like :class:`_FullDisk`, but the disk fills up partway through a file: its temporary file exists and holds the
+    chunk's header when the payload's write fails."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__(threads=1)
+        self.room = room
+        self.torn = 0
+
+    def _write_parts(self, fd, parts, direct):
+        if self.room <= 0:
+            super()._write_parts(fd, parts[:1], direct)
+            assert os.fstat(fd).st_size > 0
+            self.torn += 1
+            raise OSError(errno.ENOSPC, "No space left on device (injected mid-file)")
+        self.room -= 1
+        super()._write_parts(fd, parts, direct)
+
+
+@pytest.mark.parametrize("disk", [_FullDisk, _FullDiskMidFile])
+def test_injected_enospc_fails_soft_and_keeps_existing_chunks(cache_dir, monkeypatch, caplog, disk):
     import gdscache.api
 
-    monkeypatch.setattr(gdscache.api, "make_file_backend", lambda *a, **k: _FullDisk(room=4))
+    backend = disk(room=4)
+    monkeypatch.setattr(gdscache.api, "make_file_backend", lambda *a, **k: backend)
     first, second = make_kv(2, 64, 2, 8, seed=1), make_kv(2, 64, 2, 8, seed=2)
     a, b = list(range(64)), list(range(1000, 1064))
     with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
@@ -90,8 +111,12 @@ def test_injected_enospc_fails_soft_and_keeps_existing_chunks(cache_dir, monkeyp
             meta, payload = cache._local.read(cache.namespace, key, torch.device("cpu"))
             assert torch.equal(payload.view(torch.float32).view(2, 2, 16, 2, 8), first[:, :, 16 * i : 16 * (i + 1)])
         assert cache.retrieve(b, torch.zeros_like(second)) == 0
+        out = torch.zeros_like(first)
+        assert cache.retrieve(a[:32], out[:, :, :32]) == 0  # its first two chunks were evicted for the retry
     temps = [f for _, _, fs in os.walk(cache_dir) for f in fs if f.endswith(".tmp")]
-    assert temps == []
+    assert temps == []  # the failed writes left nothing behind, not even the half-written ones
+    if disk is _FullDiskMidFile:
+        assert backend.torn == 5
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/bin/mount"), reason="mounting a tmpfs needs root")
@@ -109,6 +134,11 @@ def test_real_full_filesystem(tmp_path):
             tokens, kv = prompts[-1]
             out = torch.zeros_like(kv)
             assert cache.retrieve(tokens, out) == 32 and torch.equal(out, kv)  # the newest prompt survived
+            for tokens, kv in prompts:  # whatever else survived is exact
+                out = torch.zeros_like(kv)
+                n = cache.retrieve(tokens, out)
+                assert torch.equal(out[:, :, :n], kv[:, :, :n])
+            assert cache.stats()["local_corrupt"] == 0
     finally:
         subprocess.run(["umount", str(mnt)])
 

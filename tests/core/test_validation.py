@@ -63,10 +63,24 @@ def test_out_too_small_or_mismatched(cache):
     cache.store(list(range(32)), kv)
     with pytest.raises(ValueError, match="out holds 16 tokens but tokens has 32"):
         cache.retrieve(list(range(32)), torch.zeros(2, 2, 16, 2, 8))
-    with pytest.raises(ValueError, match="does not match this cache"):
+    with pytest.raises(ValueError, match=r"^out does not match this cache's KV: .*heads=2.*got .*, 4, 8\]"):
         cache.retrieve(list(range(32)), torch.zeros(2, 2, 32, 4, 8))
-    with pytest.raises(ValueError, match="bfloat16"):
+    with pytest.raises(ValueError, match="^out does not match.*bfloat16"):
         cache.retrieve(list(range(32)), torch.zeros(2, 2, 32, 2, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "out, error, match",
+    [
+        (torch.zeros(2, 2, 32, 16), ValueError, "^out must have 5 dims"),
+        (torch.zeros(2, 2, 32, 2, 8, dtype=torch.int32), TypeError, "^out must be a floating tensor, got dtype torch.int32"),
+        (np.zeros((2, 2, 32, 2, 8), dtype=np.float32), TypeError, "^out must be a torch.Tensor or gdscache.KVPages"),
+    ],
+)
+def test_bad_out_is_named_out(cache, out, error, match):
+    cache.store(list(range(32)), make_kv(2, 32, 2, 8))
+    with pytest.raises(error, match=match):
+        cache.retrieve(list(range(32)), out)
 
 
 def test_unwritable_path(tmp_path):
