@@ -12,6 +12,7 @@ import torch
 from kvtestlib import make_kv
 
 from gdscache import GDSCache
+from io_backends.base import ALIGN, Part
 from io_backends.posix import PosixBackend
 
 CHUNK_ON_DISK = 8192  # 4 KiB header + 4 KiB payload for make_kv(2, ., 2, 8) float32 chunks of 16 tokens
@@ -73,7 +74,7 @@ class _FullDisk(PosixBackend):
 
 class _FullDiskMidFile(PosixBackend):
     """Like :class:`_FullDisk`, but the disk fills up partway through a file: its temporary file exists and holds the
-    chunk's header when the payload's write fails."""
+    file's first 4 KiB when the rest of the write fails."""
 
     def __init__(self, room: int) -> None:
         super().__init__(threads=1)
@@ -82,8 +83,9 @@ class _FullDiskMidFile(PosixBackend):
 
     def _write_parts(self, fd, parts, direct):
         if self.room <= 0:
-            super()._write_parts(fd, parts[:1], direct)
-            assert os.fstat(fd).st_size > 0
+            first = parts[0]
+            super()._write_parts(fd, [Part(first.offset, first.data[:ALIGN])], direct)
+            assert 0 < os.fstat(fd).st_size < max(p.offset + p.nbytes for p in parts)
             self.torn += 1
             raise OSError(errno.ENOSPC, "No space left on device (injected mid-file)")
         self.room -= 1
