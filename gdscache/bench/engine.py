@@ -177,7 +177,7 @@ class _RawFiles:
     def __init__(self, backend: FileBackend, kv: torch.Tensor, dest: torch.Tensor, root: str) -> None:
         self.backend = backend
         self.src = kv.reshape(-1).view(torch.uint8)
-        self.dest = dest.reshape(-1).view(torch.uint8)
+        self.dest = dest.reshape(-1).view(torch.uint8).fill_(_POISON)
         self.root = root
         self.nbytes = self.src.numel()
 
@@ -195,6 +195,10 @@ class _RawFiles:
     def verify(self, path: str) -> None:
         if not torch.equal(self.dest, self.src):
             raise RuntimeError(f"raw ceiling read back different bytes from {path}: the storage path is broken")
+        self.dest.fill_(_POISON)  # the next raw read must bring every byte again to pass
+
+
+_POISON = 0x5A
 
 
 RoundFn = Callable[[int, list[int]], None]
