@@ -95,8 +95,9 @@ class BenchOptions:
         return self.model.kv_spec(self.dtype)
 
     def requests(self) -> int:
-        """Prompts per configuration: ``total_bytes`` of KV in prompts of ``tokens`` tokens (at least one)."""
-        return max(1, round(self.total_bytes / (self.tokens * self.spec.bytes_per_token())))
+        """Prompts per configuration: ``total_bytes`` of KV in prompts of ``tokens`` tokens, and at least one per
+        paired round."""
+        return max(self.rounds, round(self.total_bytes / (self.tokens * self.spec.bytes_per_token())))
 
 
 def plan_steps(opts: BenchOptions) -> int:
@@ -144,7 +145,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             "bytes_per_token": spec.bytes_per_token(),
             "tokens_per_request": opts.tokens,
             "requests": n_req,
-            "rounds": min(opts.rounds, n_req),
+            "rounds": opts.rounds,
             "ceiling_method": "paired rounds: each round's cache operation next to a sequential write or read of the "
                               "same bytes in one file through the same backend, order alternating; % = total raw time "
                               "over total cache time",
@@ -171,29 +172,29 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
 
 # ---------------------------------------------------------------------- measurements
 class _RawFiles:
-    """The raw side of each pair: copies of the KV tensor in one sequential file, written and read through the
-    benchmark's own backend. Reads land in a buffer of their own, never in the cache's ``out``."""
+    """The raw side of each pair: ``copies`` times the first ``nbytes`` of the KV tensor (as many bytes as one
+    request stores) in one sequential file, written and read through the benchmark's own backend. Reads land in a
+    buffer of their own, never in the cache's ``out``."""
 
     def __init__(self, backend: FileBackend, kv: torch.Tensor, dest: torch.Tensor, root: str) -> None:
         self.backend = backend
         self.src = kv.reshape(-1).view(torch.uint8)
         self.dest = dest.reshape(-1).view(torch.uint8).fill_(_POISON)
         self.root = root
-        self.nbytes = self.src.numel()
 
     def path(self, label: str, round_no: int) -> str:
         return os.path.join(self.root, f"raw-{label}-round{round_no}.bin")
 
-    def write(self, path: str, copies: int) -> None:
-        self.backend.write_file(path, [Part(i * self.nbytes, self.src) for i in range(copies)], durable=True)
+    def write(self, path: str, copies: int, nbytes: int) -> None:
+        self.backend.write_file(path, [Part(i * nbytes, self.src[:nbytes]) for i in range(copies)], durable=True)
 
-    def read(self, path: str, copies: int) -> None:
+    def read(self, path: str, copies: int, nbytes: int) -> None:
         with self.backend.open_read(path) as handle:
             for i in range(copies):
-                handle.read_into(self.dest, i * self.nbytes)
+                handle.read_into(self.dest[:nbytes], i * nbytes)
 
-    def verify(self, path: str) -> None:
-        if not torch.equal(self.dest, self.src):
+    def verify(self, path: str, nbytes: int) -> None:
+        if not torch.equal(self.dest[:nbytes], self.src[:nbytes]):
             raise RuntimeError(f"raw ceiling read back different bytes from {path}: the storage path is broken")
         self.dest.fill_(_POISON)  # the next raw read must bring every byte again to pass
 
@@ -220,17 +221,17 @@ def _paired(rounds: list[list[int]], raw_side: RoundFn, cache_side: RoundFn, dev
     return pairs
 
 
-def _paired_op(pairs: list[tuple[float, float]], rounds: list[list[int]], cache_bytes: int, raw_bytes: int,
+def _paired_op(pairs: list[tuple[float, float]], rounds: list[list[int]], nbytes: int,
                tokens: int) -> tuple[dict[str, object], float]:
-    """The cache operation's totals with its % of the raw side (total bytes over total time on each side), the %
-    round by round, and the raw side's GB/s. ``*_bytes`` and ``tokens`` are per request."""
+    """The cache operation's totals with its % of the raw side (both sides move the same bytes, so total raw time
+    over total cache time), the % round by round, and the raw side's GB/s. ``nbytes`` and ``tokens`` are per
+    request."""
     n = sum(len(idx) for idx in rounds)
     raw_s, cache_s = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
-    op: dict[str, object] = dict(_op([cache_s], n * cache_bytes, n * tokens))
-    raw_gbps = n * raw_bytes / raw_s / 1e9
-    op["pct_of_raw"] = 100.0 * n * cache_bytes / cache_s / 1e9 / raw_gbps
-    op["pct_by_round"] = [100.0 * (cache_bytes / c) / (raw_bytes / r) for (r, c) in pairs]
-    return op, raw_gbps
+    op: dict[str, object] = dict(_op([cache_s], n * nbytes, n * tokens))
+    op["pct_of_raw"] = 100.0 * raw_s / cache_s
+    op["pct_by_round"] = [100.0 * r / c for (r, c) in pairs]
+    return op, n * nbytes / raw_s / 1e9
 
 
 def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor, out: torch.Tensor, n_req: int,
@@ -244,9 +245,9 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
     label = f"{codec} chunk={chunk}"
     res: dict[str, object] = {"codec": codec, "chunk_size": chunk, "request_tokens": req_tokens, "requests": n_req}
     req_bytes = req_tokens * opts.spec.bytes_per_token()
-    rounds = [idx.tolist() for idx in np.array_split(np.arange(n_req), min(opts.rounds, n_req))]
+    rounds = [idx.tolist() for idx in np.array_split(np.arange(n_req), opts.rounds)]
     raw_paths = [raw.path(f"{codec}-chunk{chunk}", r) for r in range(len(rounds))]
-    ceiling: dict[str, object] = {"bytes": n_req * raw.nbytes, "io_mode": raw.backend.io_mode, "rounds": len(rounds)}
+    ceiling: dict[str, object] = {"bytes": n_req * req_bytes, "io_mode": raw.backend.io_mode, "rounds": len(rounds)}
     res["raw"] = ceiling
 
     try:
@@ -261,8 +262,8 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
                 for i in idx:
                     _expect(cache.retrieve(prompts[i], dst), req_tokens, "retrieve")
 
-            pairs = _paired(rounds, lambda r, idx: raw.write(raw_paths[r], len(idx)), stores, kv.device)
-            res["store"], ceiling["write_gbps"] = _paired_op(pairs, rounds, req_bytes, raw.nbytes, req_tokens)
+            pairs = _paired(rounds, lambda r, idx: raw.write(raw_paths[r], len(idx), req_bytes), stores, kv.device)
+            res["store"], ceiling["write_gbps"] = _paired_op(pairs, rounds, req_bytes, req_tokens)
             res["stored_bytes"] = int(cache.stats().get("bytes_written", 0))
             res["ratio"] = n_req * req_bytes / res["stored_bytes"] if res["stored_bytes"] else None
             tick(f"{label}: store", 1)
@@ -273,10 +274,10 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
                     _drop_all(raw.backend, cfg_dir)
                     for path in raw_paths:
                         raw.backend.drop_page_cache(path)
-                pairs = _paired(rounds, lambda r, idx: raw.read(raw_paths[r], len(idx)), retrieves, kv.device,
-                                after_raw=lambda r: raw.verify(raw_paths[r]))
+                pairs = _paired(rounds, lambda r, idx: raw.read(raw_paths[r], len(idx), req_bytes), retrieves,
+                                kv.device, after_raw=lambda r: raw.verify(raw_paths[r], req_bytes))
                 res[f"retrieve_{temp}"], ceiling[f"read_{temp}_gbps"] = _paired_op(pairs, rounds, req_bytes,
-                                                                                   raw.nbytes, req_tokens)
+                                                                                   req_tokens)
                 tick(f"{label}: retrieve {temp}", 1)
             res["check"] = _check(codec, src, dst)
             if singles:

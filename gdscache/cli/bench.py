@@ -52,10 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma list of {', '.join(codec_names())} (default: all on CUDA; raw on CPU, where the "
                         "other codecs run their slow reference implementations)")
     w.add_argument("--total-size", default="512MiB", metavar="SIZE",
-                   help="KV bytes per configuration (default 512MiB; raise it on fast storage)")
+                   help="KV bytes per configuration, at least one request per round (default 512MiB; raise it "
+                        "on fast storage)")
     w.add_argument("--rounds", type=int, default=4,
                    help="paired rounds: the requests are split into this many, each timed next to a raw write or "
-                        "read of the same bytes (default 4)")
+                        "read of as many bytes (default 4)")
     w.add_argument("--latency-chunks", type=int, default=8, help="single-chunk requests timed for latency (default 8)")
     t = w.add_mutually_exclusive_group()
     t.add_argument("--cold", action="store_true", help="only cold retrieval (page cache dropped per file)")

@@ -17,7 +17,7 @@ from gdscache.cli.main import main
 
 # 2 layers x 2 planes x 2 heads x 16 dims x 2 bytes = 256 bytes per token
 TINY = ["--model", "llama-8b", "--layers", "2", "--kv-heads", "2", "--head-dim", "16", "--tokens", "256",
-        "--chunk-size", "64,128", "--total-size", "128KiB", "--latency-chunks", "3", "--device", "cpu"]
+        "--chunk-size", "64,128", "--total-size", "128KiB", "--latency-chunks", "3", "--device", "cpu", "--rounds", "2"]
 
 
 def _bench_dirs(path) -> list[str]:
@@ -89,6 +89,34 @@ def test_paired_rounds_alternate_and_verify_after_each_raw_side():
                      ("cache", 1, [1, 2]), ("raw", 1, [1, 2]), ("verify", 1),
                      ("raw", 2, [3]), ("verify", 2), ("cache", 2, [3])]
     assert len(pairs) == 3 and all(raw_s >= 0 and cache_s >= 0 for raw_s, cache_s in pairs)
+
+
+def test_bench_has_a_prompt_for_every_round(tmp_path):
+    """A --total-size of fewer prompts than --rounds is raised to one prompt per round (the default run's case:
+    one Llama-8B prompt is 512 MiB)."""
+    report_file = tmp_path / "r.json"
+    argv = ["bench", "--path", str(tmp_path), *TINY, "--rounds", "4", "--chunk-size", "64", "--warm",
+            "--latency-chunks", "0", "--json", str(report_file)]
+    assert main(argv) == 0
+    report = json.loads(report_file.read_text())
+    assert report["meta"]["requests"] == 4 and report["meta"]["rounds"] == 4
+    assert report["meta"]["kv_bytes_per_config"] == 4 * 256 * 256
+    (res,) = report["results"]
+    assert res["raw"]["rounds"] == 4 and len(res["store"]["pct_by_round"]) == 4
+    assert len(res["retrieve_warm"]["pct_by_round"]) == 4
+
+
+def test_bench_raw_side_moves_the_bytes_the_cache_stores(tmp_path):
+    """--tokens not a multiple of --chunk-size: the cache stores whole chunks only, and so does the raw side."""
+    report_file = tmp_path / "r.json"
+    argv = ["bench", "--path", str(tmp_path), *TINY, "--tokens", "200", "--chunk-size", "64", "--cold",
+            "--latency-chunks", "0", "--json", str(report_file)]
+    assert main(argv) == 0
+    (res,) = json.loads(report_file.read_text())["results"]
+    assert res["request_tokens"] == 192
+    assert res["raw"]["bytes"] == res["stored_bytes"] == res["requests"] * 192 * 256
+    for op, raw_key in (("store", "write_gbps"), ("retrieve_cold", "read_cold_gbps")):
+        assert res[op]["pct_of_raw"] == pytest.approx(100 * res[op]["gbps"] / res["raw"][raw_key])
 
 
 def test_bench_lossy_codec_reports_its_error(tmp_path):
