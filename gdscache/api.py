@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
@@ -42,6 +43,9 @@ of 4 (benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
 decodes in batches holds up to as many again awaiting its decode."""
+STORE_BATCHES = 4
+"""On a GPU, a store of several chunks goes in at least this many batches (each up to ``GROUP_BYTES``), so that
+encoding and checksumming the next batch overlaps writing this one."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
@@ -148,14 +152,15 @@ class GDSCache:
                 key, piece = todo.pop()
                 payload = self._codec.encode_many([piece])[0]
                 new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
-        # on the GPU the chunks are encoded together (fuller kernel launches, one host sync), checksummed together
-        # (one more), and written in groups (one I/O task, its files in flight together, then fsynced in parallel)
-        payloads = self._codec.encode_many([piece for _, piece in todo])
-        sums = digests(payloads, [algorithm_for(p) for p in payloads])
-        metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(todo, payloads, sums, strict=True)]
-        group = self._group_size(spec, kv)
-        for start in range(0, len(metas), group):
-            new_tokens += self._submit(metas[start : start + group], payloads[start : start + group], jobs)
+        # on the GPU the chunks go in batches: each is encoded (fuller kernel launches), checksummed (one host sync)
+        # and handed to an I/O thread as one group (its files in flight together, then fsynced in parallel), so that
+        # one batch's files are being written while the next one is encoded
+        for start, stop in store_batches(len(todo), self._group_size(spec, kv)):
+            batch = todo[start:stop]
+            payloads = self._codec.encode_many([piece for _, piece in batch])
+            sums = digests(payloads, [algorithm_for(p) for p in payloads])
+            metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(batch, payloads, sums, strict=True)]
+            new_tokens += self._submit(metas, payloads, jobs)
         for job, held in jobs:
             new_tokens += chunk * sum(job.result())
             for payload in held:
@@ -643,6 +648,16 @@ class GDSCache:
             self.metrics.inc("mismatched_chunks")
             return False
         return True
+
+
+def store_batches(n: int, group: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the batches a GPU store of ``n`` chunks goes in: at most ``group`` chunks each, and
+    ``STORE_BATCHES`` batches at least (where there are that many chunks), as even as they come."""
+    count = max(-(-n // group), min(n, STORE_BATCHES))
+    if not count:
+        return []
+    bounds = [n * k // count for k in range(count + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 def _check_writable(path: str) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from gdscache.codecs.base import Codec
-from gdscache.pages import KVPages
+from gdscache.pages import KVPages, stacked_view
 from gdscache.spec import KVSpec
 from io_backends.buffers import host_pool
 
@@ -14,6 +16,16 @@ class RawCodec(Codec):
     name = "raw"
     lossless = True
     pages_in_place = True
+
+    def encode_many(self, chunks: Sequence[torch.Tensor | KVPages]) -> list[torch.Tensor]:
+        """On a GPU, chunks that are evenly spaced views of one tensor (consecutive token slices of a request's KV)
+        are copied with one kernel into one new buffer, and each payload is its slice of it."""
+        stacked = stacked_view(chunks)
+        if stacked is None or not stacked.is_cuda:
+            return super().encode_many(chunks)
+        out = torch.empty(stacked.shape, dtype=stacked.dtype, device=stacked.device)
+        out.copy_(stacked)
+        return list(out.view(len(chunks), -1).view(torch.uint8).unbind())
 
     def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
         """One copy of the (strided or paged) chunk into a new buffer; on the host, a pooled page-aligned one."""

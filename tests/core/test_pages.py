@@ -74,3 +74,19 @@ def test_store_and_retrieve_reject_unfit_pages(tmp_path) -> None:
     with (GDSCache(path=str(tmp_path / "b"), chunk_size=N, model_id="m") as cache,
           pytest.raises(ValueError, match="skipped pages")):
         cache.store(list(range(2 * N)), KVPages(pages, [0, -1]))
+
+
+def test_stacked_view_of_consecutive_token_slices() -> None:
+    from gdscache.pages import stacked_view, token_slice
+
+    kv = torch.randn(3, 2, 40, 2, 4)
+    chunks = [token_slice(kv, 8 * k, 8 * (k + 1)) for k in range(1, 5)]
+    view = stacked_view(chunks)
+    assert view is not None and view.shape == (4, 3, 2, 8, 2, 4)
+    assert torch.equal(view, torch.stack(chunks))
+    assert view.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()  # a view, no copy
+    assert stacked_view(chunks[:1]) is None  # nothing to batch
+    assert stacked_view(chunks[::-1]) is None  # descending starts
+    assert stacked_view([chunks[0], chunks[1], chunks[3]]) is None  # a gap
+    assert stacked_view([chunks[0], token_slice(kv.clone(), 16, 24)]) is None  # another tensor
+    assert stacked_view([chunks[0], token_slice(kv, 8, 15)]) is None  # another shape

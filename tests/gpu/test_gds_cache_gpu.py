@@ -174,3 +174,30 @@ def test_group_from_the_remote_tier_into_the_gpu(cache_dir, tmp_path):
         assert cache.retrieve(tokens, out) == 17 * CHUNK
         assert torch.equal(_bits(out[:, :, : 17 * CHUNK]), _bits(kv[:, :, : 17 * CHUNK]))
         assert cache.stats()["remote_hits"] >= 17
+
+
+def test_raw_chunks_of_one_request_are_encoded_with_one_copy():
+    from gdscache.codecs import get_codec
+    from gdscache.pages import token_slice
+
+    kv = make_kv(4, 5 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=5, device="cuda")
+    chunks = [token_slice(kv, k * CHUNK, (k + 1) * CHUNK) for k in range(5)]
+    codec = get_codec("raw")
+    batched = codec.encode_many(chunks)
+    assert len({p.untyped_storage().data_ptr() for p in batched}) == 1  # slices of one new buffer
+    assert batched[0].untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
+    for payload, chunk in zip(batched, chunks, strict=True):
+        assert payload.dtype == torch.uint8 and payload.dim() == 1
+        assert torch.equal(payload, codec.encode(chunk))
+
+
+def test_store_in_batches_is_bit_exact_and_every_chunk_is_written(cache_dir):
+    """A 16-chunk store goes in four batches (api.STORE_BATCHES), each its own write group."""
+    kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=6, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir) as cache:
+        assert cache.store(tokens, kv) == 16 * CHUNK
+        assert len(_chunk_files(cache_dir)) == 16
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 16 * CHUNK
+        assert torch.equal(_bits(out), _bits(kv))
