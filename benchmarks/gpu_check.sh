@@ -19,7 +19,7 @@ SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
-# read_steps and fetch_groups (~1 min each).
+# read_steps and fetch_groups (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -86,6 +86,15 @@ step_bench_cli() {
         --json "$OUT/bench_cli.json" --plot "$OUT/bench_cli.png" ${BENCH_CLI_ARGS:-}
 }
 
+step_issue3() {
+    # issue 3's figures: raw 256-token chunks of Llama-8B (32 MiB) and of a small model (1 MiB), 4 GiB each,
+    # store and cold/warm retrieve against the paired raw ceiling (benchmarks/RESULTS.md)
+    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
+        --total-size 4GiB --json "$OUT/issue3_llama.json"
+    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
+        --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/issue3_small.json"
+}
+
 step_fetch_groups() {
     # chunks per I/O task x I/O threads, 1 MiB and 32 MiB chunks (issue 3; FETCH_GROUPS_ARGS adds options)
     python3 benchmarks/gpu_fetch_groups.py --shape 16,1,64 --groups 1,8,128 --threads 1,8 \
@@ -118,6 +127,7 @@ for s in "${STEPS[@]}"; do
         bench_cli) run_step bench_cli 300 ;;
         warm_probe) run_step warm_probe 300 ;;
         fetch_groups) run_step fetch_groups 240 ;;
+        issue3) run_step issue3 300 ;;
         *) run_step "$s" 60 ;;
     esac
 done
