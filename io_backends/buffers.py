@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 
 import torch
 
@@ -59,6 +61,12 @@ class HostBufferPool:
         self._pin = pin
         self._free: dict[int, list[torch.Tensor]] = {}
         self._free_bytes = 0
+        self._lock = threading.Lock()
+        renew = weakref.WeakMethod(self._renew_lock)
+        os.register_at_fork(after_in_child=lambda: (method := renew()) and method())
+
+    def _renew_lock(self) -> None:
+        """In a forked child: a lock another parent thread held at the fork would stay held forever."""
         self._lock = threading.Lock()
 
     def acquire(self, nbytes: int) -> torch.Tensor:

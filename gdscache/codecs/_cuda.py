@@ -29,6 +29,15 @@ _tried = False
 _load_lock = threading.Lock()
 
 
+def _renew_load_lock() -> None:
+    """In a forked child: a lock another parent thread held at the fork would stay held forever."""
+    global _load_lock
+    _load_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_load_lock)
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried
     if _tried:

@@ -49,3 +49,33 @@ def test_shared_pools_work_in_a_forked_child(tmp_path):
         child.join()
         raise AssertionError(f"the forked child hung for {CHILD_TIMEOUT_S} s on a shared pool")
     assert child.exitcode == 0
+
+
+def _child_takes_the_locks() -> None:
+    from gdscache.codecs import _cuda
+    from io_backends.buffers import host_pool
+
+    host_pool.release(host_pool.acquire(4096))
+    _cuda._tried = False  # make _load take its lock again (and load nothing: this test is about the lock)
+    os.environ["GDSCACHE_NO_KERNELS"] = "1"
+    _cuda._load()
+    os._exit(0)
+
+
+def test_locks_held_by_the_parent_at_fork_are_free_in_the_child():
+    """The parent forks while it holds the host buffer pool's lock and the kernel loader's lock (as an I/O thread
+    could at that moment); the child must still get both."""
+    from gdscache.codecs import _cuda
+    from io_backends.buffers import host_pool
+
+    tried = _cuda._tried
+    with host_pool._lock, _cuda._load_lock:
+        child = multiprocessing.get_context("fork").Process(target=_child_takes_the_locks)
+        child.start()
+    child.join(CHILD_TIMEOUT_S)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise AssertionError(f"the forked child hung for {CHILD_TIMEOUT_S} s on a lock held at the fork")
+    assert child.exitcode == 0
+    assert _cuda._tried == tried
