@@ -43,11 +43,16 @@ def test_shared_pools_work_in_a_forked_child(tmp_path):
         os.close(fd)
     child = multiprocessing.get_context("fork").Process(target=_child, args=(runs, expected, str(tmp_path / "child")))
     child.start()
+    _finished_well(child, "a shared pool")
+
+
+def _finished_well(child: multiprocessing.process.BaseProcess, what: str) -> None:
+    """Assert that a forked child exits 0 within CHILD_TIMEOUT_S (a hang is killed and reported)."""
     child.join(CHILD_TIMEOUT_S)
     if child.is_alive():
         child.kill()
         child.join()
-        raise AssertionError(f"the forked child hung for {CHILD_TIMEOUT_S} s on a shared pool")
+        raise AssertionError(f"the forked child hung for {CHILD_TIMEOUT_S} s on {what}")
     assert child.exitcode == 0
 
 
@@ -72,10 +77,5 @@ def test_locks_held_by_the_parent_at_fork_are_free_in_the_child():
     with host_pool._lock, _cuda._load_lock:
         child = multiprocessing.get_context("fork").Process(target=_child_takes_the_locks)
         child.start()
-    child.join(CHILD_TIMEOUT_S)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        raise AssertionError(f"the forked child hung for {CHILD_TIMEOUT_S} s on a lock held at the fork")
-    assert child.exitcode == 0
+    _finished_well(child, "a lock held at the fork")
     assert _cuda._tried == tried
