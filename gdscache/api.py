@@ -44,8 +44,9 @@ INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
 decodes in batches holds up to as many again awaiting its decode."""
 STORE_BATCHES = 4
-"""On a GPU, a store of several chunks goes in at least this many batches (each up to ``GROUP_BYTES``), so that
-encoding and checksumming the next batch overlaps writing this one."""
+"""On a GPU, a store of several chunks encodes them in up to this many batches (more where they exceed
+``GROUP_BYTES`` each; one for a codec that batches its kernels), so that writing one batch overlaps encoding and
+checksumming the next."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
@@ -129,6 +130,8 @@ class GDSCache:
         """Persist the whole chunks of ``kv`` not stored yet; returns how many tokens were newly stored.
 
         ``kv`` may be :class:`KVPages` (every page present): the cachegen kernels then read the pages in place.
+        A store that raises (say, cachegen refusing non-finite KV) does so once the writes it started have ended:
+        the chunks before the failing one may stay stored.
         """
         arr, spec = self._prepare(tokens, kv, "kv")
         chunk = self.config.chunk_size
@@ -136,31 +139,40 @@ class GDSCache:
         jobs: list[tuple[Future[list[bool]], list[Payload]]] = []  # each: which of its chunks were stored
         todo: list[tuple[bytes, KV]] = []  # chunks to encode
         new_tokens = 0
-        for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
-            if self._present(key):
-                continue
-            piece = token_slice(kv, i * chunk, (i + 1) * chunk)
-            # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change),
-            # checksummed on the I/O threads in parallel rather than one by one here
-            runs = self._codec.direct_runs(piece) if self._writer is None else None
-            if runs is not None:
-                self.metrics.inc("bytes_encoded", sum(run.numel() for run in runs))
-                jobs.append((self._backend.submit(self._seal, key, spec, runs), [runs]))
-                continue
-            todo.append((key, piece))
-            if not kv.is_cuda:  # encoding on the CPU is slow: each chunk is written while the next one encodes
-                key, piece = todo.pop()
-                payload = self._codec.encode_many([piece])[0]
-                new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
-        # on the GPU the chunks go in batches: each is encoded (fuller kernel launches), checksummed (one host sync)
-        # and handed to an I/O thread as one group (its files in flight together, then fsynced in parallel), so that
-        # one batch's files are being written while the next one is encoded
-        for start, stop in store_batches(len(todo), self._group_size(spec, kv)):
-            batch = todo[start:stop]
-            payloads = self._codec.encode_many([piece for _, piece in batch])
-            sums = digests(payloads, [algorithm_for(p) for p in payloads])
-            metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(batch, payloads, sums, strict=True)]
-            new_tokens += self._submit(metas, payloads, jobs)
+        try:
+            for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
+                if self._present(key):
+                    continue
+                piece = token_slice(kv, i * chunk, (i + 1) * chunk)
+                # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change),
+                # checksummed on the I/O threads in parallel rather than one by one here
+                runs = self._codec.direct_runs(piece) if self._writer is None else None
+                if runs is not None:
+                    self.metrics.inc("bytes_encoded", sum(run.numel() for run in runs))
+                    jobs.append((self._backend.submit(self._seal, key, spec, runs), [runs]))
+                    continue
+                todo.append((key, piece))
+                if not kv.is_cuda:  # encoding on the CPU is slow: each chunk is written while the next one encodes
+                    key, piece = todo.pop()
+                    payload = self._codec.encode_many([piece])[0]
+                    new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
+            # on the GPU the chunks are encoded in batches (fuller kernel launches) and checksummed (one host sync
+            # per batch); each batch goes to the I/O threads in groups (one task each: its files in flight together,
+            # then fsynced in parallel) before the next batch encodes, so that writing overlaps encoding
+            group = self._group_size(spec, kv)
+            for start, stop in self._encode_batches(len(todo), spec):
+                batch = todo[start:stop]
+                payloads = self._codec.encode_many([piece for _, piece in batch])
+                sums = digests(payloads, [algorithm_for(p) for p in payloads])
+                metas = [self._meta(key, spec, p, digest)
+                         for (key, _), p, digest in zip(batch, payloads, sums, strict=True)]
+                for first in range(0, len(metas), group):
+                    new_tokens += self._submit(metas[first : first + group], payloads[first : first + group], jobs)
+        except BaseException:
+            for job, _ in jobs:  # a store that fails returns once the writes it started have ended (a prefix may stay)
+                with contextlib.suppress(Exception):
+                    job.result()
+            raise
         for job, held in jobs:
             new_tokens += chunk * sum(job.result())
             for payload in held:
@@ -436,7 +448,18 @@ class GDSCache:
         """Chunks per I/O task: several where the GPU backend reads or writes their files together."""
         if not (kv.is_cuda and self._backend.gpu_native):
             return 1
-        return max(1, min(GROUP_CHUNKS, GROUP_BYTES // (spec.bytes_per_token() * self.config.chunk_size)))
+        return self._chunks_in(GROUP_BYTES, spec)
+
+    def _chunks_in(self, nbytes: int, spec: KVSpec) -> int:
+        """How many chunks of KV fit in ``nbytes`` (at least one, at most ``GROUP_CHUNKS``)."""
+        return max(1, min(GROUP_CHUNKS, nbytes // (spec.bytes_per_token() * self.config.chunk_size)))
+
+    def _encode_batches(self, n: int, spec: KVSpec) -> list[tuple[int, int]]:
+        """``[start, stop)`` of the batches a GPU store encodes its ``n`` chunks in: all at once for a codec whose
+        kernels gain from every chunk in one launch (cachegen), else :func:`store_batches` of ``GROUP_BYTES`` each."""
+        if self._codec.batches:
+            return [(0, n)] if n else []
+        return store_batches(n, self._chunks_in(GROUP_BYTES, spec))
 
     def _fetch_group(self, chunk_keys: list[bytes], targets: list[KV], spec: KVSpec, after: torch.cuda.Event | None,
                      decode_here: bool) -> list[Fetched]:
@@ -651,8 +674,8 @@ class GDSCache:
 
 
 def store_batches(n: int, group: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of the batches a GPU store of ``n`` chunks goes in: at most ``group`` chunks each, and
-    ``STORE_BATCHES`` batches at least (where there are that many chunks), as even as they come."""
+    """``[start, stop)`` of ``n`` chunks split into batches of at most ``group`` chunks, and into
+    ``min(n, STORE_BATCHES)`` batches at least, as even as they come."""
     count = max(-(-n // group), min(n, STORE_BATCHES))
     if not count:
         return []

@@ -33,6 +33,7 @@ from gdscache.bench.sysinfo import describe, resolve_device
 from gdscache.codecs import codec_names, get_codec
 from gdscache.spec import KVSpec, dtype_name
 from io_backends import FileBackend, Part, make_file_backend
+from io_backends.base import align_up
 
 CHUNK_SUFFIX = ".gdc"
 Progress = Callable[[str, int], None]
@@ -186,12 +187,14 @@ class _RawFiles:
         return os.path.join(self.root, f"raw-{label}-round{round_no}.bin")
 
     def write(self, path: str, copies: int, nbytes: int) -> None:
-        self.backend.write_file(path, [Part(i * nbytes, self.src[:nbytes]) for i in range(copies)], durable=True)
+        step = align_up(nbytes)  # copies 4 KiB apart, as O_DIRECT needs them
+        self.backend.write_file(path, [Part(i * step, self.src[:nbytes]) for i in range(copies)], durable=True)
 
     def read(self, path: str, copies: int, nbytes: int) -> None:
+        step = align_up(nbytes)
         with self.backend.open_read(path) as handle:
             for i in range(copies):
-                handle.read_into(self.dest[:nbytes], i * nbytes)
+                handle.read_into(self.dest[:nbytes], i * step)
 
     def verify(self, path: str, nbytes: int) -> None:
         if not torch.equal(self.dest[:nbytes], self.src[:nbytes]):

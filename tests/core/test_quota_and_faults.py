@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 import torch
@@ -200,3 +201,25 @@ def test_group_write_honours_the_quota(tmp_path):
     assert len(on_disk) == 3
     for meta, payload in group[-3:]:  # the newest stay
         assert torch.equal(tier.read(NS, meta.key, torch.device("cpu"))[1], payload)
+
+
+def test_a_store_that_fails_midway_returns_after_the_writes_it_started(cache_dir, monkeypatch):
+    """cachegen refuses the fourth chunk (a nan): store raises, but only once the three chunks before it, handed to
+    the I/O threads already (and slowed down here), are on disk."""
+    from gdscache.tiers.local import LocalTier
+
+    write_many = LocalTier.write_many
+
+    def slow_write_many(self, *args, **kwargs):
+        time.sleep(0.3)
+        return write_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalTier, "write_many", slow_write_many)
+    kv = make_kv(2, 64, 2, 8)
+    kv[1, 0, 50, 1, 3] = float("nan")
+    tokens = list(range(64))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m", codec="cachegen") as cache:
+        with pytest.raises(ValueError, match="non-finite"):
+            cache.store(tokens, kv)
+        assert cache.lookup(tokens) == 48
+        assert cache.stats()["chunks_written"] == 3

@@ -192,11 +192,26 @@ def test_raw_chunks_of_one_request_are_encoded_with_one_copy():
 
 
 def test_store_in_batches_is_bit_exact_and_every_chunk_is_written(cache_dir):
-    """A 16-chunk store goes in four batches (api.STORE_BATCHES), each its own write group."""
+    """A 16-chunk store goes in four batches (api.STORE_BATCHES): each is encoded, then written as one group,
+    before the next one is encoded."""
     kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=6, device="cuda")
     tokens = list(range(kv.shape[2]))
+    calls = []
     with _open(cache_dir) as cache:
+        encode_many, submit = cache._codec.encode_many, cache._backend.submit
+
+        def spy_encode(chunks):
+            calls.append(("encode", len(chunks)))
+            return encode_many(chunks)
+
+        def spy_submit(fn, *args):
+            if getattr(fn, "__name__", "") == "_persist_many":
+                calls.append(("write", len(args[0])))
+            return submit(fn, *args)
+
+        cache._codec.encode_many, cache._backend.submit = spy_encode, spy_submit
         assert cache.store(tokens, kv) == 16 * CHUNK
+        assert calls == [("encode", 4), ("write", 4)] * 4
         assert len(_chunk_files(cache_dir)) == 16
         out = torch.full_like(kv, float("nan"))
         assert cache.retrieve(tokens, out) == 16 * CHUNK
