@@ -132,18 +132,21 @@ def token_slice(kv: torch.Tensor | KVPages, start: int, stop: int) -> torch.Tens
     return kv.tokens(start, stop) if isinstance(kv, KVPages) else kv[:, :, start:stop]
 
 
-def stacked_view(chunks: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None:
-    """``chunks`` as one ``[len(chunks), *shape]`` view when they are tensors of one shape, dtype and strides
-    whose starts lie evenly spaced in one storage (consecutive token slices of one tensor); else None."""
-    if len(chunks) < 2 or not all(isinstance(c, torch.Tensor) for c in chunks):
+def stacked_view(views: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None:
+    """``views`` as one ``[len(views), *shape]`` view when they are tensors of one shape, dtype and strides whose
+    starts lie evenly spaced, ascending, in one storage (consecutive token slices of one tensor, the layers of
+    one allocation); else None."""
+    if not views or not all(isinstance(v, torch.Tensor) for v in views):
         return None
-    first = chunks[0]
-    step = chunks[1].storage_offset() - first.storage_offset()
+    first = views[0]
+    if len(views) == 1:
+        return first.unsqueeze(0)
+    step = views[1].storage_offset() - first.storage_offset()
     if step <= 0:
         return None
-    for k, chunk in enumerate(chunks):
-        if (chunk.shape != first.shape or chunk.stride() != first.stride() or chunk.dtype != first.dtype
-                or chunk.device != first.device or chunk.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or chunk.storage_offset() != first.storage_offset() + k * step):
+    for k, view in enumerate(views):
+        if (view.shape != first.shape or view.stride() != first.stride() or view.dtype != first.dtype
+                or view.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or view.storage_offset() != first.storage_offset() + k * step):
             return None
-    return first.as_strided((len(chunks), *first.shape), (step, *first.stride()), first.storage_offset())
+    return first.as_strided((len(views), *first.shape), (step, *first.stride()), first.storage_offset())

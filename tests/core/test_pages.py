@@ -85,7 +85,8 @@ def test_stacked_view_of_consecutive_token_slices() -> None:
     assert view is not None and view.shape == (4, 3, 2, 8, 2, 4)
     assert torch.equal(view, torch.stack(chunks))
     assert view.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()  # a view, no copy
-    assert stacked_view(chunks[:1]) is None  # nothing to batch
+    assert torch.equal(stacked_view(chunks[:1]), chunks[0].unsqueeze(0))
+    assert stacked_view([]) is None
     assert stacked_view(chunks[::-1]) is None  # descending starts
     assert stacked_view([chunks[0], chunks[1], chunks[3]]) is None  # a gap
     assert stacked_view([chunks[0], token_slice(kv.clone(), 16, 24)]) is None  # another tensor

@@ -11,8 +11,8 @@ from gdscache.integrations.vllm.layout import (
     PageFormat,
     layout_name,
     packing_of_backend,
-    stack_layers,
 )
+from gdscache.pages import stacked_view
 
 L, B, H, N, D = 3, 6, 2, 4, 8  # layers, blocks, kv heads, tokens per block, head_dim
 
@@ -71,7 +71,7 @@ def test_scatter_writes_only_the_given_blocks(packing: str) -> None:
 
 def test_separate_layer_tensors_fall_back_to_per_layer_copies() -> None:
     views = [torch.randn(B, H, N, 2 * D) for _ in range(L)]
-    assert stack_layers(views) is None
+    assert stacked_view(views) is None
     pager = PagedKV(views, PageFormat("kv_packed", H, D, N), num_blocks=B)
     kv = torch.randn(L, 2, N, H, D)
     pager.scatter([0], kv)

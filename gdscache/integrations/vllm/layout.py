@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gdscache.pages import SKIP, KVPages
+from gdscache.pages import SKIP, KVPages, stacked_view
 
 Packing = Literal["kv_packed", "cpu_blocked"]
 
@@ -68,31 +68,6 @@ class PageFormat:
     block_size: int  # tokens per scheduler (manager) block
 
 
-def stack_layers(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One ``[L, B, H, N, C]`` view over per-layer ``[B, H, N, C]`` views of one allocation, or None.
-
-    None when the layers are not evenly spaced in one storage with equal strides (then callers
-    fall back to one copy per layer).
-    """
-    first = views[0]
-    if len(views) == 1:
-        return first.unsqueeze(0)
-    step = views[1].storage_offset() - first.storage_offset()
-    base = first.untyped_storage().data_ptr()
-    for i, view in enumerate(views):
-        if (
-            view.shape != first.shape
-            or view.stride() != first.stride()
-            or view.dtype != first.dtype
-            or view.untyped_storage().data_ptr() != base
-            or view.storage_offset() != first.storage_offset() + i * step
-        ):
-            return None
-    if step <= 0:
-        return None
-    return torch.as_strided(first, (len(views), *first.shape), (step, *first.stride()), first.storage_offset())
-
-
 class PagedKV:
     """vLLM's paged cache as gdscache :class:`KVPages`: one request's blocks, stored from and loaded into in place."""
 
@@ -115,7 +90,7 @@ class PagedKV:
             )
         self.fmt = fmt
         self.views = list(views)
-        self.stacked = stack_layers(self.views)
+        self.stacked = stacked_view(self.views)  # one [L, B, H, N, C] view, or None: a copy per layer
         # one [L, 2, blocks, tokens, H, D] view over all layers, or one per layer when they are not one allocation
         self.layer_pages = [self._pages_view(v) for v in ([self.stacked] if self.stacked is not None
                                                             else [v.unsqueeze(0) for v in self.views])]
