@@ -13,6 +13,7 @@ import abc
 import concurrent.futures as cf
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -45,6 +46,26 @@ def _nothing_pending() -> None:
     return None
 
 
+class ForkSafeLock:
+    """A ``threading.Lock`` (as a context manager) that a forked child gets back free: one that another thread of
+    the parent held at the fork would otherwise stay held in the child forever."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (lock := me()) is not None and lock._renew())
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ForkSafeLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class SharedPool:
     """A process-wide thread pool, started on first use. A forked child starts its own: the copy it inherits has
     no threads, and work submitted to it would wait forever."""
@@ -53,12 +74,11 @@ class SharedPool:
         self._workers = workers
         self._name = name
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._pool = None
-        self._lock = threading.Lock()
 
     def get(self) -> cf.ThreadPoolExecutor:
         with self._lock:

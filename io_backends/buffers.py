@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 
 import torch
 
-from io_backends.base import ALIGN, align_up
+from io_backends.base import ALIGN, ForkSafeLock, align_up
 
 
 def cuda_usable() -> bool:
@@ -61,13 +59,7 @@ class HostBufferPool:
         self._pin = pin
         self._free: dict[int, list[torch.Tensor]] = {}
         self._free_bytes = 0
-        self._lock = threading.Lock()
-        renew = weakref.WeakMethod(self._renew_lock)
-        os.register_at_fork(after_in_child=lambda: (method := renew()) and method())
-
-    def _renew_lock(self) -> None:
-        """In a forked child: a lock another parent thread held at the fork would stay held forever."""
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         size = align_up(max(nbytes, 1))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from gdscache.pages import KVPages
+from io_backends.base import ForkSafeLock
 
 if TYPE_CHECKING:
     from gdscache.codecs.rans import DeviceTables
@@ -26,16 +26,7 @@ if TYPE_CHECKING:
 LIB_NAME = "libgdscache_cuda.so"
 _lib: ctypes.CDLL | None = None
 _tried = False
-_load_lock = threading.Lock()
-
-
-def _renew_load_lock() -> None:
-    """In a forked child: a lock another parent thread held at the fork would stay held forever."""
-    global _load_lock
-    _load_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_renew_load_lock)
+_load_lock = ForkSafeLock()
 
 
 def _load() -> ctypes.CDLL | None:
