@@ -448,18 +448,18 @@ class GDSCache:
         """Chunks per I/O task: several where the GPU backend reads or writes their files together."""
         if not (kv.is_cuda and self._backend.gpu_native):
             return 1
-        return self._chunks_in(GROUP_BYTES, spec)
+        return self._chunks_per_group(spec)
 
-    def _chunks_in(self, nbytes: int, spec: KVSpec) -> int:
-        """How many chunks of KV fit in ``nbytes`` (at least one, at most ``GROUP_CHUNKS``)."""
-        return max(1, min(GROUP_CHUNKS, nbytes // (spec.bytes_per_token() * self.config.chunk_size)))
+    def _chunks_per_group(self, spec: KVSpec) -> int:
+        """How many chunks of KV fit in ``GROUP_BYTES`` (at least one, at most ``GROUP_CHUNKS``)."""
+        return max(1, min(GROUP_CHUNKS, GROUP_BYTES // (spec.bytes_per_token() * self.config.chunk_size)))
 
     def _encode_batches(self, n: int, spec: KVSpec) -> list[tuple[int, int]]:
         """``[start, stop)`` of the batches a GPU store encodes its ``n`` chunks in: all at once for a codec whose
         kernels gain from every chunk in one launch (cachegen), else :func:`store_batches` of ``GROUP_BYTES`` each."""
         if self._codec.batches:
             return [(0, n)] if n else []
-        return store_batches(n, self._chunks_in(GROUP_BYTES, spec))
+        return store_batches(n, self._chunks_per_group(spec))
 
     def _fetch_group(self, chunk_keys: list[bytes], targets: list[KV], spec: KVSpec, after: torch.cuda.Event | None,
                      decode_here: bool) -> list[Fetched]:
