@@ -19,7 +19,8 @@ SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
-# read_steps and fetch_groups (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table).
+# read_steps and fetch_groups (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table), udev (~1 min:
+# creates /run/udev where absent, so put it last).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -95,6 +96,18 @@ step_issue3() {
         --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/issue3_small.json"
 }
 
+step_udev() {
+    # kvikio drives cuFile only where /run/udev exists, and these VMs have none (cuFile refuses their files). This
+    # creates it (only if absent; removed after) to check that the backend then asks cuFile, is refused, and runs
+    # and reports kvikio's POSIX path for every file: the io_mode test, then issue 3's small-shape run.
+    local made=0
+    [ -e /run/udev ] || { mkdir /run/udev && made=1; }
+    python3 -m pytest tests/gpu/test_kvikio_gpu.py -k after_asking_cufile -q -rs -s -p no:cacheprovider
+    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
+        --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/udev_small.json"
+    if [ $made = 1 ]; then rmdir /run/udev; fi
+}
+
 step_fetch_groups() {
     # chunks per I/O task x I/O threads, 1 MiB and 32 MiB chunks (issue 3; FETCH_GROUPS_ARGS adds options)
     python3 benchmarks/gpu_fetch_groups.py --shape 16,1,64 --groups 1,8,128 --threads 1,8 \
@@ -128,6 +141,7 @@ for s in "${STEPS[@]}"; do
         warm_probe) run_step warm_probe 300 ;;
         fetch_groups) run_step fetch_groups 240 ;;
         issue3) run_step issue3 300 ;;
+        udev) run_step udev 200 ;;
         *) run_step "$s" 60 ;;
     esac
 done

@@ -82,7 +82,7 @@ class GDSCache:
         _check_writable(cfg.path)
         self.metrics = Metrics()
         self._codec: Codec = get_codec(cfg.codec, **_codec_kwargs(cfg))
-        self._backend = make_file_backend(cfg.storage, cfg.io_threads, cfg.o_direct)
+        self._backend = make_file_backend(cfg.storage, cfg.io_threads, cfg.o_direct, cfg.path)
         self._local = LocalTier(cfg.path, self._backend, max_bytes=cfg.max_disk_bytes, durable=cfg.durable)
         self._dram = DramTier(cfg.cpu_cache_bytes) if cfg.cpu_cache_bytes else None
         self._remote = _make_remote(cfg)

@@ -9,6 +9,12 @@ Which path runs is kvikio's decision, reported by :func:`detect_io_mode`:
   goes between the storage device and GPU memory.
 - ``cufile-compat``: kvikio drives cuFile, but cuFile runs its own compatibility mode (no nvidia-fs).
 
+Where kvikio would drive cuFile (compat mode ``AUTO``), the backend first asks cuFile to register one
+file in the cache directory (:func:`cufile_refusal`). If cuFile refuses (say, no udev database to
+identify the block device), kvikio would fall back to POSIX file by file, paying a failed registration
+on every chunk file and reporting a cuFile mode it does not run; the backend sets kvikio's compat mode
+``ON`` instead, so every file takes the POSIX path at once and ``kvikio-posix`` is reported.
+
 Only construct :class:`KvikioBackend` where a CUDA driver exists (``make_file_backend`` checks):
 kvikio can do no I/O without ``libcuda``.
 """
@@ -19,6 +25,7 @@ import contextlib
 import errno
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Literal
@@ -40,6 +47,36 @@ def detect_io_mode(kvikio: ModuleType) -> str:
     import kvikio.cufile_driver
 
     return "gds" if kvikio.cufile_driver.properties.is_gds_available else "cufile-compat"
+
+
+def cufile_refusal(directory: str) -> str | None:
+    """Why cuFile cannot register a file in ``directory`` (what it raised), or None where it can, or where this
+    cannot be asked (no ``cuda.bindings.cufile``)."""
+    try:
+        from cuda.bindings import cufile
+    except ImportError:
+        return None
+    fd, path = tempfile.mkstemp(dir=directory, prefix=".gdscache-cufile-probe-")
+    os.close(fd)
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        except OSError as exc:
+            return f"O_DIRECT open failed: {exc.strerror}"
+        try:
+            cufile.driver_open()
+            descr = cufile.Descr()
+            descr.type = cufile.FileHandleType.OPAQUE_FD
+            descr.handle.fd = fd
+            descr.fs_ops = 0
+            cufile.handle_deregister(cufile.handle_register(descr.ptr))
+        except Exception as exc:  # noqa: BLE001 - cuFileError or whatever the bindings raise: a refusal either way
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(path)
+    return None
 
 
 def _os_error(exc: Exception, what: str) -> OSError:
@@ -71,6 +108,8 @@ class KvikioBackend(FileBackend):
     sets them.
     ``o_direct``: ``on`` lets kvikio use O_DIRECT for aligned reads and writes; ``off`` never;
     ``auto`` for writes only, so reads can still hit the page cache.
+    ``probe_dir``: where files will live; where kvikio would drive cuFile, one file is registered there first,
+    and kvikio's POSIX path is forced if cuFile refuses it (module docstring).
     """
 
     name = "kvikio"
@@ -81,6 +120,7 @@ class KvikioBackend(FileBackend):
         threads: int = 8,
         o_direct: Literal["auto", "on", "off"] = "auto",
         task_size: int = 4 * MiB,
+        probe_dir: str | None = None,
     ) -> None:
         if o_direct not in ("auto", "on", "off"):
             raise ValueError(f"o_direct must be 'auto', 'on' or 'off', got {o_direct!r}")
@@ -100,6 +140,14 @@ class KvikioBackend(FileBackend):
             }
         )
         self._mode = detect_io_mode(kvikio)
+        if self._mode != "kvikio-posix" and probe_dir is not None and \
+                kvikio.defaults.get("compat_mode") == kvikio.CompatMode.AUTO:
+            refusal = cufile_refusal(probe_dir)
+            if refusal is not None:
+                log.warning("cuFile cannot register files in %s (%s); kvikio's POSIX path is used for every file",
+                            probe_dir, refusal)
+                kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
+                self._mode = detect_io_mode(kvikio)
         log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s",
                  kvikio.__version__, self._mode, threads, task_size, o_direct)
         self._registered: dict[int, torch.Tensor] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pathlib
 import sys
 import types
 
@@ -60,11 +61,20 @@ class _FakeCuFile:
 @pytest.fixture
 def fake_kvikio(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     """Pretend CUDA and kvikio exist; returns knobs for the compat/GDS answers kvikio would give."""
-    knobs = types.SimpleNamespace(compat_preferred=True, gds_available=False, settings={})
+    knobs = types.SimpleNamespace(compat_preferred=True, gds_available=False, settings={}, compat_mode="AUTO")
     kvikio = types.ModuleType("kvikio")
     defaults = types.ModuleType("kvikio.defaults")
-    defaults.set = lambda config: knobs.settings.update(config)
+
+    def set_(config: dict) -> None:
+        knobs.settings.update(config)
+        if "compat_mode" in config:
+            knobs.compat_mode = config["compat_mode"]
+            knobs.compat_preferred = config["compat_mode"] == "ON"
+
+    defaults.set = set_
+    defaults.get = lambda key: {"compat_mode": knobs.compat_mode}[key]
     defaults.is_compat_mode_preferred = lambda: knobs.compat_preferred
+    kvikio.CompatMode = types.SimpleNamespace(ON="ON", OFF="OFF", AUTO="AUTO")
     driver = types.ModuleType("kvikio.cufile_driver")
     driver.properties = type("DriverProperties", (), {"is_gds_available": property(lambda _: knobs.gds_available)})()
     kvikio.defaults, kvikio.cufile_driver, kvikio.CuFile = defaults, driver, _FakeCuFile
@@ -134,6 +144,69 @@ def test_gds_with_cuda_uses_kvikio_and_reports_mode(fake_kvikio, compat: bool, g
         }
     finally:
         backend.close()
+
+
+@pytest.fixture
+def fake_cufile(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    """``cuda.bindings.cufile``'s handle registration over real files: ``refuse`` makes it raise as cuFile does on
+    a VM without a udev database; ``registered`` records each probed file's name and whether it was open O_DIRECT."""
+    knobs = types.SimpleNamespace(refuse=False, registered=[])
+    cufile = types.ModuleType("cuda.bindings.cufile")
+
+    class Descr:
+        def __init__(self) -> None:
+            self.handle = types.SimpleNamespace(fd=-1)
+            self.ptr = self
+
+    def handle_register(descr: Descr) -> int:
+        info = pathlib.Path(f"/proc/self/fdinfo/{descr.handle.fd}").read_text()
+        flags = int(info.split("flags:")[1].split()[0], 8)
+        knobs.registered.append((os.readlink(f"/proc/self/fd/{descr.handle.fd}"), bool(flags & os.O_DIRECT)))
+        if knobs.refuse:
+            raise RuntimeError("cuFileError: CU_FILE_INTERNAL_ERROR (unable to get volume attributes)")
+        return 7
+
+    cufile.Descr, cufile.FileHandleType = Descr, types.SimpleNamespace(OPAQUE_FD=1)
+    cufile.driver_open, cufile.handle_register, cufile.handle_deregister = lambda: None, handle_register, lambda h: None
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.cufile = cufile
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.cufile", cufile)
+    return knobs
+
+
+@pytest.mark.parametrize("refuse, mode", [(True, "kvikio-posix"), (False, "cufile-compat")])
+def test_cufile_is_asked_once_in_the_cache_directory(fake_kvikio, fake_cufile, tmp_path, caplog, refuse: bool,
+                                                     mode: str) -> None:
+    """Where kvikio would drive cuFile, one file in the directory is registered first; a refusal forces kvikio's
+    POSIX path for every file (one warning naming the directory and cuFile's error) instead of a failed
+    registration per chunk file under a cuFile io_mode."""
+    fake_kvikio.compat_preferred, fake_cufile.refuse = False, refuse
+    backend = make_file_backend("gds", threads=2, directory=str(tmp_path))
+    backend.close()
+    assert backend.io_mode == mode
+    ((probed, direct),) = fake_cufile.registered
+    assert os.path.dirname(probed) == str(tmp_path) and direct
+    assert os.listdir(tmp_path) == []  # the probe file is gone
+    assert fake_kvikio.compat_mode == ("ON" if refuse else "AUTO")
+    warnings = _warnings(caplog)
+    if refuse:
+        (message,) = warnings
+        assert str(tmp_path) in message and "volume attributes" in message and "POSIX" in message
+    else:
+        assert warnings == []
+
+
+@pytest.mark.parametrize("setting, preferred", [("AUTO", True), ("OFF", False)])
+def test_cufile_is_not_asked_where_kvikio_decided(fake_kvikio, fake_cufile, tmp_path, setting: str,
+                                                  preferred: bool) -> None:
+    """No probe where kvikio already takes its POSIX path, nor where the user set ``KVIKIO_COMPAT_MODE=OFF``
+    (cuFile or nothing: its errors then surface as failed writes, not as a quiet switch)."""
+    fake_kvikio.compat_preferred, fake_kvikio.compat_mode, fake_cufile.refuse = preferred, setting, True
+    backend = make_file_backend("gds", threads=2, directory=str(tmp_path))
+    backend.close()
+    assert fake_cufile.registered == []
+    assert backend.io_mode == ("kvikio-posix" if preferred else "cufile-compat")
 
 
 def test_kvikio_write_read_round_trip(fake_kvikio, tmp_path) -> None:

@@ -118,7 +118,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     req_bytes = opts.tokens * spec.bytes_per_token()
     _check_space(opts, n_req * req_bytes)
     root = tempfile.mkdtemp(prefix="gdscache-bench-", dir=opts.path)
-    backend = make_file_backend(opts.storage, opts.threads, opts.o_direct)
+    backend = make_file_backend(opts.storage, opts.threads, opts.o_direct, root)
     try:
         meta = describe(opts.path, device, opts.command)
         kv = synthetic_kv(spec, opts.tokens, device, opts.seed)

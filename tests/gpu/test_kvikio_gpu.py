@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from io_backends.base import Part
-from io_backends.kvikio_backend import IO_MODES, detect_io_mode
+from io_backends.kvikio_backend import IO_MODES, KvikioBackend, cufile_refusal, detect_io_mode
 
 MiB = 1 << 20
 
@@ -25,6 +25,37 @@ def test_io_mode_is_what_kvikio_runs(kvikio_backend):
     if kvikio.defaults.is_compat_mode_preferred():
         assert kvikio_backend.io_mode == "kvikio-posix"
     print(f"io_mode={kvikio_backend.io_mode} compat_preferred={kvikio.defaults.is_compat_mode_preferred()}")
+
+
+def test_io_mode_after_asking_cufile(tmp_path):
+    """Where kvikio would drive cuFile, the backend runs and reports what cuFile allows in this directory: a cuFile
+    mode where it registers files, else kvikio's POSIX path (forced for every file). These VMs prefer the POSIX
+    path unless /run/udev exists: ``GPU_CHECK_STEPS=udev bash benchmarks/gpu_check.sh`` creates it to run this."""
+    import kvikio
+    import kvikio.defaults
+
+    if kvikio.defaults.is_compat_mode_preferred():
+        pytest.skip("kvikio takes its POSIX path here without asking cuFile")
+    refusal = cufile_refusal(str(tmp_path))
+    backend = KvikioBackend(threads=2, probe_dir=str(tmp_path))
+    try:
+        print(f"cuFile refusal: {refusal}; io_mode={backend.io_mode}")
+        if refusal is None:
+            assert backend.io_mode in ("gds", "cufile-compat")
+        else:
+            assert backend.io_mode == "kvikio-posix" and kvikio.defaults.is_compat_mode_preferred()
+        payload = _random_bytes(3 * MiB)
+        path = str(tmp_path / "c.gdc")
+        backend.write_file(path, [Part(0, payload)])
+        backend.drop_page_cache(path)
+        back = torch.empty_like(payload)
+        with backend.open_read(path) as handle:
+            handle.read_into(back, 0)
+        assert torch.equal(back, payload)
+        assert os.listdir(tmp_path) == ["c.gdc"]
+    finally:
+        backend.close()
+        kvikio.defaults.set({"compat_mode": kvikio.CompatMode.AUTO})
 
 
 @pytest.mark.parametrize("nbytes", [4096, MiB, MiB + 123, 33 * MiB])
