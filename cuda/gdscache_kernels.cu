@@ -519,10 +519,13 @@ __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
 
 // halfsum3 of n uint16 words that start at word `start` of the payload, added into sums[3] (exact integer
 // sums, so the order of addition does not matter): sum w, sum w * ((start + j) % 65521 + 1) and
-// sum w * ((start + j) % 65519 + 1); gdscache/format/checksum.py defines it.
-__global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, int64_t start,
+// sum w * ((start + j) % 65519 + 1); gdscache/format/checksum.py defines it. Row blockIdx.y of a batch of
+// payloads `row_stride` words apart adds into sums[3 * row .. 3 * row + 2].
+__global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, int64_t row_stride, int64_t start,
                                 unsigned long long* __restrict__ sums) {
   __shared__ unsigned long long part[3][32];
+  words += blockIdx.y * row_stride;
+  sums += 3 * blockIdx.y;
   unsigned long long a = 0, b = 0, c = 0;
   for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
     const unsigned long long v = words[j];
@@ -673,11 +676,14 @@ int gdc_rans_decode(const uint16_t* words, int64_t nwords, const int64_t* offset
   }
 }
 
-int gdc_halfsum3(const uint16_t* words, int64_t n, int64_t start, unsigned long long* sums, cudaStream_t stream) {
-  if (n <= 0) return 0;
-  const int sms = sm_count();
-  const int64_t want = (n + 255) / 256;
-  halfsum3_kernel<<<(int)(want < 4 * sms ? want : 4 * sms), 256, 0, stream>>>(words, n, start, sums);
+int gdc_halfsum3(const uint16_t* words, int64_t rows, int64_t n, int64_t row_stride, int64_t start,
+                 unsigned long long* sums, cudaStream_t stream) {
+  if (n <= 0 || rows <= 0) return 0;
+  if (rows > 65535) return (int)cudaErrorInvalidValue;
+  const int64_t sms = sm_count();
+  const int64_t want = (n + 255) / 256, cap = (4 * sms + rows - 1) / rows;  // about 4 blocks per SM in all
+  const dim3 grid((unsigned)(want < cap ? want : cap), (unsigned)rows);
+  halfsum3_kernel<<<grid, 256, 0, stream>>>(words, n, row_stride, start, sums);
   return (int)cudaGetLastError();
 }
 

@@ -200,6 +200,9 @@ class FileBackend(abc.ABC):
     def open_read(self, path: str) -> ReadHandle:
         """Open ``path`` for reading. Raises ``FileNotFoundError`` when it is gone."""
 
+    def forget(self, path: str) -> None:
+        """``path`` was removed or replaced: let go of anything kept open for it (nothing here)."""
+
     def drop_page_cache(self, path: str) -> None:
         """Ask the kernel to drop cached pages of ``path`` (for cold-read measurements); no root needed."""
         fd = os.open(path, os.O_RDONLY)

@@ -25,14 +25,16 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
 import torch
 
-from io_backends.base import FileBackend, Part, ReadHandle, check_buffer, fsync_all
+from io_backends.base import FileBackend, ForkSafeLock, Part, ReadHandle, check_buffer, fsync_all
 from io_backends.posix import temp_path_for
 
 log = logging.getLogger("gdscache")
@@ -89,9 +91,12 @@ def _os_error(exc: Exception, what: str) -> OSError:
 
 
 def _ready(buf: torch.Tensor) -> None:
-    """kvikio copies outside torch's streams: wait for work queued on ``buf`` by this thread's stream."""
+    """kvikio copies outside torch's streams: wait for work queued on ``buf`` by this thread's stream (asking first:
+    a wait releases and retakes the GIL, which costs more than the question when the stream is idle)."""
     if buf.is_cuda:
-        torch.cuda.current_stream(buf.device).synchronize()
+        stream = torch.cuda.current_stream(buf.device)
+        if not stream.query():
+            stream.synchronize()
 
 
 def _io_view(buf: torch.Tensor) -> Any:
@@ -110,6 +115,8 @@ class KvikioBackend(FileBackend):
     ``auto`` for writes only, so reads can still hit the page cache.
     ``probe_dir``: where files will live; where kvikio would drive cuFile, one file is registered there first,
     and kvikio's POSIX path is forced if cuFile refuses it (module docstring).
+    ``keep_open``: how many files' read handles stay open between reads (:class:`OpenFiles`); by default an eighth
+    of the process's file-descriptor limit, at most 1024 (each handle holds two descriptors).
     """
 
     name = "kvikio"
@@ -121,6 +128,7 @@ class KvikioBackend(FileBackend):
         o_direct: Literal["auto", "on", "off"] = "auto",
         task_size: int = 4 * MiB,
         probe_dir: str | None = None,
+        keep_open: int | None = None,
     ) -> None:
         if o_direct not in ("auto", "on", "off"):
             raise ValueError(f"o_direct must be 'auto', 'on' or 'off', got {o_direct!r}")
@@ -151,6 +159,9 @@ class KvikioBackend(FileBackend):
         log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s",
                  kvikio.__version__, self._mode, threads, task_size, o_direct)
         self._registered: dict[int, torch.Tensor] = {}
+        if keep_open is None:
+            keep_open = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
+        self._open_files = OpenFiles(self._open_handle, keep_open)
 
     @property
     def io_mode(self) -> str:
@@ -215,6 +226,7 @@ class KvikioBackend(FileBackend):
                 if errors[writing.index] is None:
                     try:
                         os.rename(writing.tmp, files[writing.index][0])
+                        self._open_files.forget(files[writing.index][0])
                         continue
                     except OSError as exc:
                         errors[writing.index] = exc
@@ -246,18 +258,45 @@ class KvikioBackend(FileBackend):
         return wait
 
     def open_read(self, path: str) -> ReadHandle:
+        """A handle on ``path``, kept open for later reads while the path names the same file (:class:`OpenFiles`)."""
+        return _KvikioReadHandle(self._open_files, self._open_files.acquire(path))
+
+    def _open_handle(self, path: str) -> Any:
         try:
-            handle = self._kvikio.CuFile(path, "r")
+            return self._kvikio.CuFile(path, "r")
         except RuntimeError as exc:
             if not os.path.exists(path):
                 raise FileNotFoundError(errno.ENOENT, "no such chunk file", path) from exc
             raise _os_error(exc, f"cannot open {path}") from exc
-        return _KvikioReadHandle(handle)
+
+    def forget(self, path: str) -> None:
+        self._open_files.forget(path)
 
     def close(self) -> None:
         for buf in list(self._registered.values()):
             self.deregister_buffer(buf)
         super().close()
+        self._open_files.close()
+
+
+_NOWAIT_READS = hasattr(os, "RWF_NOWAIT")
+"""Whether ``preadv(RWF_NOWAIT)`` may work here; cleared for the process where the kernel or filesystem refuses it."""
+
+
+def _read_if_cached(fd: int, dest: torch.Tensor, offset: int) -> bool:
+    """Fill host buffer ``dest`` from ``offset`` only if the page cache holds all of it (``RWF_NOWAIT``: no disk
+    wait); False where it did not (the caller reads it another way, overwriting any part copied)."""
+    global _NOWAIT_READS
+    if not _NOWAIT_READS or dest.numel() == 0:
+        return False
+    try:
+        return os.preadv(fd, [dest.numpy()], offset, os.RWF_NOWAIT) == dest.numel()
+    except BlockingIOError:  # not all cached
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            _NOWAIT_READS = False
+        return False
 
 
 def _waiter(pending: list[tuple[int, int, Any]], verb: str) -> Callable[[], None]:
@@ -294,12 +333,94 @@ class _Writing:
             wait()
 
 
-class _KvikioReadHandle(ReadHandle):
-    """One open ``CuFile``: the header by pread to host, payloads by kvikio into host or GPU buffers."""
+class _OpenFile:
+    """A kvikio handle that :class:`OpenFiles` keeps: the file's identity and size, and how many reads use it."""
 
     def __init__(self, handle: Any) -> None:
-        self._handle = handle
-        self.size = os.fstat(handle.fileno()).st_size
+        try:
+            st = os.fstat(handle.fileno())
+        except OSError:
+            handle.close()
+            raise
+        self.handle, self.ident, self.size = handle, (st.st_dev, st.st_ino), st.st_size
+        self.users = 1
+        self.kept = False
+
+
+class OpenFiles:
+    """Read handles kept open between reads: up to ``capacity`` files, the least recently used let go first.
+
+    Opening a file through kvikio costs two ``open`` calls (and, under GDS, a cuFile registration); chunk files
+    are read again and again and never change once published (a rewrite renames a new inode over the path). A kept
+    handle is used only while ``stat(path)`` still gives the inode it holds open, so a replaced or deleted file is
+    reopened or missed, never read stale. :meth:`forget` lets go of a file at once (its owner removed it: the
+    handle would keep its disk space allocated). A handle in use is closed when its last reader is done.
+    """
+
+    def __init__(self, opener: Callable[[str], Any], capacity: int) -> None:
+        self._opener = opener
+        self.capacity = capacity
+        self._kept: OrderedDict[str, _OpenFile] = OrderedDict()
+        self._lock = ForkSafeLock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def acquire(self, path: str) -> _OpenFile:
+        """The open file at ``path`` (kept or newly opened); pass it to :meth:`release` when done."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:  # removed behind our back: its handle must not hold the inode any longer
+            self.forget(path)
+            raise
+        with self._lock:
+            entry = self._kept.get(path)
+            if entry is not None and entry.ident == (st.st_dev, st.st_ino):
+                self._kept.move_to_end(path)
+                entry.users += 1
+                return entry
+        entry = _OpenFile(self._opener(path))
+        with self._lock:
+            self._let_go(path)  # another inode (or another thread's handle on this one): the new one is kept
+            if self.capacity > 0:
+                entry.kept = True
+                self._kept[path] = entry
+                while len(self._kept) > self.capacity:
+                    self._let_go(next(iter(self._kept)))
+        return entry
+
+    def release(self, entry: _OpenFile) -> None:
+        with self._lock:
+            entry.users -= 1
+            if entry.users == 0 and not entry.kept:
+                entry.handle.close()
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._let_go(path)
+
+    def close(self) -> None:
+        with self._lock:
+            for path in list(self._kept):
+                self._let_go(path)
+
+    def _let_go(self, path: str) -> None:
+        """Stop keeping ``path``'s handle (under the lock); close it unless a read still uses it."""
+        entry = self._kept.pop(path, None)
+        if entry is not None:
+            entry.kept = False
+            if entry.users == 0:
+                entry.handle.close()
+
+
+class _KvikioReadHandle(ReadHandle):
+    """One read of an open ``CuFile``: the header by pread to host, payloads by kvikio into host or GPU buffers."""
+
+    def __init__(self, files: OpenFiles, entry: _OpenFile) -> None:
+        self._files, self._entry = files, entry
+        self._handle = entry.handle
+        self.size = entry.size
+        self._closed = False
 
     def read_bytes(self, offset: int, nbytes: int) -> bytes:
         data = os.pread(self._handle.fileno(), nbytes, offset)
@@ -330,7 +451,8 @@ class _KvikioReadHandle(ReadHandle):
         self.start_read(dests, offset)()
 
     def start_read(self, dests: Sequence[torch.Tensor], offset: int) -> Callable[[], None]:
-        """Submit every run to kvikio's pool now; the returned function waits for them all."""
+        """Submit every run to kvikio's pool now; the returned function waits for them all. A host run whose bytes
+        the page cache holds (a chunk header, most often) is copied at once by one non-blocking ``preadv``."""
         total = sum(d.numel() for d in dests)
         if offset + total > self.size:
             raise OSError(errno.EIO, f"short file: need {offset + total} bytes, file has {self.size}")
@@ -342,6 +464,9 @@ class _KvikioReadHandle(ReadHandle):
         if cuda is not None:
             _ready(cuda)
         for dest in dests:
+            if not dest.is_cuda and _read_if_cached(self._handle.fileno(), dest, offset):
+                offset += dest.numel()
+                continue
             try:
                 pending.append((dest.numel(), offset, self._handle.pread(_io_view(dest), dest.numel(), offset)))
             except RuntimeError as exc:
@@ -352,5 +477,6 @@ class _KvikioReadHandle(ReadHandle):
         return wait
 
     def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
+        if not self._closed:
+            self._closed = True
+            self._files.release(self._entry)

@@ -33,6 +33,8 @@ class _FakeCuFile:
     """kvikio.CuFile's surface over host memory; ``fail_writes`` makes pwrite raise like kvikio does."""
 
     fail_writes = False
+    preads = 0
+    opened: list[_FakeCuFile] = []  # every handle opened for reading, in order
 
     def __init__(self, path: str, flags: str = "r") -> None:
         mode = os.O_RDONLY if flags == "r" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -41,6 +43,8 @@ class _FakeCuFile:
         except OSError as exc:
             raise RuntimeError(f"cannot open {path}: {exc.strerror}") from None
         self.closed = False
+        if flags == "r":
+            _FakeCuFile.opened.append(self)
 
     def fileno(self) -> int:
         return self._fd
@@ -51,6 +55,7 @@ class _FakeCuFile:
         return _Future(os.pwrite(self._fd, memoryview(buf)[:size], file_offset))
 
     def pread(self, buf, size, file_offset=0, task_size=None):
+        _FakeCuFile.preads += 1
         return _Future(os.preadv(self._fd, [memoryview(buf)[:size]], file_offset))
 
     def close(self) -> None:
@@ -84,6 +89,8 @@ def fake_kvikio(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     monkeypatch.setitem(sys.modules, "kvikio.cufile_driver", driver)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_FakeCuFile, "fail_writes", False)
+    monkeypatch.setattr(_FakeCuFile, "opened", [])
+    monkeypatch.setattr(_FakeCuFile, "preads", 0)
     return knobs
 
 
@@ -256,6 +263,110 @@ def test_kvikio_open_missing_file_is_file_not_found(fake_kvikio, tmp_path) -> No
             backend.open_read(str(tmp_path / "gone.gdc"))
         with pytest.raises(TypeError, match="uint8"):
             backend.write_file(str(tmp_path / "x.gdc"), [Part(0, torch.ones(4, dtype=torch.float32))])
+    finally:
+        backend.close()
+
+
+def _read_all(backend, path: str) -> bytes:
+    with backend.open_read(path) as handle:
+        return handle.read_bytes(0, handle.size)
+
+
+def test_kvikio_read_handles_stay_open_for_the_same_file(fake_kvikio, tmp_path) -> None:
+    """A file is opened once for any number of reads; a file renamed over its path (a rewrite, by the backend or by
+    another process) or removed is never read through the old handle."""
+    backend = make_file_backend("gds", threads=2)
+    path = str(tmp_path / "c.gdc")
+    try:
+        backend.write_file(path, [Part(0, b"first")])
+        assert [_read_all(backend, path) for _ in range(3)] == [b"first"] * 3
+        (handle,) = _FakeCuFile.opened
+        assert not handle.closed
+        backend.write_file(path, [Part(0, b"second")])  # through the backend: the old handle goes at once
+        assert handle.closed and _read_all(backend, path) == b"second"
+        other = str(tmp_path / "other")
+        with open(other, "wb") as f:
+            f.write(b"third")
+        os.rename(other, path)  # behind the backend's back: noticed by inode
+        assert _read_all(backend, path) == b"third" and len(_FakeCuFile.opened) == 3
+        assert _FakeCuFile.opened[1].closed
+        os.unlink(path)  # removed behind the backend's back: the failed open lets go of the handle
+        with pytest.raises(FileNotFoundError):
+            backend.open_read(path)
+        assert all(h.closed for h in _FakeCuFile.opened)
+    finally:
+        backend.close()
+
+
+def test_kvikio_keeps_at_most_keep_open_handles_and_closes_none_in_use(fake_kvikio, tmp_path) -> None:
+    from io_backends.kvikio_backend import KvikioBackend
+
+    backend = KvikioBackend(threads=1, keep_open=2)
+    paths = [str(tmp_path / f"{i}.gdc") for i in range(3)]
+    try:
+        for i, path in enumerate(paths):
+            backend.write_file(path, [Part(0, bytes([i]) * 10)])
+        in_use = backend.open_read(paths[0])
+        for path in paths[1:]:
+            assert len(_read_all(backend, path)) == 10
+        first = _FakeCuFile.opened[0]
+        assert not first.closed  # let go of (least recently used) but still being read
+        assert in_use.read_bytes(0, 10) == bytes(10)
+        in_use.close()
+        in_use.close()  # idempotent
+        assert first.closed and [h.closed for h in _FakeCuFile.opened[1:]] == [False, False]
+    finally:
+        backend.close()
+    assert all(h.closed for h in _FakeCuFile.opened)
+    unkept = KvikioBackend(threads=1, keep_open=0)
+    try:
+        assert _read_all(unkept, paths[1]) == bytes([1]) * 10
+        assert _FakeCuFile.opened[-1].closed
+    finally:
+        unkept.close()
+
+
+def test_evicted_and_quarantined_chunks_hold_no_open_handle(fake_kvikio, tmp_path) -> None:
+    """The local tier tells the backend when it removes a file: no kept handle holds a removed chunk's disk space."""
+    from gdscache import GDSCache
+
+    def live_targets() -> list[str]:
+        return [os.readlink(f"/proc/self/fd/{h.fileno()}") for h in _FakeCuFile.opened if not h.closed]
+
+    kv = torch.arange(2 * 2 * 64 * 2 * 8, dtype=torch.float32).reshape(2, 2, 64, 2, 8)
+    out = torch.zeros_like(kv)
+    first, second = list(range(64)), list(range(1000, 1064))
+    with GDSCache(path=str(tmp_path), chunk_size=16, model_id="m", storage="gds", max_disk_bytes=4 * 8192) as cache:
+        assert cache.store(first, kv) == 64
+        assert cache.retrieve(first, out) == 64 and torch.equal(out, kv)
+        assert len(live_targets()) == 4  # kept open after the read
+        assert cache.store(second, kv) == 64  # evicts the first prompt's four chunks
+        assert cache.stats()["local_evictions"] == 4
+        assert live_targets() == []
+        assert cache.retrieve(second, out) == 64
+        path = cache._local.path_of(cache.namespace, cache.chunk_keys(second)[1])
+        assert path in live_targets()
+        cache._local.quarantine(path, "test")
+        assert len(live_targets()) == 3 and all(os.path.exists(target) for target in live_targets())
+
+
+def test_kvikio_host_reads_of_cached_bytes_skip_kvikio(fake_kvikio, tmp_path) -> None:
+    """Host runs the page cache holds are copied by one non-blocking preadv; what it cannot fill goes to kvikio."""
+    backend = make_file_backend("gds", threads=1)
+    path = str(tmp_path / "c.gdc")
+    data = torch.randint(0, 256, (3 * 4096,), dtype=torch.uint8)
+    try:
+        backend.write_file(path, [Part(0, data)])
+        with backend.open_read(path) as handle:
+            header, body = torch.zeros(4096, dtype=torch.uint8), torch.zeros(8192, dtype=torch.uint8)
+            handle.start_read([header, body], 0)()
+            assert torch.equal(torch.cat([header, body]), data)
+            assert _FakeCuFile.preads == (0 if hasattr(os, "RWF_NOWAIT") else 2)
+            with open(path, "r+b") as f:  # the file shrinks behind the handle: preadv comes up short, kvikio too
+                f.truncate(3 * 4096 - 50)
+            with pytest.raises(OSError, match="short read"):
+                handle.start_read([torch.zeros(150, dtype=torch.uint8)], 3 * 4096 - 150)()
+            assert _FakeCuFile.preads == (1 if hasattr(os, "RWF_NOWAIT") else 3)
     finally:
         backend.close()
 

@@ -55,7 +55,7 @@ def _open_library() -> ctypes.CDLL | None:
             signatures = {
                 "gdc_rans_encode": [p, i, i, i, i, p, *tables, p, i, p, p, p],
                 "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
-                "gdc_halfsum3": [p, i64, i64, p, p],
+                "gdc_halfsum3": [p, i64, i64, i64, i64, p, p],
                 "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
                 "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p],
                 "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
@@ -78,8 +78,9 @@ def available() -> bool:
     return torch.cuda.is_available() and _load() is not None
 
 
-def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
+def _stream(on: torch.Tensor) -> int:
+    """The current stream of ``on``'s device (naming the device also spares torch's lookup of the current one)."""
+    return torch.cuda.current_stream(on.device).cuda_stream
 
 
 def _check(rc: int, what: str) -> None:
@@ -111,7 +112,7 @@ def rans_encode_streams(sym: torch.Tensor, tab: torch.Tensor, tables: DeviceTabl
     sym = _aligned(sym, 2 * group)
     scratch = torch.empty((n + 2, streams), dtype=torch.int16, device=sym.device)
     _check(lib.gdc_rans_encode(sym.data_ptr(), rows, tokens, channels, group, tab.data_ptr(), *_tables(tables),
-                               _ptr(mu), offset, scratch.data_ptr(), lengths.data_ptr(), _stream()), "rans_encode")
+                               _ptr(mu), offset, scratch.data_ptr(), lengths.data_ptr(), _stream(sym)), "rans_encode")
     return scratch
 
 
@@ -121,7 +122,7 @@ def rans_compact(scratch: torch.Tensor, lengths: torch.Tensor, ends: torch.Tenso
     stream ``k``'s at ``[ends[k] - lengths[k], ends[k])``."""
     rows, columns = scratch.shape
     _check(_load().gdc_rans_compact(scratch.data_ptr() + 2 * first, lengths.data_ptr(), ends.data_ptr(),
-                                    lengths.numel(), columns, rows, out.data_ptr(), _stream()), "rans_compact")
+                                    lengths.numel(), columns, rows, out.data_ptr(), _stream(out)), "rans_compact")
 
 
 def rans_encode(sym: torch.Tensor, tab: torch.Tensor, tables: DeviceTables, group: int,
@@ -149,7 +150,7 @@ def rans_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, t
     err = torch.zeros(1, dtype=torch.int32, device=words.device)
     _check(lib.gdc_rans_decode(words.data_ptr(), words.numel(), offsets.data_ptr(), lengths.data_ptr(), rows, tokens,
                                channels, group, tab.data_ptr(), *_tables(tables), out.data_ptr(), err.data_ptr(),
-                               _stream()), "rans_decode")
+                               _stream(words)), "rans_decode")
     if int(err) != 0:
         raise ValueError("entropy-coded stream is corrupt (final rANS state or word count mismatch)")
     return out
@@ -157,7 +158,19 @@ def rans_decode(words: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor, t
 
 def halfsum3(words: torch.Tensor, start: int, sums: torch.Tensor) -> None:
     """Add the halfsum3 sums of int16 ``words`` (payload words ``start ..``) into int64 ``sums [3]``; no sync."""
-    _check(_load().gdc_halfsum3(words.data_ptr(), words.numel(), start, sums.data_ptr(), _stream()), "halfsum3")
+    _check(_load().gdc_halfsum3(words.data_ptr(), 1, words.numel(), 0, start, sums.data_ptr(), _stream(words)),
+           "halfsum3")
+
+
+def halfsum3_rows(words: torch.Tensor, sums: torch.Tensor) -> None:
+    """Add the halfsum3 sums of each row of int16 ``words [rows, n]`` (rows evenly spaced, each contiguous; one
+    payload each, from word 0) into int64 ``sums [rows, 3]`` with one launch; no sync."""
+    rows, n = words.shape
+    if words.stride(1) != 1 or sums.shape != (rows, 3) or not sums.is_contiguous():
+        raise ValueError(f"halfsum3_rows needs contiguous rows and [rows, 3] sums, got strides {words.stride()} "
+                         f"and sums {tuple(sums.shape)}")
+    _check(_load().gdc_halfsum3(words.data_ptr(), rows, n, words.stride(0), 0, sums.data_ptr(), _stream(words)),
+           "halfsum3")
 
 
 Chunk = torch.Tensor | KVPages
@@ -196,7 +209,7 @@ def cachegen_codes(x: Chunk, code: torch.Tensor, flag: torch.Tensor) -> None:
     layers, planes, tokens, heads, dim = x.shape
     ptr, (s0, s1, s3, s4), tok = _addressing([x])
     _check(_load().gdc_cachegen_codes(ptr, layers, planes, tokens, heads, dim, s0, s1, tok.data_ptr(), s3, s4,
-                                      _dtype_code(x.dtype), code.data_ptr(), flag.data_ptr(), _stream()),
+                                      _dtype_code(x.dtype), code.data_ptr(), flag.data_ptr(), _stream(code)),
            "cachegen_codes")
 
 
@@ -204,7 +217,7 @@ def cachegen_base_rel(code: torch.Tensor, base: torch.Tensor, rel: torch.Tensor)
     """Codes ``[L, P, T, H]`` -> ``base`` int16 ``[L, P, H]`` and ``rel`` uint8 ``[L, P, T, H]`` (see cachegen)."""
     layers, planes, tokens, heads = code.shape
     _check(_load().gdc_cachegen_base_rel(code.data_ptr(), layers * planes, tokens, heads, base.data_ptr(),
-                                         rel.data_ptr(), _stream()), "cachegen_base_rel")
+                                         rel.data_ptr(), _stream(code)), "cachegen_base_rel")
 
 
 def cachegen_quantize(x: Chunk, base: torch.Tensor, rel: torch.Tensor, sw: torch.Tensor, qmax: int,
@@ -217,7 +230,7 @@ def cachegen_quantize(x: Chunk, base: torch.Tensor, rel: torch.Tensor, sw: torch
     ptr, (s0, s1, s3, s4), tok = _addressing([x])
     _check(_load().gdc_cachegen_quantize(ptr, layers, planes, tokens, heads, dim, s0, s1, tok.data_ptr(), s3, s4,
                                          _dtype_code(x.dtype), base.data_ptr(), rel.data_ptr(), sw.data_ptr(), qmax,
-                                         q.data_ptr(), _stream()), "cachegen_quantize")
+                                         q.data_ptr(), _stream(q)), "cachegen_quantize")
     return q
 
 
@@ -227,7 +240,7 @@ def cachegen_dequantize(q: torch.Tensor, base: torch.Tensor, rel: torch.Tensor, 
     ptr, (s0, s1, s3, s4), tok = _addressing([out])
     _check(_load().gdc_cachegen_dequantize(q.data_ptr(), base.data_ptr(), rel.data_ptr(), sw.data_ptr(), layers,
                                            planes, tokens, heads, dim, s0, s1, tok.data_ptr(), s3, s4,
-                                           _dtype_code(out.dtype), ptr, _stream()), "cachegen_dequantize")
+                                           _dtype_code(out.dtype), ptr, _stream(q)), "cachegen_dequantize")
 
 
 def cachegen_stats(q: torch.Tensor, cost: torch.Tensor, tables: int, alphabet: int, qmax: int, offset: int,
@@ -236,7 +249,7 @@ def cachegen_stats(q: torch.Tensor, cost: torch.Tensor, tables: int, alphabet: i
     ``cost``: int16 ``[tables * alphabet]`` padded to 8 entries."""
     rows, tokens, channels = q.shape
     _check(_load().gdc_cachegen_stats(q.data_ptr(), rows, tokens, channels, cost.data_ptr(), tables, alphabet, qmax,
-                                      offset, mu.data_ptr(), tab.data_ptr(), _stream()), "cachegen_stats")
+                                      offset, mu.data_ptr(), tab.data_ptr(), _stream(q)), "cachegen_stats")
 
 
 def cachegen_decode(words: torch.Tensor, word_end: torch.Tensor, lengths: torch.Tensor, tab: torch.Tensor,
@@ -259,7 +272,7 @@ def cachegen_decode(words: torch.Tensor, word_end: torch.Tensor, lengths: torch.
                                        layers, planes, tokens, heads, dim, group, tab.data_ptr(), mu.data_ptr(),
                                        base.data_ptr(), rel.data_ptr(), *_tables(tables), qmax, offset, sw.data_ptr(),
                                        s0, s1, tok.data_ptr(), s3, s4, _dtype_code(outs[0].dtype), ptr,
-                                       err.data_ptr(), _stream()), "cachegen_decode")
+                                       err.data_ptr(), _stream(words)), "cachegen_decode")
     return err
 
 

@@ -27,6 +27,19 @@ class RawCodec(Codec):
         out.copy_(stacked)
         return list(out.view(len(chunks), -1).view(torch.uint8).unbind())
 
+    def decode_many(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int,
+                    outs: Sequence[torch.Tensor | KVPages]) -> list[str | None]:
+        """On a GPU, payloads that are evenly spaced slices of one buffer (a batched read's) going to evenly spaced
+        views of one tensor (consecutive token slices of ``out``) are copied with one kernel."""
+        expected = spec.bytes_per_token() * num_tokens
+        if payloads and all(p.numel() == expected for p in payloads):
+            src, dst = stacked_view(payloads), stacked_view(outs)
+            if src is not None and dst is not None and src.is_cuda and src.device == dst.device and \
+                    src.stride(0) % spec.dtype.itemsize == 0 and src.data_ptr() % spec.dtype.itemsize == 0:
+                dst.copy_(src.view(spec.dtype).view(dst.shape), non_blocking=True)
+                return [None] * len(payloads)
+        return super().decode_many(payloads, spec, num_tokens, outs)
+
     def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
         """One copy of the (strided or paged) chunk into a new buffer; on the host, a pooled page-aligned one."""
         nbytes = chunk.shape.numel() * chunk.dtype.itemsize

@@ -22,6 +22,7 @@ import torch
 import xxhash
 
 from gdscache.codecs import _cuda  # the CUDA kernel library (cuda/), also home of the halfsum3 kernel
+from gdscache.pages import stacked_view
 from io_backends.base import SharedPool
 
 XXH3_64 = 1
@@ -29,6 +30,8 @@ HALFSUM3 = 2
 NAMES = {XXH3_64: "xxh3_64", HALFSUM3: "halfsum3"}
 DIGEST_SIZE = 24
 _MAX_HALFSUM_BYTES = 1 << 32
+_MAX_ROWS = 65535
+"""Most payloads one batched halfsum3 launch takes (its grid's second dimension)."""
 
 
 def _update(h: xxhash.xxh3_64, runs: Sequence[torch.Tensor]) -> None:
@@ -76,15 +79,20 @@ def halfsum3_digest(runs: Sequence[torch.Tensor]) -> bytes:
 
 
 def digests(payloads: Sequence[torch.Tensor], algorithms: Sequence[int]) -> list[bytes]:
-    """The digest of each 1-D uint8 payload under its algorithm; GPU ``halfsum3`` payloads share one host sync."""
+    """The digest of each 1-D uint8 payload under its algorithm; GPU ``halfsum3`` payloads share one host sync, and
+    one kernel launch where they are slices of one buffer of one length, evenly spaced (a batched read's)."""
     out = [b""] * len(payloads)
     together = [i for i, (p, alg) in enumerate(zip(payloads, algorithms, strict=True))
                 if alg == HALFSUM3 and p.is_cuda and p.data_ptr() % 2 == 0 and p.numel() % 2 == 0
                 and p.numel() < _MAX_HALFSUM_BYTES]
     if len(together) > 1 and _cuda.available():
         totals = torch.zeros(len(together), 3, dtype=torch.int64, device=payloads[together[0]].device)
-        for row, i in enumerate(together):
-            _cuda.halfsum3(payloads[i].view(torch.int16), 0, totals[row])
+        rows = stacked_view([payloads[i].view(torch.int16) for i in together])
+        if rows is not None and len(together) <= _MAX_ROWS:  # evenly spaced in one buffer: one launch
+            _cuda.halfsum3_rows(rows, totals)
+        else:
+            for row, i in enumerate(together):
+                _cuda.halfsum3(payloads[i].view(torch.int16), 0, totals[row])
         for i, sums in zip(together, totals.tolist(), strict=True):
             out[i] = struct.pack("<3q", *sums)
     for i, (payload, alg) in enumerate(zip(payloads, algorithms, strict=True)):

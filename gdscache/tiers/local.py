@@ -310,6 +310,7 @@ class LocalTier:
                 pass
             except OSError as exc:  # forgotten all the same: a later scan finds it again if it is still there
                 log.warning("could not remove evicted chunk %s: %s", path, exc)
+            self.backend.forget(path)
             self.stats.evictions += 1
         return freed
 
@@ -538,6 +539,7 @@ class LocalTier:
                 os.unlink(path)
             except OSError:
                 pass
+        self.backend.forget(path)
 
 
 def split_pieces(runs: Sequence[torch.Tensor], size: int) -> list[list[torch.Tensor]]:

@@ -143,6 +143,74 @@ def test_halfsum3_kernel_matches_its_definition(nbytes, skew):
     assert sums.tolist() == want
 
 
+def _halfsum3_reference(data: torch.Tensor) -> list[int]:
+    w = data.cpu().numpy().view("<u2").astype(np.int64)
+    j = np.arange(w.size, dtype=np.int64)
+    return [int(w.sum()), int((w * (j % 65521 + 1)).sum()), int((w * (j % 65519 + 1)).sum())]
+
+
+def test_halfsum3_rows_sums_each_row_as_a_payload_of_its_own():
+    """One launch over payloads evenly spaced in one buffer (a batched read) == each payload's own definition."""
+    buf = torch.randint(0, 256, (7 * 12288,), dtype=torch.uint8, device="cuda")
+    payloads = [buf[r * 12288 : r * 12288 + 10002] for r in range(7)]  # 10002 bytes each, 12288 apart
+    rows = buf.view(torch.int16).view(7, -1)[:, :5001]
+    sums = torch.zeros(7, 3, dtype=torch.int64, device="cuda")
+    _cuda.halfsum3_rows(rows, sums)
+    assert sums.tolist() == [_halfsum3_reference(p) for p in payloads]
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _cuda.halfsum3_rows(rows.t(), sums)
+
+
+def test_digests_of_a_batched_read_take_one_launch(monkeypatch):
+    from gdscache.format import checksum
+
+    buf = torch.randint(0, 256, (5 << 20,), dtype=torch.uint8, device="cuda")
+    even = [buf[r << 20 : (r << 20) + 1000000] for r in range(5)]  # evenly spaced: one launch
+    uneven = [buf[:4096], buf[8192:20000], buf[1 << 20 : 3 << 20]]  # per payload
+    launches: dict[str, int] = {}
+
+    def counted(name: str):
+        real = getattr(_cuda, name)
+
+        def launch(*args):
+            launches[name] = launches.get(name, 0) + 1
+            return real(*args)
+
+        return launch
+
+    for name in ("halfsum3_rows", "halfsum3"):
+        monkeypatch.setattr(_cuda, name, counted(name))
+    for payloads, want in ((even, {"halfsum3_rows": 1}), (uneven, {"halfsum3": 3})):
+        launches.clear()
+        got = checksum.digests(payloads, [checksum.HALFSUM3] * len(payloads))
+        assert launches == want
+        assert got == [checksum.halfsum3_digest([p.cpu()]) for p in payloads]  # the torch definition on the host
+
+
+def test_raw_decode_of_a_batched_read_is_one_copy(monkeypatch):
+    from gdscache.codecs.raw import RawCodec
+
+    spec = KVSpec(4, 2, 3, 64, torch.bfloat16)
+    kv = _kv(torch.bfloat16, tokens=64).cuda()
+    chunk = spec.bytes_per_token() * 16
+    buf = torch.zeros(4 * (chunk + 4096), dtype=torch.uint8, device="cuda")
+    payloads = []
+    for k in range(4):  # each chunk's payload 4 KiB-padded in one buffer, as LocalTier.read_many lays them out
+        payload = buf[k * (chunk + 4096) : k * (chunk + 4096) + chunk]
+        payload.copy_(kv[:, :, 16 * k : 16 * (k + 1)].contiguous().view(-1).view(torch.uint8))
+        payloads.append(payload)
+    codec = RawCodec()
+    per_chunk = []
+    monkeypatch.setattr(RawCodec, "decode", lambda self, *a: per_chunk.append(a) or None)
+    out = torch.zeros_like(kv)
+    assert codec.decode_many(payloads, spec, 16, [out[:, :, 16 * k : 16 * (k + 1)] for k in range(4)]) == [None] * 4
+    assert per_chunk == [] and torch.equal(out, kv)
+    out.zero_()  # not evenly spaced: chunk by chunk
+    outs = [out[:, :, 16 * k : 16 * (k + 1)] for k in (0, 2, 3)]
+    codec.decode_many([payloads[0], payloads[2], payloads[3]], spec, 16, outs)
+    assert len(per_chunk) == 3
+
+
 def test_quantize_dequantize_kernels_match_reference():
     from gdscache.codecs import cachegen
 

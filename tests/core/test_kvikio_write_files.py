@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from io_backends.base import Part
-from io_backends.kvikio_backend import KvikioBackend
+from io_backends.kvikio_backend import KvikioBackend, OpenFiles
 
 
 class _Future:
@@ -55,6 +55,7 @@ class _CuFile:
 def backend() -> KvikioBackend:
     fake = object.__new__(KvikioBackend)
     fake._kvikio = types.SimpleNamespace(CuFile=_CuFile)
+    fake._open_files = OpenFiles(fake._open_handle, 0)
     return fake
 
 

@@ -92,6 +92,10 @@ def test_overwrite_is_atomic_and_leaves_no_temp(kvikio_backend, tmp_path):
     path = str(tmp_path / "c.gdc")
     first, second = _random_bytes(MiB), _random_bytes(2 * MiB)
     kvikio_backend.write_file(path, [Part(0, first)])
+    with kvikio_backend.open_read(path) as handle:  # its handle is kept open afterwards
+        back = torch.empty_like(first)
+        handle.read_into(back, 0)
+    assert torch.equal(back, first)
     kvikio_backend.write_file(path, [Part(0, second)])
     assert os.listdir(tmp_path) == ["c.gdc"]
     with kvikio_backend.open_read(path) as handle:
