@@ -19,8 +19,8 @@ SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
-# read_steps and fetch_groups (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table), udev (~1 min:
-# creates /run/udev where absent, so put it last).
+# read_steps, fetch_groups and warm_files (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table),
+# udev (~1 min: creates /run/udev where absent, so put it last).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -96,16 +96,24 @@ step_issue3() {
         --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/issue3_small.json"
 }
 
+step_warm_files() {
+    # page-cache-warm retrieve against raw kvikio reads of one file and of the cache's own chunk files (issue 3)
+    python3 benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8 --json "$OUT/warm_files_llama.json"
+    python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64 --json "$OUT/warm_files_small.json"
+}
+
 step_udev() {
     # kvikio drives cuFile only where /run/udev exists, and these VMs have none (cuFile refuses their files). This
     # creates it (only if absent; removed after) to check that the backend then asks cuFile, is refused, and runs
     # and reports kvikio's POSIX path for every file: the io_mode test, then issue 3's small-shape run.
-    local made=0
-    [ -e /run/udev ] || { mkdir /run/udev && made=1; }
-    python3 -m pytest tests/gpu/test_kvikio_gpu.py -k after_asking_cufile -q -rs -s -p no:cacheprovider
+    local rc=0
+    if [ ! -e /run/udev ]; then
+        mkdir /run/udev && trap 'rmdir /run/udev' EXIT && trap 'exit 143' TERM INT
+    fi
+    python3 -m pytest tests/gpu/test_kvikio_gpu.py -k after_asking_cufile -q -rs -s -p no:cacheprovider || rc=$?
     python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
-        --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/udev_small.json"
-    if [ $made = 1 ]; then rmdir /run/udev; fi
+        --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/udev_small.json" || rc=$?
+    return $rc
 }
 
 step_fetch_groups() {
@@ -142,6 +150,7 @@ for s in "${STEPS[@]}"; do
         fetch_groups) run_step fetch_groups 240 ;;
         issue3) run_step issue3 300 ;;
         udev) run_step udev 200 ;;
+        warm_files) run_step warm_files 200 ;;
         *) run_step "$s" 60 ;;
     esac
 done

@@ -13,7 +13,8 @@ Where kvikio would drive cuFile (compat mode ``AUTO``), the backend first asks c
 file in the cache directory (:func:`cufile_refusal`). If cuFile refuses (say, no udev database to
 identify the block device), kvikio would fall back to POSIX file by file, paying a failed registration
 on every chunk file and reporting a cuFile mode it does not run; the backend sets kvikio's compat mode
-``ON`` instead, so every file takes the POSIX path at once and ``kvikio-posix`` is reported.
+``ON`` instead, so every file takes the POSIX path at once and ``kvikio-posix`` is reported. kvikio's settings
+are process-wide: so is that choice.
 
 Only construct :class:`KvikioBackend` where a CUDA driver exists (``make_file_backend`` checks):
 kvikio can do no I/O without ``libcuda``.
@@ -27,6 +28,7 @@ import logging
 import os
 import resource
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -58,7 +60,10 @@ def cufile_refusal(directory: str) -> str | None:
         from cuda.bindings import cufile
     except ImportError:
         return None
-    fd, path = tempfile.mkstemp(dir=directory, prefix=".gdscache-cufile-probe-")
+    try:
+        fd, path = tempfile.mkstemp(dir=directory, prefix=".gdscache-cufile-probe-")
+    except OSError:  # no file can be made there: cuFile cannot be asked (the first write will say why)
+        return None
     os.close(fd)
     try:
         try:
@@ -105,7 +110,8 @@ def _io_view(buf: torch.Tensor) -> Any:
 
 
 class KvikioBackend(FileBackend):
-    """Files through kvikio ``CuFile``: one handle per file operation, parts and tasks in flight at once.
+    """Files through kvikio ``CuFile``: read handles kept open between reads (:class:`OpenFiles`), a new handle
+    per file written, parts and tasks in flight at once.
 
     ``threads`` sizes both the backend's pool (parallel file operations) and kvikio's pool (the
     ``task_size`` pieces of each operation in flight); twice as many kvikio threads measured no
@@ -152,8 +158,8 @@ class KvikioBackend(FileBackend):
                 kvikio.defaults.get("compat_mode") == kvikio.CompatMode.AUTO:
             refusal = cufile_refusal(probe_dir)
             if refusal is not None:
-                log.warning("cuFile cannot register files in %s (%s); kvikio's POSIX path is used for every file",
-                            probe_dir, refusal)
+                log.warning("cuFile cannot register files in %s (%s); kvikio's POSIX path is used for every file "
+                            "in this process", probe_dir, refusal)
                 kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
                 self._mode = detect_io_mode(kvikio)
         log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s",
@@ -352,16 +358,21 @@ class OpenFiles:
 
     Opening a file through kvikio costs two ``open`` calls (and, under GDS, a cuFile registration); chunk files
     are read again and again and never change once published (a rewrite renames a new inode over the path). A kept
-    handle is used only while ``stat(path)`` still gives the inode it holds open, so a replaced or deleted file is
-    reopened or missed, never read stale. :meth:`forget` lets go of a file at once (its owner removed it: the
-    handle would keep its disk space allocated). A handle in use is closed when its last reader is done.
+    handle is used only while ``stat(path)`` still gives the inode it holds open, so a file replaced or deleted
+    before a read begins is reopened or missed (one replaced during a read is read whole from the file it was).
+    :meth:`forget` lets go of a file at once (its owner removed it: the handle would keep its disk space allocated);
+    files that another process deletes are let go of at the next read of their path, or by a sweep at most every
+    ``SWEEP_S`` seconds. A handle in use is closed when its last reader is done.
     """
+
+    SWEEP_S = 5.0
 
     def __init__(self, opener: Callable[[str], Any], capacity: int) -> None:
         self._opener = opener
         self.capacity = capacity
         self._kept: OrderedDict[str, _OpenFile] = OrderedDict()
         self._lock = ForkSafeLock()
+        self._swept = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -374,6 +385,8 @@ class OpenFiles:
             self.forget(path)
             raise
         with self._lock:
+            if time.monotonic() - self._swept > self.SWEEP_S:
+                self._sweep()
             entry = self._kept.get(path)
             if entry is not None and entry.ident == (st.st_dev, st.st_ino):
                 self._kept.move_to_end(path)
@@ -404,6 +417,12 @@ class OpenFiles:
             for path in list(self._kept):
                 self._let_go(path)
 
+    def _sweep(self) -> None:
+        """Let go of kept files that no longer have a name (deleted by another process; under the lock)."""
+        self._swept = time.monotonic()
+        for path in [path for path, entry in self._kept.items() if _unlinked(entry.handle)]:
+            self._let_go(path)
+
     def _let_go(self, path: str) -> None:
         """Stop keeping ``path``'s handle (under the lock); close it unless a read still uses it."""
         entry = self._kept.pop(path, None)
@@ -411,6 +430,13 @@ class OpenFiles:
             entry.kept = False
             if entry.users == 0:
                 entry.handle.close()
+
+
+def _unlinked(handle: Any) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_nlink == 0
+    except OSError:
+        return True
 
 
 class _KvikioReadHandle(ReadHandle):

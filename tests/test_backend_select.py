@@ -298,6 +298,27 @@ def test_kvikio_read_handles_stay_open_for_the_same_file(fake_kvikio, tmp_path) 
         backend.close()
 
 
+def test_kvikio_lets_go_of_files_another_process_deleted(fake_kvikio, tmp_path, monkeypatch) -> None:
+    """A kept handle must not hold the disk space of a file deleted behind the backend's back, even if its path is
+    never read again: a sweep on a later read lets go of every kept file that has lost its name."""
+    from io_backends.kvikio_backend import OpenFiles
+
+    backend = make_file_backend("gds", threads=1)
+    paths = [str(tmp_path / f"{i}.gdc") for i in range(3)]
+    try:
+        for path in paths:
+            backend.write_file(path, [Part(0, b"x" * 10)])
+            assert _read_all(backend, path) == b"x" * 10
+        os.unlink(paths[0])
+        assert _read_all(backend, paths[1]) == b"x" * 10  # within SWEEP_S of the start: no sweep yet
+        assert [h.closed for h in _FakeCuFile.opened] == [False, False, False]
+        monkeypatch.setattr(OpenFiles, "SWEEP_S", 0.0)
+        assert _read_all(backend, paths[2]) == b"x" * 10
+        assert [h.closed for h in _FakeCuFile.opened] == [True, False, False]
+    finally:
+        backend.close()
+
+
 def test_kvikio_keeps_at_most_keep_open_handles_and_closes_none_in_use(fake_kvikio, tmp_path) -> None:
     from io_backends.kvikio_backend import KvikioBackend
 
@@ -350,8 +371,11 @@ def test_evicted_and_quarantined_chunks_hold_no_open_handle(fake_kvikio, tmp_pat
         assert len(live_targets()) == 3 and all(os.path.exists(target) for target in live_targets())
 
 
-def test_kvikio_host_reads_of_cached_bytes_skip_kvikio(fake_kvikio, tmp_path) -> None:
+def test_kvikio_host_reads_of_cached_bytes_skip_kvikio(fake_kvikio, tmp_path, monkeypatch) -> None:
     """Host runs the page cache holds are copied by one non-blocking preadv; what it cannot fill goes to kvikio."""
+    import io_backends.kvikio_backend as kvikio_backend
+
+    monkeypatch.setattr(kvikio_backend, "_NOWAIT_READS", hasattr(os, "RWF_NOWAIT"))
     backend = make_file_backend("gds", threads=1)
     path = str(tmp_path / "c.gdc")
     data = torch.randint(0, 256, (3 * 4096,), dtype=torch.uint8)

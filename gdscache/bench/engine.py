@@ -291,6 +291,7 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
         for path in raw_paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+            raw.backend.forget(path)
     if not opts.keep:
         shutil.rmtree(cfg_dir, ignore_errors=True)
     return res

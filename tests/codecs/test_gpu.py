@@ -149,12 +149,13 @@ def _halfsum3_reference(data: torch.Tensor) -> list[int]:
     return [int(w.sum()), int((w * (j % 65521 + 1)).sum()), int((w * (j % 65519 + 1)).sum())]
 
 
-def test_halfsum3_rows_sums_each_row_as_a_payload_of_its_own():
+@pytest.mark.parametrize("count", [7, 1000])  # 1000 rows: more than 4 blocks per SM, so one block per row
+def test_halfsum3_rows_sums_each_row_as_a_payload_of_its_own(count):
     """One launch over payloads evenly spaced in one buffer (a batched read) == each payload's own definition."""
-    buf = torch.randint(0, 256, (7 * 12288,), dtype=torch.uint8, device="cuda")
-    payloads = [buf[r * 12288 : r * 12288 + 10002] for r in range(7)]  # 10002 bytes each, 12288 apart
-    rows = buf.view(torch.int16).view(7, -1)[:, :5001]
-    sums = torch.zeros(7, 3, dtype=torch.int64, device="cuda")
+    buf = torch.randint(0, 256, (count * 12288,), dtype=torch.uint8, device="cuda")
+    payloads = [buf[r * 12288 : r * 12288 + 10002] for r in range(count)]  # 10002 bytes each, 12288 apart
+    rows = buf.view(torch.int16).view(count, -1)[:, :5001]
+    sums = torch.zeros(count, 3, dtype=torch.int64, device="cuda")
     _cuda.halfsum3_rows(rows, sums)
     assert sums.tolist() == [_halfsum3_reference(p) for p in payloads]
     with pytest.raises(ValueError, match="contiguous rows"):

@@ -1,0 +1,132 @@
+"""Page-cache-warm GPU retrieve against raw kvikio reads of the same bytes, on one page cache (issue 3).
+
+Requests of 4096 tokens (16 chunks of 256) are stored through GDSCache, the page cache is dropped, and everything
+is read once cold and once more (the slow first re-read: benchmarks/RESULTS.md). Then, in passes that alternate
+their order, the same bytes are read warm three ways, each into the GPU:
+
+- ``raw_file``: one file holding every request's bytes, one kvikio read per request (the CLI's ceiling);
+- ``chunk_files``: the cache's own chunk files, each payload read raw by kvikio, a request's 16 files in flight
+  together (no header, no checksum): what the file layout alone costs;
+- ``cache``: ``GDSCache.retrieve``, checked bit-exact after each pass.
+
+    python benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8    # Llama-8B: 32 MiB chunks, 4 GiB
+    python benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64    # 1 MiB chunks, 1 GiB
+
+To compare two versions of the code on one host, run it from each version's tree in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+
+import kvikio
+import numpy as np
+import torch
+
+from gdscache import GDSCache
+from gdscache.format.chunkfile import PAYLOAD_OFFSET
+from io_backends import make_file_backend
+from io_backends.base import Part
+
+TOKENS, CHUNK = 4096, 256
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=".bench/warm_files")
+    parser.add_argument("--shape", default="32,8,128", help="layers,kv_heads,head_dim (bf16)")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    layers, heads, dim = (int(x) for x in args.shape.split(","))
+    kv = torch.randn(layers, 2, TOKENS, heads, dim, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(kv)
+    src = kv.reshape(-1).view(torch.uint8)
+    req_bytes, chunks = src.numel(), TOKENS // CHUNK
+    total = args.requests * req_bytes
+    dest = torch.empty(req_bytes, dtype=torch.uint8, device="cuda")
+    dest_chunks = dest.view(chunks, -1).unbind()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    backend = make_file_backend("gds", 8, "auto", args.dir)
+    raw_path = os.path.join(args.dir, "raw.bin")
+    backend.write_file(raw_path, [Part(i * req_bytes, src) for i in range(args.requests)], durable=True)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 1 << 30, TOKENS) for _ in range(args.requests)]
+    cache = GDSCache(path=os.path.join(args.dir, "cache"), chunk_size=CHUNK, model_id="warm-files", storage="gds")
+    for prompt in prompts:
+        assert cache.store(prompt, kv) == TOKENS, "store failed"
+    files = [[cache._local.path_of(cache.namespace, key) for key in cache.chunk_keys(p)] for p in prompts]
+
+    def raw_file() -> None:
+        with backend.open_read(raw_path) as handle:
+            for i in range(args.requests):
+                handle.read_into(dest, i * req_bytes)
+
+    def chunk_files() -> None:
+        for paths in files:
+            handles = [kvikio.CuFile(path, "r") for path in paths]
+            reads = [h.pread(d, d.numel(), PAYLOAD_OFFSET) for h, d in zip(handles, dest_chunks, strict=True)]
+            assert all(r.get() == d.numel() for r, d in zip(reads, dest_chunks, strict=True)), "short read"
+            for handle in handles:
+                handle.close()
+
+    def retrieve() -> None:
+        for prompt in prompts:
+            assert cache.retrieve(prompt, out) == TOKENS, "a stored chunk was not retrieved"
+
+    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    first = {name: total / _timed(fn) / 1e9 for name, fn in
+             (("raw_file_cold", raw_file), ("cache_cold", retrieve), ("raw_file_first_reread", raw_file),
+              ("cache_first_reread", retrieve))}
+    sides: list[tuple[str, Callable[[], None]]] = [("raw_file", raw_file), ("chunk_files", chunk_files),
+                                                   ("cache", retrieve)]
+    rows = []
+    for p in range(args.passes):
+        for name, fn in sides if p % 2 == 0 else sides[::-1]:
+            row = {"pass": p, "side": name, "GBps": total / _timed(fn) / 1e9}
+            if name == "cache":
+                row["exact"] = bool(torch.equal(out.view(torch.int16), kv.view(torch.int16)))
+                out.zero_()
+            rows.append(row)
+    median = {name: float(np.median([r["GBps"] for r in rows if r["side"] == name])) for name, _ in sides}
+    print(f"{torch.cuda.get_device_name()}  io_mode={cache.io_mode}  {args.shape}: {total / 2**30:.1f} GiB as "
+          f"{args.requests} requests of {chunks} chunks of {req_bytes / chunks / 2**20:g} MiB")
+    print("  cold / first re-read: " + "  ".join(f"{k} {v:.2f}" for k, v in first.items()))
+    for name, _ in sides:
+        passes = " ".join(f"{r['GBps']:.2f}" for r in rows if r["side"] == name)
+        print(f"  warm {name:<12} median {median[name]:6.2f} GB/s  ({passes})")
+    exact = all(r["exact"] for r in rows if r["side"] == "cache")
+    print(f"  cache / chunk_files {median['cache'] / median['chunk_files']:.0%}, cache / raw_file "
+          f"{median['cache'] / median['raw_file']:.0%}, bit-exact: {exact}")
+    io_mode = cache.io_mode
+    cache.close()
+    backend.close()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "card": torch.cuda.get_device_name(), "io_mode": io_mode,
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cold_and_first": first,
+                       "median_GBps": median, "rows": rows}, f, indent=1)
+    if not exact:
+        raise SystemExit("retrieved KV differs from what was stored")
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
