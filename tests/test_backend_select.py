@@ -12,6 +12,7 @@ import os
 import pathlib
 import sys
 import types
+from typing import ClassVar
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class _FakeCuFile:
 
     fail_writes = False
     preads = 0
-    opened: list[_FakeCuFile] = []  # every handle opened for reading, in order
+    opened: ClassVar[list[_FakeCuFile]] = []  # every handle opened for reading, in order
 
     def __init__(self, path: str, flags: str = "r") -> None:
         mode = os.O_RDONLY if flags == "r" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -373,7 +374,7 @@ def test_evicted_and_quarantined_chunks_hold_no_open_handle(fake_kvikio, tmp_pat
 
 def test_kvikio_host_reads_of_cached_bytes_skip_kvikio(fake_kvikio, tmp_path, monkeypatch) -> None:
     """Host runs the page cache holds are copied by one non-blocking preadv; what it cannot fill goes to kvikio."""
-    import io_backends.kvikio_backend as kvikio_backend
+    from io_backends import kvikio_backend
 
     monkeypatch.setattr(kvikio_backend, "_NOWAIT_READS", hasattr(os, "RWF_NOWAIT"))
     backend = make_file_backend("gds", threads=1)
