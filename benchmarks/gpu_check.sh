@@ -19,7 +19,7 @@ SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
-# read_steps, fetch_groups and warm_files (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table),
+# read_steps, fetch_groups, warm_files and store_files (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table),
 # udev (~1 min: creates /run/udev where absent, so put it last).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
 
@@ -102,6 +102,12 @@ step_warm_files() {
     python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64 --json "$OUT/warm_files_small.json"
 }
 
+step_store_files() {
+    # GPU stores against raw kvikio writes: one file, and the bare per-request durable publication of chunk files
+    python3 benchmarks/gpu_store_files.py --shape 16,1,64 --requests 64 --json "$OUT/store_files_small.json"
+    python3 benchmarks/gpu_store_files.py --shape 32,8,128 --requests 4 --json "$OUT/store_files_llama.json"
+}
+
 step_udev() {
     # kvikio drives cuFile only where /run/udev exists, and these VMs have none (cuFile refuses their files). This
     # creates it (only if absent; removed after) to check that the backend then asks cuFile, is refused, and runs
@@ -151,6 +157,7 @@ for s in "${STEPS[@]}"; do
         issue3) run_step issue3 300 ;;
         udev) run_step udev 200 ;;
         warm_files) run_step warm_files 200 ;;
+        store_files) run_step store_files 240 ;;
         *) run_step "$s" 60 ;;
     esac
 done

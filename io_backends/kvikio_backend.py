@@ -477,29 +477,32 @@ class _KvikioReadHandle(ReadHandle):
         self.start_read(dests, offset)()
 
     def start_read(self, dests: Sequence[torch.Tensor], offset: int) -> Callable[[], None]:
-        """Submit every run to kvikio's pool now; the returned function waits for them all. A host run whose bytes
-        the page cache holds (a chunk header, most often) is copied at once by one non-blocking ``preadv``."""
-        total = sum(d.numel() for d in dests)
-        if offset + total > self.size:
-            raise OSError(errno.EIO, f"short file: need {offset + total} bytes, file has {self.size}")
-        pending: list[tuple[int, int, Any]] = []
-        wait = _waiter(pending, "read")
+        """Submit every run to kvikio's pool now, GPU runs first; the returned function waits for them all. A host
+        run whose bytes the page cache holds (a chunk header, most often) is then copied at once by one non-blocking
+        ``preadv`` while the GPU runs are under way."""
+        starts, end = [], offset
         for dest in dests:
             check_buffer(dest, "dest")
+            starts.append(end)
+            end += dest.numel()
+        if end > self.size:
+            raise OSError(errno.EIO, f"short file: need {end} bytes, file has {self.size}")
+        pending: list[tuple[int, int, Any]] = []
+        wait = _waiter(pending, "read")
         cuda = next((d for d in dests if d.is_cuda), None)
         if cuda is not None:
             _ready(cuda)
-        for dest in dests:
-            if not dest.is_cuda and _read_if_cached(self._handle.fileno(), dest, offset):
-                offset += dest.numel()
+        gpu_first = sorted(range(len(dests)), key=lambda i: not dests[i].is_cuda)
+        for i in gpu_first:
+            dest, at = dests[i], starts[i]
+            if not dest.is_cuda and _read_if_cached(self._handle.fileno(), dest, at):
                 continue
             try:
-                pending.append((dest.numel(), offset, self._handle.pread(_io_view(dest), dest.numel(), offset)))
+                pending.append((dest.numel(), at, self._handle.pread(_io_view(dest), dest.numel(), at)))
             except RuntimeError as exc:
                 with contextlib.suppress(OSError):
                     wait()  # the runs already submitted must land before the caller reuses their buffers
-                raise _os_error(exc, f"scatter read of {total} bytes failed") from exc
-            offset += dest.numel()
+                raise _os_error(exc, f"scatter read of {end - offset} bytes failed") from exc
         return wait
 
     def close(self) -> None:

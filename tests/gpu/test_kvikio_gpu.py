@@ -80,6 +80,42 @@ def test_gpu_round_trip_is_bit_exact(kvikio_backend, tmp_path, nbytes):
         assert torch.equal(tail, payload[-100:])
 
 
+def test_scatter_read_submits_gpu_runs_before_the_header(kvikio_backend, tmp_path, monkeypatch):
+    """A header (host run) and a payload (GPU run) land whole, and the payload's kvikio read is submitted before
+    the header is read: the header's preadv then runs while the payload is under way."""
+    from io_backends import kvikio_backend as module
+
+    path = str(tmp_path / "c.gdc")
+    header, payload = os.urandom(4096), _random_bytes(3 * MiB)
+    kvikio_backend.write_file(path, [Part(0, header), Part(4096, payload)])
+    calls: list[str] = []
+    read_if_cached = module._read_if_cached
+    monkeypatch.setattr(module, "_read_if_cached",
+                        lambda fd, dest, offset: calls.append(f"preadv@{offset}") or read_if_cached(fd, dest, offset))
+
+    class Recording:  # stands in for the kvikio CuFile, which takes no new attributes
+        def __init__(self, inner):
+            self.inner = inner
+
+        def fileno(self):
+            return self.inner.fileno()
+
+        def pread(self, buf, size, offset):
+            calls.append(f"kvikio@{offset}")
+            return self.inner.pread(buf, size, offset)
+
+    host, gpu = torch.zeros(4096, dtype=torch.uint8), torch.zeros(3 * MiB, dtype=torch.uint8, device="cuda")
+    with kvikio_backend.open_read(path) as handle:
+        inner = handle._handle
+        handle._handle = Recording(inner)
+        try:
+            handle.start_read([host, gpu], 0)()
+        finally:
+            handle._handle = inner
+    assert calls[0] == "kvikio@4096" and calls[1] in ("preadv@0", "kvikio@0")
+    assert host.numpy().tobytes() == header and torch.equal(gpu, payload)
+
+
 def test_host_parts_and_gaps(kvikio_backend, tmp_path):
     path = str(tmp_path / "h.gdc")
     host = _random_bytes(10_000, device="cpu")
