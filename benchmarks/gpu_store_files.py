@@ -19,16 +19,14 @@ order, every side timed until its bytes are written (and fsynced where it says s
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 
 import kvikio
 import numpy as np
 import torch
+from gpu_requests import CHUNK, TOKENS, parse_args, request_kv, timed, write_json
 
 from gdscache import GDSCache
 from gdscache.format.chunkfile import PAYLOAD_OFFSET
@@ -36,21 +34,13 @@ from io_backends import make_file_backend
 from io_backends.base import Part, fsync_all
 from io_backends.posix import temp_path_for
 
-TOKENS, CHUNK = 4096, 256
 SIDES = ("raw_file", "chunk_files", "chunk_files_nosync", "cache", "cache_nosync")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=".bench/store_files")
-    parser.add_argument("--shape", default="16,1,64", help="layers,kv_heads,head_dim (bf16)")
-    parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parse_args(__doc__, ".bench/store_files", "16,1,64", 64)
 
-    layers, heads, dim = (int(x) for x in args.shape.split(","))
-    kv = torch.randn(layers, 2, TOKENS, heads, dim, dtype=torch.bfloat16, device="cuda")
+    kv = request_kv(args.shape)
     src = kv.reshape(-1).view(torch.uint8)
     req_bytes, chunks = src.numel(), TOKENS // CHUNK
     chunk_bytes = req_bytes // chunks
@@ -98,9 +88,9 @@ def main() -> None:
             if name.startswith("cache"):  # opened and closed outside the timing
                 with GDSCache(path=where, chunk_size=CHUNK, model_id="store-files", storage="gds",
                               durable=name == "cache") as cache:
-                    took = _timed(lambda c=cache, pr=prompts: cache_store(c, pr))
+                    took = timed(lambda c=cache, pr=prompts: cache_store(c, pr))
             else:
-                took = _timed({"raw_file": lambda w=where: raw_file(w),
+                took = timed({"raw_file": lambda w=where: raw_file(w),
                                "chunk_files": lambda w=where: chunk_files(w, True),
                                "chunk_files_nosync": lambda w=where: chunk_files(w, False)}[name])
             rows.append({"pass": p, "side": name, "GBps": total / took / 1e9})
@@ -119,19 +109,7 @@ def main() -> None:
     io_mode = backend.io_mode
     backend.close()
     shutil.rmtree(args.dir, ignore_errors=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "card": torch.cuda.get_device_name(), "io_mode": io_mode,
-                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "median_pct_of_raw_file": median,
-                       "fsync_ms": fsync_ms, "rows": rows}, f, indent=1)
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    write_json(args.json, args, io_mode, median_pct_of_raw_file=median, fsync_ms=fsync_ms, rows=rows)
 
 
 if __name__ == "__main__":

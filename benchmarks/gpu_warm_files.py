@@ -17,37 +17,26 @@ To compare two versions of the code on one host, run it from each version's tree
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 
 import kvikio
 import numpy as np
 import torch
+from gpu_requests import CHUNK, TOKENS, parse_args, request_kv, timed, write_json
 
 from gdscache import GDSCache
 from gdscache.format.chunkfile import PAYLOAD_OFFSET
 from io_backends import make_file_backend
 from io_backends.base import Part
 
-TOKENS, CHUNK = 4096, 256
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=".bench/warm_files")
-    parser.add_argument("--shape", default="32,8,128", help="layers,kv_heads,head_dim (bf16)")
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parse_args(__doc__, ".bench/warm_files", "32,8,128", 8)
 
-    layers, heads, dim = (int(x) for x in args.shape.split(","))
-    kv = torch.randn(layers, 2, TOKENS, heads, dim, dtype=torch.bfloat16, device="cuda")
+    kv = request_kv(args.shape)
     out = torch.empty_like(kv)
     src = kv.reshape(-1).view(torch.uint8)
     req_bytes, chunks = src.numel(), TOKENS // CHUNK
@@ -84,7 +73,7 @@ def main() -> None:
             assert cache.retrieve(prompt, out) == TOKENS, "a stored chunk was not retrieved"
 
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
-    first = {name: total / _timed(fn) / 1e9 for name, fn in
+    first = {name: total / timed(fn) / 1e9 for name, fn in
              (("raw_file_cold", raw_file), ("cache_cold", retrieve), ("raw_file_first_reread", raw_file),
               ("cache_first_reread", retrieve))}
     sides: list[tuple[str, Callable[[], None]]] = [("raw_file", raw_file), ("chunk_files", chunk_files),
@@ -92,7 +81,7 @@ def main() -> None:
     rows = []
     for p in range(args.passes):
         for name, fn in sides if p % 2 == 0 else sides[::-1]:
-            row = {"pass": p, "side": name, "GBps": total / _timed(fn) / 1e9}
+            row = {"pass": p, "side": name, "GBps": total / timed(fn) / 1e9}
             if name == "cache":
                 row["exact"] = bool(torch.equal(out.view(torch.int16), kv.view(torch.int16)))
                 out.zero_()
@@ -111,21 +100,9 @@ def main() -> None:
     cache.close()
     backend.close()
     shutil.rmtree(args.dir, ignore_errors=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "card": torch.cuda.get_device_name(), "io_mode": io_mode,
-                       "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cold_and_first": first,
-                       "median_GBps": median, "rows": rows}, f, indent=1)
+    write_json(args.json, args, io_mode, cold_and_first=first, median_GBps=median, rows=rows)
     if not exact:
         raise SystemExit("retrieved KV differs from what was stored")
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
