@@ -492,17 +492,18 @@ class _KvikioReadHandle(ReadHandle):
         cuda = next((d for d in dests if d.is_cuda), None)
         if cuda is not None:
             _ready(cuda)
-        gpu_first = sorted(range(len(dests)), key=lambda i: not dests[i].is_cuda)
-        for i in gpu_first:
-            dest, at = dests[i], starts[i]
-            if not dest.is_cuda and _read_if_cached(self._handle.fileno(), dest, at):
-                continue
-            try:
+        try:
+            for i in sorted(range(len(dests)), key=lambda i: not dests[i].is_cuda):
+                dest, at = dests[i], starts[i]
+                if not dest.is_cuda and _read_if_cached(self._handle.fileno(), dest, at):
+                    continue
                 pending.append((dest.numel(), at, self._handle.pread(_io_view(dest), dest.numel(), at)))
-            except RuntimeError as exc:
-                with contextlib.suppress(OSError):
-                    wait()  # the runs already submitted must land before the caller reuses their buffers
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                wait()  # the runs already submitted must land before the caller reuses their buffers
+            if isinstance(exc, RuntimeError):
                 raise _os_error(exc, f"scatter read of {end - offset} bytes failed") from exc
+            raise
         return wait
 
     def close(self) -> None:

@@ -396,5 +396,39 @@ def test_kvikio_host_reads_of_cached_bytes_skip_kvikio(fake_kvikio, tmp_path, mo
         backend.close()
 
 
+@pytest.mark.parametrize("fault", [RuntimeError("posix read failed"), KeyboardInterrupt()])
+def test_kvikio_scatter_read_that_fails_to_submit_waits_for_what_it_submitted(fake_kvikio, tmp_path, monkeypatch,
+                                                                            fault) -> None:
+    """A run kvikio refuses (or an interrupt) while others are in flight: those land before start_read raises, so the
+    caller may reuse their buffers; kvikio's RuntimeError comes out as an OSError."""
+    from io_backends import kvikio_backend
+
+    monkeypatch.setattr(kvikio_backend, "_NOWAIT_READS", False)
+    backend = make_file_backend("gds", threads=1)
+    path = str(tmp_path / "c.gdc")
+    waited: list[int] = []
+
+    class Tracked(_Future):
+        def get(self) -> int:
+            waited.append(self._value)
+            return super().get()
+
+    def pread(self, buf, size, file_offset=0, task_size=None):
+        if file_offset:
+            raise fault
+        return Tracked(os.preadv(self._fd, [memoryview(buf)[:size]], file_offset))
+
+    try:
+        backend.write_file(path, [Part(0, torch.ones(2 * 4096, dtype=torch.uint8))])
+        monkeypatch.setattr(_FakeCuFile, "pread", pread)
+        with backend.open_read(path) as handle:
+            first, second = torch.zeros(4096, dtype=torch.uint8), torch.zeros(4096, dtype=torch.uint8)
+            with pytest.raises(OSError if isinstance(fault, RuntimeError) else KeyboardInterrupt):
+                handle.start_read([first, second], 0)
+            assert waited == [4096] and bool(first.eq(1).all())
+    finally:
+        backend.close()
+
+
 def test_selector_is_exported() -> None:
     assert io_backends.make_file_backend is make_file_backend

@@ -105,15 +105,22 @@ def test_scatter_read_submits_gpu_runs_before_the_header(kvikio_backend, tmp_pat
             return self.inner.pread(buf, size, offset)
 
     host, gpu = torch.zeros(4096, dtype=torch.uint8), torch.zeros(3 * MiB, dtype=torch.uint8, device="cuda")
+    first, middle = torch.zeros(4096, dtype=torch.uint8, device="cuda"), torch.zeros(4096, dtype=torch.uint8)
+    rest = torch.zeros(3 * MiB - 4096, dtype=torch.uint8, device="cuda")
     with kvikio_backend.open_read(path) as handle:
         inner = handle._handle
         handle._handle = Recording(inner)
         try:
             handle.start_read([host, gpu], 0)()
+            assert calls[:2] == ["kvikio@4096", "preadv@0"]
+            calls.clear()
+            handle.start_read([first, middle, rest], 0)()  # a host run between GPU runs keeps its own offset
+            assert calls[:3] == ["kvikio@0", f"kvikio@{2 * 4096}", "preadv@4096"]
         finally:
             handle._handle = inner
-    assert calls[0] == "kvikio@4096" and calls[1] in ("preadv@0", "kvikio@0")
     assert host.numpy().tobytes() == header and torch.equal(gpu, payload)
+    assert first.cpu().numpy().tobytes() == header and middle.numpy().tobytes() == payload[:4096].cpu().numpy().tobytes()
+    assert torch.equal(rest, payload[4096:])
 
 
 def test_host_parts_and_gaps(kvikio_backend, tmp_path):
