@@ -14,13 +14,17 @@ TOKENS, CHUNK = 4096, 256
 """Every request is 4096 tokens in chunks of 256: 16 chunk files."""
 
 
-def parse_args(doc: str | None, default_dir: str, default_shape: str, default_requests: int) -> argparse.Namespace:
+def parse_args(doc: str | None, default_dir: str, default_shape: str, default_requests: int,
+               more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The shared options, and those ``more`` adds."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=default_dir)
     parser.add_argument("--shape", default=default_shape, help="layers,kv_heads,head_dim (bf16)")
     parser.add_argument("--requests", type=int, default=default_requests)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--json", default=None)
+    if more is not None:
+        more(parser)
     return parser.parse_args()
 
 

@@ -216,3 +216,21 @@ def test_store_in_batches_is_bit_exact_and_every_chunk_is_written(cache_dir):
         out = torch.full_like(kv, float("nan"))
         assert cache.retrieve(tokens, out) == 16 * CHUNK
         assert torch.equal(_bits(out), _bits(kv))
+
+
+def test_a_store_on_the_callers_stream_waits_for_its_work(cache_dir):
+    """A store from the caller's own stream writes the KV that stream computes: encode, checksums and the I/O
+    threads' writes come after the work queued there (a slow kernel, then the KV's copy here)."""
+    kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=8, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # ``kv`` is there
+    with _open(cache_dir) as cache, torch.cuda.stream(side):
+        src = torch.zeros_like(kv)
+        torch.cuda._sleep(200_000_000)  # a few hundred ms of GPU time before the KV is there
+        src.copy_(kv)
+        assert cache.store(tokens, src) == 16 * CHUNK
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 16 * CHUNK
+        side.synchronize()
+        assert torch.equal(_bits(out), _bits(kv))
