@@ -87,13 +87,18 @@ step_bench_cli() {
         --json "$OUT/bench_cli.json" --plot "$OUT/bench_cli.png" ${BENCH_CLI_ARGS:-}
 }
 
+issue3_bench() {
+    # one of issue 3's runs into the JSON $1: raw 256-token chunks, 4 GiB, of Llama-8B (32 MiB), or with $2 = small
+    # of a small model (1 MiB); store and cold/warm retrieve against the paired raw ceiling (benchmarks/RESULTS.md)
+    local shape=()
+    [ "${2:-}" = small ] && shape=(--layers 16 --kv-heads 1 --head-dim 64)
+    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
+        --total-size 4GiB "${shape[@]}" --json "$1"
+}
+
 step_issue3() {
-    # issue 3's figures: raw 256-token chunks of Llama-8B (32 MiB) and of a small model (1 MiB), 4 GiB each,
-    # store and cold/warm retrieve against the paired raw ceiling (benchmarks/RESULTS.md)
-    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
-        --total-size 4GiB --json "$OUT/issue3_llama.json"
-    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
-        --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/issue3_small.json"
+    issue3_bench "$OUT/issue3_llama.json"
+    issue3_bench "$OUT/issue3_small.json" small
 }
 
 step_warm_files() {
@@ -117,8 +122,7 @@ step_udev() {
         mkdir /run/udev && trap 'rmdir /run/udev' EXIT && trap 'exit 143' TERM INT
     fi
     python3 -m pytest tests/gpu/test_kvikio_gpu.py -k after_asking_cufile -q -rs -s -p no:cacheprovider || rc=$?
-    python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
-        --total-size 4GiB --layers 16 --kv-heads 1 --head-dim 64 --json "$OUT/udev_small.json" || rc=$?
+    issue3_bench "$OUT/udev_small.json" small || rc=$?
     return $rc
 }
 
@@ -137,10 +141,11 @@ step_warm_probe() {
 }
 
 run_step() {
+    # each step runs in a fresh bash under its deadline: it gets its own function and the helpers named here
     local name=$1 deadline=${2:-300} start rc
     start=$(date +%s)
     echo "=================== $name" | tee -a "$LOG"
-    ( set -o pipefail; timeout "$deadline" bash -c "$(declare -f step_$name); step_$name" 2>&1 | tee -a "$LOG" )
+    ( set -o pipefail; timeout "$deadline" bash -c "$(declare -f "step_$name" issue3_bench); step_$name" 2>&1 | tee -a "$LOG" )
     rc=$?
     SUMMARY+=("$name rc=$rc $(( $(date +%s) - start ))s")
 }
