@@ -17,6 +17,7 @@ import torch
 from gdscache.spec import KVSpec
 
 KEY_SIZE = 16
+_MAX_TOKEN = np.iinfo(np.int64).max
 
 
 def fingerprint(*, model_id: str, spec: KVSpec, layout: str, tp_rank: int, tp_size: int, chunk_size: int,
@@ -49,10 +50,7 @@ def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndar
     elif isinstance(tokens, np.ndarray):
         arr = tokens
     elif isinstance(tokens, (list, tuple, range)):
-        if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) for t in tokens):
-            bad = next(t for t in tokens if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
-            raise TypeError(f"tokens must be ints, found {bad!r} ({type(bad).__name__})")
-        arr = np.asarray(tokens, dtype=np.int64)
+        arr = _sequence_array(tokens)
     else:
         raise TypeError(f"tokens must be a list, numpy array or torch tensor of ints, got {type(tokens).__name__}")
     if arr.ndim != 1:
@@ -61,7 +59,22 @@ def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndar
         raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
     if arr.size and arr.min() < 0:
         raise ValueError(f"token ids must be >= 0, found {int(arr.min())}")
+    if arr.size and arr.dtype.kind == "u" and arr.max() > _MAX_TOKEN:  # a uint64 array
+        raise ValueError(f"token ids must be below 2**63, found {int(arr.max())}")
     return np.ascontiguousarray(arr, dtype="<i8")
+
+
+def _sequence_array(tokens: Sequence[int]) -> np.ndarray:
+    """A list, tuple or range of ints as an int64 array (a vLLM request's token list comes this way on every call:
+    the element types are checked once each, not per element, and numpy converts in C)."""
+    kinds = set(map(type, tokens))
+    if not all(issubclass(kind, (int, np.integer)) and not issubclass(kind, bool) for kind in kinds):
+        bad = next(t for t in tokens if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+        raise TypeError(f"tokens must be ints, found {bad!r} ({type(bad).__name__})")
+    try:
+        return np.asarray(tokens, dtype=np.int64)
+    except OverflowError:
+        raise ValueError("token ids must be >= 0 and below 2**63; found one outside") from None
 
 
 def chunk_keys(namespace: bytes, tokens: np.ndarray, chunk_size: int) -> list[bytes]:

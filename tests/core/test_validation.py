@@ -42,6 +42,9 @@ def test_bad_kv(cache, kv, error, match):
         (torch.zeros(32), TypeError, "integers"),
         ([1.5] * 32, TypeError, "ints"),
         ([-1] * 32, ValueError, ">= 0"),
+        ([1, True] * 16, TypeError, "found True"),
+        ([0] * 31 + [2**63], ValueError, r"below 2\*\*63"),
+        (np.full(32, 2**63, dtype=np.uint64), ValueError, r"below 2\*\*63, found 9223372036854775808"),
         ("hello", TypeError, "list, numpy array or torch tensor"),
         (np.arange(32, dtype=np.float32), TypeError, "integers"),
     ],
@@ -56,6 +59,11 @@ def test_tokens_accept_lists_arrays_and_tensors(cache):
     assert cache.store(np.arange(32, dtype=np.int32), kv) == 32
     assert cache.lookup(torch.arange(32)) == 32
     assert cache.lookup(list(range(32))) == 32
+    assert cache.lookup(tuple(range(32))) == cache.lookup(range(32)) == 32
+    assert cache.lookup([np.int64(t) for t in range(32)]) == 32
+    keys = cache.chunk_keys(np.arange(32, dtype=np.uint16))
+    assert len(keys) == 32 // cache.config.chunk_size > 0
+    assert keys == cache.chunk_keys(list(range(32))) == cache.chunk_keys(torch.arange(32, dtype=torch.int32))
 
 
 def test_out_too_small_or_mismatched(cache):
