@@ -5,7 +5,9 @@ The same bytes are a file in the local tier and an object in the remote tier.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import struct
 import time
 import zlib
@@ -56,21 +58,30 @@ class ChunkMeta:
 
 def pack_header(meta: ChunkMeta) -> bytes:
     """The 4 KiB header for ``meta``."""
-    blob = json.dumps(
-        {"spec": meta.spec.to_json(), "codec": meta.codec, "codec_params": meta.codec_params, "created": meta.created},
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
+    before, after = _metadata_around_created(meta.spec, meta.codec, _dumps(meta.codec_params))
+    created = repr(meta.created) if math.isfinite(meta.created) else _dumps(meta.created)  # as json writes floats
+    blob = before + created.encode() + after
     if len(blob) > _MAX_META:
         raise ValueError(f"chunk metadata is {len(blob)} bytes; at most {_MAX_META} fit in the header")
-    fixed = _FIXED.pack(
-        MAGIC, VERSION, 0, meta.checksum_alg, meta.key, meta.namespace, PAYLOAD_OFFSET,
+    header = bytearray(HEADER_SIZE)
+    _FIXED.pack_into(
+        header, 0, MAGIC, VERSION, 0, meta.checksum_alg, meta.key, meta.namespace, PAYLOAD_OFFSET,
         meta.payload_len, meta.num_tokens, len(blob), meta.payload_digest,
     )
-    header = bytearray(fixed + blob)
-    header.extend(b"\0" * (HEADER_SIZE - len(header)))
+    header[_FIXED.size : _FIXED.size + len(blob)] = blob
     struct.pack_into("<I", header, _CRC_OFFSET, zlib.crc32(header))
     return bytes(header)
+
+
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+@functools.lru_cache(maxsize=64)
+def _metadata_around_created(spec: KVSpec, codec: str, codec_params: str) -> tuple[bytes, bytes]:
+    """The header's metadata JSON (keys sorted) before and after the value of ``created``, the one field that
+    differs between the chunks of one cache: the rest is encoded once, not per chunk."""
+    before = f'{{"codec":{_dumps(codec)},"codec_params":{codec_params},"created":'
+    return before.encode(), f',"spec":{_dumps(spec.to_json())}}}'.encode()
 
 
 def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:

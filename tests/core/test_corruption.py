@@ -131,3 +131,28 @@ def test_a_stray_file_of_absurd_size_is_a_miss_without_claiming_memory(cache_dir
         got = cache._local.read_many(cache.namespace, keys, torch.device("cpu"))
         assert got[0] is not None and got[1] is None
         assert cache.stats()["local_corrupt"] == 1 and not os.path.exists(path)
+
+
+@pytest.mark.parametrize("params", [{}, {"bits": 4, "groups": [3, 1], "nested": {"z": 1, "a": 2.5}}])
+def test_header_bytes_follow_the_format(params):
+    """docs/FORMAT.md: fixed fields, then the metadata as compact JSON with sorted keys, zeros to 4 KiB, and a CRC-32
+    of the whole header taken with its own field zeroed (the packer builds the JSON from cached pieces)."""
+    import json
+    import struct
+    import zlib
+
+    from gdscache.format.chunkfile import ChunkMeta, pack_header, unpack_header
+    from gdscache.spec import KVSpec
+
+    spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
+    for created in (1764340000.123456, 0.1, 1e300):
+        meta = ChunkMeta(b"k" * 16, b"n" * 16, spec, 256, "cachegen", params, 1 << 20, 2, b"d" * 24, created)
+        header = pack_header(meta)
+        blob = json.dumps({"spec": spec.to_json(), "codec": "cachegen", "codec_params": params, "created": created},
+                          sort_keys=True, separators=(",", ":")).encode()
+        fixed = struct.calcsize("<8sHIH16s16sQQII24s")
+        assert len(header) == HEADER_SIZE
+        assert header[fixed : fixed + len(blob)] == blob
+        assert header[fixed + len(blob) :] == bytes(HEADER_SIZE - fixed - len(blob))
+        assert struct.unpack_from("<I", header, 10)[0] == zlib.crc32(header[:10] + bytes(4) + header[14:])
+        assert unpack_header(header) == meta
