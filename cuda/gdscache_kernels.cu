@@ -751,4 +751,17 @@ int gdc_cachegen_decode(const uint16_t* words, const int64_t* word_end, const in
 #undef GDC_DECODE
 }
 
+int gdc_copy_rows(int n, const uint64_t* dsts, const uint64_t* srcs, int64_t rows, int64_t width, int64_t dst_pitch,
+                  int64_t src_pitch, cudaStream_t stream) {
+  // n copies of `rows` rows of `width` bytes, each from srcs[i] (rows src_pitch apart) to dsts[i] (dst_pitch apart):
+  // copy engines move a strided chunk without a staging buffer or a kernel, pinned host memory asynchronously
+  for (int i = 0; i < n; ++i) {
+    const cudaError_t err = cudaMemcpy2DAsync(reinterpret_cast<void*>(dsts[i]), (size_t)dst_pitch,
+                                              reinterpret_cast<const void*>(srcs[i]), (size_t)src_pitch,
+                                              (size_t)width, (size_t)rows, cudaMemcpyDefault, stream);
+    if (err != cudaSuccess) return (int)err;
+  }
+  return 0;
+}
+
 }  // extern "C"

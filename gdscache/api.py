@@ -643,8 +643,9 @@ class GDSCache:
         for payload in payloads:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done
             if payload.is_cuda:
                 payload.record_stream(torch.cuda.current_stream(payload.device))
-        errors = self._codec.decode_many([p.to(device, non_blocking=True) for p in payloads], spec,
-                                         self.config.chunk_size, [outs[k] for k in todo]) if todo else []
+        if not self._codec.decodes_from_host:
+            payloads = [p.to(device, non_blocking=True) for p in payloads]
+        errors = self._codec.decode_many(payloads, spec, self.config.chunk_size, [outs[k] for k in todo]) if todo else []
         failed = dict(zip(todo, errors, strict=True))
         done = 0
         for k, meta in enumerate(item.meta for item in fetched[:usable]):

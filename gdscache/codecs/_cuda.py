@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ def _open_library() -> ctypes.CDLL | None:
                 "gdc_rans_encode": [p, i, i, i, i, p, *tables, p, i, p, p, p],
                 "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
                 "gdc_halfsum3": [p, i64, i64, i64, i64, p, p],
+                "gdc_copy_rows": [i, p, p, i64, i64, i64, i64, p],
                 "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
                 "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p],
                 "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
@@ -171,6 +173,32 @@ def halfsum3_rows(words: torch.Tensor, sums: torch.Tensor) -> None:
                          f"and sums {tuple(sums.shape)}")
     _check(_load().gdc_halfsum3(words.data_ptr(), rows, n, words.stride(0), 0, sums.data_ptr(), _stream(words)),
            "halfsum3")
+
+
+def copy_rows(dsts: Sequence[int], srcs: Sequence[int], rows: int, width: int, dst_pitch: int, src_pitch: int,
+              on: torch.Tensor) -> None:
+    """Copy engines move ``rows`` rows of ``width`` bytes from each address in ``srcs`` (rows ``src_pitch`` bytes
+    apart) to the address at the same place in ``dsts`` (``dst_pitch`` apart), in order, on the current stream of
+    ``on``'s device; host memory in pinned buffers goes asynchronously (keep it alive: :func:`hold_until_done`)."""
+    to, frm = np.asarray(dsts, dtype=np.uint64), np.asarray(srcs, dtype=np.uint64)
+    _check(_load().gdc_copy_rows(len(to), to.ctypes.data, frm.ctypes.data, rows, width, dst_pitch, src_pitch,
+                                 _stream(on)), "copy_rows")
+
+
+_held: deque[tuple[torch.cuda.Event, list[torch.Tensor]]] = deque()
+_held_lock = ForkSafeLock()
+
+
+def hold_until_done(tensors: list[torch.Tensor], on: torch.Tensor) -> None:
+    """Keep ``tensors`` (host buffers that copies queued outside torch read) from being freed, and their memory
+    reused, before the work queued so far on the current stream of ``on``'s device has run; lets go of those held
+    for earlier work that has."""
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(on.device))
+    with _held_lock:
+        while _held and _held[0][0].query():
+            _held.popleft()
+        _held.append((done, tensors))
 
 
 Chunk = torch.Tensor | KVPages

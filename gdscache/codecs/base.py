@@ -23,6 +23,9 @@ class Codec(abc.ABC):
     lossless: ClassVar[bool]
     batches: ClassVar[bool] = False
     """True when :meth:`decode_many` of several GPU chunks beats decoding them one at a time (batched kernels)."""
+    decodes_from_host: ClassVar[bool] = False
+    """True when :meth:`decode` of a host payload into GPU memory costs no more than of the same payload on the GPU
+    (``raw``: one copy either way); otherwise host payloads (DRAM-tier hits) are copied to the GPU first."""
     pages_in_place: ClassVar[bool] = False
     """True when :meth:`encode` and :meth:`decode` take :class:`KVPages` themselves; otherwise
     :meth:`encode_many` and :meth:`decode_many` gather and scatter around them."""

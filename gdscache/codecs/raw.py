@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gdscache.codecs import _cuda
 from gdscache.codecs.base import Codec
 from gdscache.pages import KVPages, stacked_view
 from gdscache.spec import KVSpec
@@ -15,6 +16,7 @@ from io_backends.buffers import host_pool
 class RawCodec(Codec):
     name = "raw"
     lossless = True
+    decodes_from_host = True
     pages_in_place = True
 
     def encode_many(self, chunks: Sequence[torch.Tensor | KVPages]) -> list[torch.Tensor]:
@@ -30,7 +32,8 @@ class RawCodec(Codec):
     def decode_many(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int,
                     outs: Sequence[torch.Tensor | KVPages]) -> list[str | None]:
         """On a GPU, payloads that are evenly spaced slices of one buffer (a batched read's) going to evenly spaced
-        views of one tensor (consecutive token slices of ``out``) are copied with one kernel."""
+        views of one tensor (consecutive token slices of ``out``) are copied with one kernel; host payloads (DRAM-tier
+        hits) go to GPU tensors by the copy engines, straight into their rows of ``out``."""
         expected = spec.bytes_per_token() * num_tokens
         if payloads and all(p.numel() == expected for p in payloads):
             src, dst = stacked_view(payloads), stacked_view(outs)
@@ -38,7 +41,24 @@ class RawCodec(Codec):
                     src.stride(0) % spec.dtype.itemsize == 0 and src.data_ptr() % spec.dtype.itemsize == 0:
                 dst.copy_(src.view(spec.dtype).view(dst.shape), non_blocking=True)
                 return [None] * len(payloads)
+            if self._copy_rows_from_host(payloads, outs):
+                return [None] * len(payloads)
         return super().decode_many(payloads, spec, num_tokens, outs)
+
+    @staticmethod
+    def _copy_rows_from_host(payloads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor | KVPages]) -> bool:
+        """Copy host payloads into GPU tensors whose ``[layer, plane]`` rows are evenly spaced (the token slices of
+        an engine's ``[L, P, T, H, D]`` KV): one 2-D copy each, no staging on the GPU; False where that does not
+        apply (nothing copied)."""
+        rows = _rows(outs[0])
+        if rows is None or not outs[0].is_cuda or not _cuda.available() or any(p.is_cuda or not p.is_contiguous() for p in payloads) or \
+                any(_rows(out) != rows for out in outs[1:]):
+            return False
+        count, width, pitch = rows
+        _cuda.copy_rows([out.data_ptr() for out in outs], [p.data_ptr() for p in payloads], count, width, pitch,
+                        width, outs[0])
+        _cuda.hold_until_done(list(payloads), outs[0])
+        return True
 
     def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
         """One copy of the (strided or paged) chunk into a new buffer; on the host, a pooled page-aligned one."""
@@ -75,3 +95,20 @@ class RawCodec(Codec):
             out.scatter(kv)
         else:
             out.copy_(kv, non_blocking=True)
+
+
+def _rows(out: torch.Tensor | KVPages) -> tuple[int, int, int] | None:
+    """``(rows, bytes per row, bytes between rows)`` of a chunk ``[L, P, T, H, D]`` whose ``[l, p]`` slices are
+    contiguous and evenly spaced, apart; None for any other layout (pages, or strides that differ)."""
+    if isinstance(out, KVPages) or out.dim() != 5:
+        return None
+    layers, planes, tokens, heads, dim = out.shape
+    s0, s1, s2, s3, s4 = out.stride()
+    if (s4 != 1 and dim > 1) or (s3 != dim and heads > 1) or (s2 != heads * dim and tokens > 1) or \
+            (layers > 1 and planes > 1 and s0 != planes * s1):
+        return None
+    width = tokens * heads * dim
+    pitch = width if layers * planes == 1 else s1 if planes > 1 else s0
+    if pitch < width:  # rows that overlap
+        return None
+    return layers * planes, width * out.element_size(), pitch * out.element_size()

@@ -212,6 +212,32 @@ def test_raw_decode_of_a_batched_read_is_one_copy(monkeypatch):
     assert len(per_chunk) == 3
 
 
+@pytest.mark.parametrize("layers, planes, heads", [(4, 2, 3), (1, 2, 2), (3, 1, 2), (1, 1, 1)])
+def test_raw_decode_of_host_payloads_copies_rows_straight_into_out(monkeypatch, layers, planes, heads):
+    # DRAM-tier hits: pinned host payloads land in token slices of a wider GPU ``out`` by 2-D copies, bit for bit
+    # as the per-chunk torch copy (the reference) writes them, and nothing outside the slices is touched
+    from gdscache.codecs.raw import RawCodec
+
+    spec = KVSpec(layers, planes, heads, 64, torch.bfloat16)
+    g = torch.Generator().manual_seed(layers * 10 + planes)
+    kv = torch.randn(layers, planes, 64, heads, 64, generator=g).to(torch.bfloat16)
+    payloads = [kv[:, :, 16 * k : 16 * (k + 1)].contiguous().view(-1).view(torch.uint8).pin_memory() for k in range(4)]
+    codec = RawCodec()
+    wide = torch.full((layers, planes, 80, heads, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    outs = [wide[:, :, 8 + 16 * k : 8 + 16 * (k + 1)] for k in (2, 0, 3, 1)]  # any order, any spacing
+    per_chunk = []
+    decode = RawCodec.decode
+    monkeypatch.setattr(RawCodec, "decode", lambda self, *a: per_chunk.append(a) or decode(self, *a))
+    assert codec.decode_many([payloads[k] for k in (2, 0, 3, 1)], spec, 16, outs) == [None] * 4
+    assert per_chunk == []  # no chunk took the torch path
+    del payloads  # the copies still read them: they are held until the stream has run them
+    assert torch.equal(_bits(wide[:, :, 8:72].cpu()), _bits(kv))
+    assert torch.isnan(wide[:, :, :8]).all() and torch.isnan(wide[:, :, 72:]).all()
+    pages = KVPages(torch.zeros(layers, planes, 4, 16, heads, 64, dtype=torch.bfloat16, device="cuda"), [1, 0])
+    codec.decode_many([kv[:, :, :32].contiguous().view(-1).view(torch.uint8)], spec, 32, [pages])
+    assert len(per_chunk) == 1 and torch.equal(_bits(pages.gather().cpu()), _bits(kv[:, :, :32]))  # pages: torch
+
+
 def test_quantize_dequantize_kernels_match_reference():
     from gdscache.codecs import cachegen
 

@@ -86,3 +86,19 @@ def test_constant_chunk():
 def test_rejects_bad_group():
     with pytest.raises(ValueError, match="group"):
         get_codec("lossless", group=3)
+
+
+def test_raw_rows_describe_only_layouts_a_2d_copy_can_fill():
+    """``raw``'s host-to-GPU copy writes ``[layer, plane]`` rows of ``out``: evenly spaced, each contiguous."""
+    from gdscache.codecs.raw import _rows
+
+    wide = torch.zeros(4, 2, 100, 3, 8, dtype=torch.bfloat16)
+    assert _rows(wide[:, :, 10:26]) == (8, 16 * 3 * 8 * 2, 100 * 3 * 8 * 2)
+    assert _rows(wide[:1, :, 10:26]) == (2, 16 * 3 * 8 * 2, 100 * 3 * 8 * 2)
+    assert _rows(wide[:, :1, 10:26]) == (4, 16 * 3 * 8 * 2, 2 * 100 * 3 * 8 * 2)
+    assert _rows(wide[:1, :1, 10:26]) == (1, 16 * 3 * 8 * 2, 16 * 3 * 8 * 2)
+    assert _rows(wide[:, :, :, :2]) is None  # heads cut: a row is not contiguous
+    assert _rows(wide[:, :, 10:26, :, :4]) is None
+    assert _rows(wide.permute(1, 0, 2, 3, 4)[:, :, 10:26]) is None  # planes outside layers: not evenly spaced
+    assert _rows(torch.zeros(2, 2, 1, 3, 8).expand(2, 2, 4, 3, 8)) is None  # tokens broadcast
+    assert _rows(torch.zeros(1, 8, 3, 8).expand(2, 2, 8, 3, 8)) is None  # rows overlap

@@ -156,6 +156,26 @@ def test_small_chunks_fetched_in_groups_mix_tiers_and_stop_at_a_miss(cache_dir):
         assert torch.equal(_bits(out[:, :, : 20 * CHUNK]), _bits(kv[:, :, : 20 * CHUNK]))
 
 
+def test_dram_hits_copy_into_a_strided_gpu_out_while_the_tier_turns_over(cache_dir):
+    # raw DRAM hits go from pinned memory straight into ``out`` (no copy staged on the GPU first); every chunk must
+    # land whole even when the entries it was copied from are evicted, and their memory reused, at once
+    kv = make_kv(4, 8 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=11, device="cuda")  # 512 KiB chunks
+    other = make_kv(4, 8 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=12, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir, cpu_cache_bytes=kv.numel() * kv.element_size()) as cache:  # room for these 8 chunks
+        assert cache.store(tokens, kv) == kv.shape[2]
+        for path in _chunk_files(cache_dir):  # the DRAM tier alone holds them now
+            os.unlink(path)
+        wide = torch.full((4, 2, kv.shape[2] + 64, 2, 64), float("nan"), dtype=kv.dtype, device="cuda")
+        out = wide[:, :, 32 : 32 + kv.shape[2]]
+        assert cache.retrieve(tokens, out) == kv.shape[2]
+        assert cache.store([t + 1 for t in tokens], other) == kv.shape[2]  # evicts every entry just read
+        assert torch.equal(_bits(out), _bits(kv))
+        assert torch.isnan(wide[:, :, :32]).all() and torch.isnan(wide[:, :, 32 + kv.shape[2] :]).all()
+        stats = cache.stats()
+        assert stats["dram_hits"] == 8 and stats["dram_evictions"] >= 8
+
+
 def test_group_from_the_remote_tier_into_the_gpu(cache_dir, tmp_path):
     # a fresh local tier: every chunk of the group comes from the remote tier (fetched in parallel), up to the
     # first one it lacks
