@@ -102,7 +102,8 @@ step_issue3() {
 }
 
 step_warm_files() {
-    # page-cache-warm retrieve against raw kvikio reads of one file and of the cache's own chunk files (issue 3)
+    # page-cache-warm retrieve against raw kvikio reads of one file and of the cache's own chunk files, and DRAM-tier
+    # hits against one pinned host copy (issue 3)
     python3 benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8 --json "$OUT/warm_files_llama.json"
     python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64 --json "$OUT/warm_files_small.json"
 }
