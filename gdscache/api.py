@@ -223,8 +223,9 @@ class GDSCache:
         window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
         if out.is_cuda:
             window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
-        inflight: list[tuple[Future[list[Fetched]], int]] = []
+        inflight: list[tuple[Future[list[Fetched]], list[KV]]] = []  # each: its chunks' views of ``out``
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
+        batch_outs: list[KV] = []  # where they go
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
         decode_here = not (self._codec.batches and out.is_cuda)
         caller = torch.cuda.current_stream(out.device) if out.is_cuda else None
@@ -246,21 +247,22 @@ class GDSCache:
             while not stopped and (inflight or next_submit < len(chunk_keys)):
                 while next_submit < len(chunk_keys) and len(inflight) < window:
                     end = min(next_submit + group, len(chunk_keys))
-                    job = self._backend.submit(self._fetch_group, chunk_keys[next_submit:end],
-                                               self._chunk_views(out, next_submit, end - next_submit), spec, after,
+                    views = self._chunk_views(out, next_submit, end - next_submit)
+                    job = self._backend.submit(self._fetch_group, chunk_keys[next_submit:end], views, spec, after,
                                                decode_here)
-                    inflight.append((job, end - next_submit))
+                    inflight.append((job, views))
                     next_submit = end
-                job, count = inflight.pop(0)
+                job, views = inflight.pop(0)
                 found = take(job)
                 batch += found
-                stopped = len(found) < count  # a miss ends the prefix
+                batch_outs += views[: len(found)]
+                stopped = len(found) < len(views)  # a miss ends the prefix
                 # on the CPU each chunk counts as it arrives; on the GPU the chunks of all the tasks in flight at
                 # once, decoded by one codec call where the codec batches (fuller kernels), bounding the payloads held
                 last = not inflight and next_submit == len(chunk_keys)
                 if batch and (stopped or last or not out.is_cuda or len(batch) >= window * group):
-                    done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
-                    n_read, stopped, batch = n_read + done, stopped or done < len(batch), []
+                    done = self._decode_prefix(batch, spec, batch_outs)
+                    n_read, stopped, batch, batch_outs = n_read + done, stopped or done < len(batch), [], []
         finally:
             self._drain([job for job, _ in inflight], take, recycle=not out.is_cuda)
             for event in written:
@@ -653,8 +655,8 @@ class GDSCache:
                 log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), failed[k])
                 self.metrics.inc("decode_errors")
                 break
-            self.metrics.inc("bytes_read", meta.payload_len)
             done = k + 1
+        self.metrics.inc("bytes_read", sum(item.meta.payload_len for item in fetched[:done]))
         if device.type != "cuda":  # a copy to the GPU may still be reading a host buffer
             for item in fetched:
                 if item.owned and item.payload is not None:

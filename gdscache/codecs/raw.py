@@ -36,23 +36,26 @@ class RawCodec(Codec):
         hits) go to GPU tensors by the copy engines, straight into their rows of ``out``."""
         expected = spec.bytes_per_token() * num_tokens
         if payloads and all(p.numel() == expected for p in payloads):
-            src, dst = stacked_view(payloads), stacked_view(outs)
+            dst = stacked_view(outs)
+            src = stacked_view(payloads) if payloads[0].is_cuda else None
             if src is not None and dst is not None and src.is_cuda and src.device == dst.device and \
                     src.stride(0) % spec.dtype.itemsize == 0 and src.data_ptr() % spec.dtype.itemsize == 0:
                 dst.copy_(src.view(spec.dtype).view(dst.shape), non_blocking=True)
                 return [None] * len(payloads)
-            if self._copy_rows_from_host(payloads, outs):
+            if self._copy_rows_from_host(payloads, outs, same_strides=dst is not None):
                 return [None] * len(payloads)
         return super().decode_many(payloads, spec, num_tokens, outs)
 
     @staticmethod
-    def _copy_rows_from_host(payloads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor | KVPages]) -> bool:
+    def _copy_rows_from_host(payloads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor | KVPages],
+                             same_strides: bool) -> bool:
         """Copy host payloads into GPU tensors whose ``[layer, plane]`` rows are evenly spaced (the token slices of
-        an engine's ``[L, P, T, H, D]`` KV): one 2-D copy each, no staging on the GPU; False where that does not
-        apply (nothing copied)."""
+        an engine's ``[L, P, T, H, D]`` KV; ``same_strides``: all of them strided as the first): one 2-D copy each,
+        no staging on the GPU; False where that does not apply (nothing copied)."""
         rows = _rows(outs[0])
-        if rows is None or not outs[0].is_cuda or not _cuda.available() or any(p.is_cuda or not p.is_contiguous() for p in payloads) or \
-                any(_rows(out) != rows for out in outs[1:]):
+        if rows is None or not outs[0].is_cuda or not _cuda.available() or \
+                any(p.is_cuda or not p.is_contiguous() for p in payloads) or \
+                (not same_strides and any(_rows(out) != rows or not out.is_cuda for out in outs[1:])):
             return False
         count, width, pitch = rows
         _cuda.copy_rows([out.data_ptr() for out in outs], [p.data_ptr() for p in payloads], count, width, pitch,
