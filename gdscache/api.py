@@ -240,8 +240,7 @@ class GDSCache:
             written.extend(fetched.ready for fetched in found if fetched.ready is not None)
             return found
 
-        n_read = 0
-        next_submit = 0
+        n_read = next_submit = self._dram_prefix(chunk_keys, out, spec)
         stopped = False
         try:
             while not stopped and (inflight or next_submit < len(chunk_keys)):
@@ -274,6 +273,23 @@ class GDSCache:
         if n_read:
             self.metrics.observe("retrieve", (time.perf_counter() - started) / n_read)
         return n_read * chunk
+
+    def _dram_prefix(self, chunk_keys: list[bytes], out: KV, spec: KVSpec) -> int:
+        """Decode the leading chunks that the DRAM tier holds into a GPU ``out`` by one codec call on the caller's
+        stream (``raw``: copy engines straight from pinned memory), with no I/O thread; how many. The rest, and any
+        chunk this cannot take, go the usual way."""
+        if self._dram is None or not out.is_cuda or not self._codec.decodes_from_host:
+            return 0
+        hits = self._dram.get_many(chunk_keys)
+        usable = 0
+        while usable < len(hits) and self._same_settings(hits[usable][0], spec):
+            usable += 1
+        if not usable or not self._codec.decode_run([payload for _, payload in hits[:usable]], spec,
+                                                     self.config.chunk_size, out, 0):
+            return 0
+        self.metrics.inc("dram_hits", usable)
+        self.metrics.inc("bytes_read", sum(meta.payload_len for meta, _ in hits[:usable]))
+        return usable
 
     def prefetch(self, tokens: Tokens) -> Future[int]:
         """Warm the longest available prefix of ``tokens`` ahead of use, in the background.

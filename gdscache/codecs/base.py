@@ -77,6 +77,13 @@ class Codec(abc.ABC):
                 errors.append(str(exc))
         return errors
 
+    def decode_run(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int, out: torch.Tensor | KVPages,
+                   start: int) -> bool:
+        """Decode consecutive chunks' host payloads into ``out[:, :, start : start + len(payloads) * num_tokens]`` as
+        one operation where this codec can (``decodes_from_host``, into a GPU tensor); False, with nothing written,
+        where it cannot (the caller decodes them one by one)."""
+        return False
+
     def _decode_staged(self, payload: torch.Tensor, spec: KVSpec, num_tokens: int, out: KVPages) -> None:
         """:meth:`decode` into a tensor of the pages' shape, then scatter it into them."""
         staged = torch.empty(out.shape, dtype=out.dtype, device=out.device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -33,6 +34,18 @@ class DramTier:
             if entry is not None:
                 self._entries.move_to_end(key)
             return entry
+
+    def get_many(self, keys: Sequence[bytes]) -> list[tuple[ChunkMeta, torch.Tensor]]:
+        """The entries of the leading ``keys`` held here, up to the first one that is not (one lock for all)."""
+        found = []
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None:
+                    break
+                self._entries.move_to_end(key)
+                found.append(entry)
+        return found
 
     def put(self, key: bytes, meta: ChunkMeta, payload: torch.Tensor) -> None:
         """Keep a host copy of ``payload`` (a chunk larger than the quota is not kept)."""

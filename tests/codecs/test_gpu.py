@@ -238,6 +238,28 @@ def test_raw_decode_of_host_payloads_copies_rows_straight_into_out(monkeypatch, 
     assert len(per_chunk) == 1 and torch.equal(_bits(pages.gather().cpu()), _bits(kv[:, :, :32]))  # pages: torch
 
 
+def test_raw_decode_run_places_host_payloads_by_out_strides():
+    # a run of consecutive chunks' host payloads lands at out[:, :, start:], destinations reckoned from the strides
+    from gdscache.codecs.raw import RawCodec
+
+    spec = KVSpec(3, 2, 2, 64, torch.bfloat16)
+    kv = _kv(torch.bfloat16, layers=3, tokens=64, heads=2)
+    payloads = [kv[:, :, 16 * k : 16 * (k + 1)].contiguous().view(-1).view(torch.uint8).pin_memory() for k in range(4)]
+    codec = RawCodec()
+    wide = torch.full((3, 2, 100, 2, 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = wide[:, :, 10:90]  # 80 tokens: the run fills 16..80
+    assert codec.decode_run(payloads, spec, 16, out, 16)
+    assert torch.equal(_bits(wide[:, :, 26:90].cpu()), _bits(kv))
+    assert torch.isnan(wide[:, :, :26]).all() and torch.isnan(wide[:, :, 90:]).all()
+    assert not codec.decode_run(payloads, spec, 16, out, 32)  # would run past out's end: nothing written
+    assert torch.isnan(wide[:, :, 90:]).all()
+    assert not codec.decode_run(payloads[:1], spec, 8, out, 0)  # payloads of another length
+    assert not codec.decode_run([p.cuda() for p in payloads], spec, 16, out, 0)  # not host payloads
+    pages = KVPages(torch.zeros(3, 2, 4, 16, 2, 64, dtype=torch.bfloat16, device="cuda"), [1, 0])
+    assert not codec.decode_run(payloads[:2], spec, 16, pages, 0)
+    assert torch.isnan(wide[:, :, :26]).all()
+
+
 def test_quantize_dequantize_kernels_match_reference():
     from gdscache.codecs import cachegen
 

@@ -138,3 +138,18 @@ def test_dram_tier_respects_its_quota(cache_dir):
         cache.store(list(range(64)), kv)
         stats = cache.stats()
         assert stats["dram_bytes"] <= 9000 and stats["dram_chunks"] == 2 and stats["dram_evictions"] == 2
+
+
+def test_dram_tier_hands_over_the_leading_run_of_keys_it_holds():
+    from gdscache.tiers.dram import DramTier
+
+    tier = DramTier(3 * 16)
+    metas = {key: object() for key in (b"a", b"b", b"c", b"d")}
+    for key in (b"a", b"b", b"d"):
+        tier.put(key, metas[key], torch.full((16,), key[0], dtype=torch.uint8))
+    got = tier.get_many([b"a", b"b", b"c", b"d"])  # stops at the first key not held
+    assert [meta for meta, _ in got] == [metas[b"a"], metas[b"b"]]
+    assert [int(payload[0]) for _, payload in got] == [ord("a"), ord("b")]
+    assert tier.get_many([b"c", b"a"]) == []
+    tier.put(b"c", metas[b"c"], torch.zeros(16, dtype=torch.uint8))  # evicts the least recently used: d, not a or b
+    assert b"d" not in tier and all(key in tier for key in (b"a", b"b", b"c"))

@@ -176,6 +176,24 @@ def test_dram_hits_copy_into_a_strided_gpu_out_while_the_tier_turns_over(cache_d
         assert stats["dram_hits"] == 8 and stats["dram_evictions"] >= 8
 
 
+def test_leading_dram_hits_then_local_reads_fill_one_out(cache_dir):
+    # the DRAM tier holds the first 8 chunks of 16 (read back, so promoted, after the last 8 filled it): those are
+    # copied on the caller's stream, the rest read from disk by the I/O threads, and the whole request is bit-exact
+    kv = make_kv(4, 16 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=13, device="cuda")  # 512 KiB chunks
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir, cpu_cache_bytes=kv.numel() * kv.element_size() // 2) as cache:  # room for 8 chunks
+        assert cache.store(tokens, kv) == kv.shape[2]
+        half = torch.zeros_like(kv[:, :, : 8 * CHUNK])
+        assert cache.retrieve(tokens[: 8 * CHUNK], half) == 8 * CHUNK  # from disk, into the DRAM tier
+        before = cache.stats()
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == kv.shape[2]
+        assert torch.equal(_bits(out), _bits(kv))
+        after = cache.stats()
+        assert after["dram_hits"] - before.get("dram_hits", 0) == 8
+        assert after["local_hits"] - before["local_hits"] == 8
+
+
 def test_group_from_the_remote_tier_into_the_gpu(cache_dir, tmp_path):
     # a fresh local tier: every chunk of the group comes from the remote tier (fetched in parallel), up to the
     # first one it lacks
