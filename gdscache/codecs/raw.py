@@ -124,8 +124,8 @@ class RawCodec(Codec):
 
 
 def _rows(out: torch.Tensor | KVPages) -> tuple[int, int, int] | None:
-    """``(rows, bytes per row, bytes between rows)`` of a chunk ``[L, P, T, H, D]`` whose ``[l, p]`` slices are
-    contiguous and evenly spaced, apart; None for any other layout (pages, or strides that differ)."""
+    """``(rows, bytes per row, bytes between rows)`` of a chunk ``[L, P, T, H, D]`` whose ``[l, p]`` slices are each
+    contiguous, evenly spaced and not overlapping; None for any other layout (pages, other strides)."""
     if isinstance(out, KVPages) or out.dim() != 5:
         return None
     layers, planes, tokens, heads, dim = out.shape

@@ -1,0 +1,75 @@
+"""CPU cost per call of two pieces of Python on every request: turning a token list into an array (the vLLM connector
+passes lists) and packing a chunk header (once per chunk stored).
+
+    python benchmarks/cpu_overheads.py                     # this tree; a numpy array of tokens is the baseline
+    python benchmarks/cpu_overheads.py --against 55f8787   # the same calls, also from that revision's modules
+
+The calls take turns over 7 rounds; each round's figure is the best of 3 repeats, in microseconds per call, and
+the median of the rounds is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from gdscache import keys
+from gdscache.format import chunkfile
+from gdscache.spec import KVSpec
+
+TOKENS = 4096
+ROUNDS = 7
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", metavar="REV", help="a git revision whose keys.py and chunkfile.py to time too")
+    args = parser.parse_args()
+    tokens = np.random.default_rng(0).integers(0, 128_000, TOKENS)
+    as_list = tokens.tolist()
+    meta = chunkfile.ChunkMeta(b"k" * 16, b"n" * 16, KVSpec(16, 2, 1, 64, torch.bfloat16), 256, "raw", {}, 1 << 20,
+                               2, b"d" * 24)
+    sides = [("this tree", keys, chunkfile)]
+    if args.against:
+        sides.append((args.against, _module_at(args.against, "gdscache/keys.py"),
+                      _module_at(args.against, "gdscache/format/chunkfile.py")))
+    calls: dict[str, tuple[Callable[[], object], int]] = {
+        f"as_token_array(numpy array of {TOKENS})": (lambda: keys.as_token_array(tokens), 2000)}
+    for label, keys_module, chunkfile_module in sides:
+        if chunkfile_module.pack_header(meta) != chunkfile.pack_header(meta):
+            raise SystemExit(f"{label}: pack_header writes other bytes than this tree")
+        calls[f"as_token_array(list of {TOKENS}), {label}"] = (lambda m=keys_module: m.as_token_array(as_list), 200)
+        calls[f"pack_header, {label}"] = (lambda m=chunkfile_module: m.pack_header(meta), 20000)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_no in range(ROUNDS):  # the calls take turns, in alternating order, so that drift falls on all alike
+        for name, (fn, number) in calls.items() if round_no % 2 == 0 else reversed(calls.items()):
+            times[name].append(min(timeit.repeat(fn, number=number, repeat=3)) / number * 1e6)
+    for name, samples in times.items():
+        print(f"{name:<45} median {np.median(samples):8.1f} us  (rounds: {' '.join(f'{t:.1f}' for t in samples)})")
+
+def _module_at(rev: str, path: str) -> ModuleType:
+    """``path`` as it was at git revision ``rev``, imported under a name of its own."""
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout
+    name = f"{Path(path).stem}_{rev}"
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    main()
