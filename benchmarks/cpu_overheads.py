@@ -57,6 +57,7 @@ def main() -> None:
     for name, samples in times.items():
         print(f"{name:<45} median {np.median(samples):8.1f} us  (rounds: {' '.join(f'{t:.1f}' for t in samples)})")
 
+
 def _module_at(rev: str, path: str) -> ModuleType:
     """``path`` as it was at git revision ``rev``, imported under a name of its own."""
     source = subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True,

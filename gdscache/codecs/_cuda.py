@@ -175,6 +175,10 @@ def halfsum3_rows(words: torch.Tensor, sums: torch.Tensor) -> None:
            "halfsum3")
 
 
+MAX_PITCH = (1 << 31) - 1
+"""The widest row pitch a 2-D copy takes (``cudaDeviceProp.memPitch`` on NVIDIA GPUs)."""
+
+
 def copy_rows(dsts: Sequence[int], srcs: Sequence[int], rows: int, width: int, dst_pitch: int, src_pitch: int,
               on: torch.Tensor) -> None:
     """Copy engines move ``rows`` rows of ``width`` bytes from each address in ``srcs`` (rows ``src_pitch`` bytes
@@ -191,8 +195,8 @@ _held_lock = ForkSafeLock()
 
 def hold_until_done(tensors: list[torch.Tensor], on: torch.Tensor) -> None:
     """Keep ``tensors`` (host buffers that copies queued outside torch read) from being freed, and their memory
-    reused, before the work queued so far on the current stream of ``on``'s device has run; lets go of those held
-    for earlier work that has."""
+    reused, before the work queued so far on the current stream of ``on``'s device has run. Those held for earlier
+    work are let go of here, once it has run: until a later call, they stay allocated."""
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(on.device))
     with _held_lock:

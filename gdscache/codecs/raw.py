@@ -42,49 +42,51 @@ class RawCodec(Codec):
                     src.stride(0) % spec.dtype.itemsize == 0 and src.data_ptr() % spec.dtype.itemsize == 0:
                 dst.copy_(src.view(spec.dtype).view(dst.shape), non_blocking=True)
                 return [None] * len(payloads)
-            if self._copy_rows_from_host(payloads, outs, same_strides=dst is not None):
+            if self._copy_rows_from_host(payloads, outs, spec, same_strides=dst is not None):
                 return [None] * len(payloads)
         return super().decode_many(payloads, spec, num_tokens, outs)
 
     @staticmethod
-    def _copy_rows_from_host(payloads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor | KVPages],
+    def _copy_rows_from_host(payloads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor | KVPages], spec: KVSpec,
                              same_strides: bool) -> bool:
         """Copy host payloads into GPU tensors whose ``[layer, plane]`` rows are evenly spaced (the token slices of
         an engine's ``[L, P, T, H, D]`` KV; ``same_strides``: all of them strided as the first): one 2-D copy each,
         no staging on the GPU; False where that does not apply (nothing copied)."""
         rows = _rows(outs[0])
         if rows is None or not outs[0].is_cuda or \
-                (not same_strides and any(_rows(out) != rows or not out.is_cuda for out in outs[1:])):
+                (not same_strides and any(_rows(out) != rows or out.device != outs[0].device for out in outs[1:])):
             return False
-        return RawCodec._copy_rows_to(payloads, [out.data_ptr() for out in outs], rows, outs[0])
+        return RawCodec._copy_rows_to(payloads, [out.data_ptr() for out in outs], rows, outs[0], spec)
 
     @staticmethod
     def _copy_rows_to(payloads: Sequence[torch.Tensor], dests: list[int], rows: tuple[int, int, int],
-                      on: torch.Tensor) -> bool:
-        """Copy contiguous host ``payloads`` to GPU addresses ``dests`` laid out as ``rows`` (:func:`_rows`) on the
-        current stream of ``on``'s device, held until it has run them; False where the kernel library is missing or
-        a payload is not a contiguous host buffer (nothing copied)."""
-        if not _cuda.available() or any(p.is_cuda or not p.is_contiguous() for p in payloads):
-            return False
+                      on: torch.Tensor, spec: KVSpec) -> bool:
+        """Copy contiguous host ``payloads`` (chunks of ``spec``) to GPU addresses ``dests`` laid out as ``rows``
+        (:func:`_rows`, of a tensor like ``on``) on the current stream of ``on``'s device, held until it has run them;
+        False, with nothing copied, where the kernel library is missing, a payload is not a contiguous host buffer of
+        one chunk's bytes, or the rows are not ``spec``'s or wider apart than a 2-D copy allows."""
         count, width, pitch = rows
-        _cuda.copy_rows(dests, [p.data_ptr() for p in payloads], count, width, pitch, width, on)
-        _cuda.hold_until_done(list(payloads), on)
+        if not _cuda.available() or on.dtype != spec.dtype or pitch > _cuda.MAX_PITCH or \
+                any(p.is_cuda or not p.is_contiguous() or p.numel() != count * width for p in payloads):
+            return False
+        try:
+            _cuda.copy_rows(dests, [p.data_ptr() for p in payloads], count, width, pitch, width, on)
+        finally:  # copies queued before one that failed still read their buffers
+            _cuda.hold_until_done(list(payloads), on)
         return True
 
     def decode_run(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int, out: torch.Tensor | KVPages,
                    start: int) -> bool:
         """Host payloads into a GPU tensor by 2-D copies, the destinations reckoned from ``out``'s strides (no view per
         chunk): DRAM-tier hits of a whole request for a few Python calls."""
-        if not payloads or isinstance(out, KVPages) or not out.is_cuda:
+        end = start + len(payloads) * num_tokens
+        if not payloads or isinstance(out, KVPages) or not out.is_cuda or end > out.shape[2] or \
+                _rows(out[:, :, start:end]) is None:  # the whole run's tokens evenly laid out, not only a chunk's
             return False
-        expected = spec.bytes_per_token() * num_tokens
         rows = _rows(out[:, :, start : start + num_tokens])
-        if rows is None or any(p.numel() != expected for p in payloads) or \
-                start + len(payloads) * num_tokens > out.shape[2]:
-            return False
         step = num_tokens * out.stride(2) * out.element_size()
         first = out.data_ptr() + start * out.stride(2) * out.element_size()
-        return self._copy_rows_to(payloads, [first + k * step for k in range(len(payloads))], rows, out)
+        return self._copy_rows_to(payloads, [first + k * step for k in range(len(payloads))], rows, out, spec)
 
     def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
         """One copy of the (strided or paged) chunk into a new buffer; on the host, a pooled page-aligned one."""

@@ -59,7 +59,8 @@ class ChunkMeta:
 def pack_header(meta: ChunkMeta) -> bytes:
     """The 4 KiB header for ``meta``."""
     before, after = _metadata_around_created(meta.spec, meta.codec, _dumps(meta.codec_params))
-    created = repr(meta.created) if math.isfinite(meta.created) else _dumps(meta.created)  # as json writes floats
+    created = meta.created
+    created = float.__repr__(created) if isinstance(created, float) and math.isfinite(created) else _dumps(created)
     blob = before + created.encode() + after
     if len(blob) > _MAX_META:
         raise ValueError(f"chunk metadata is {len(blob)} bytes; at most {_MAX_META} fit in the header")

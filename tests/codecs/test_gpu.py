@@ -228,9 +228,13 @@ def test_raw_decode_of_host_payloads_copies_rows_straight_into_out(monkeypatch, 
     per_chunk = []
     decode = RawCodec.decode
     monkeypatch.setattr(RawCodec, "decode", lambda self, *a: per_chunk.append(a) or decode(self, *a))
+    torch.cuda._sleep(200_000_000)  # the copies wait behind a few hundred ms of GPU time
     assert codec.decode_many([payloads[k] for k in (2, 0, 3, 1)], spec, 16, outs) == [None] * 4
     assert per_chunk == []  # no chunk took the torch path
-    del payloads  # the copies still read them: they are held until the stream has run them
+    nbytes = payloads[0].numel()
+    del payloads  # the copies still have to read them: they must be held, their memory not handed out again
+    for _ in range(8):
+        torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(0xFF)
     assert torch.equal(_bits(wide[:, :, 8:72].cpu()), _bits(kv))
     assert torch.isnan(wide[:, :, :8]).all() and torch.isnan(wide[:, :, 72:]).all()
     pages = KVPages(torch.zeros(layers, planes, 4, 16, heads, 64, dtype=torch.bfloat16, device="cuda"), [1, 0])
@@ -258,6 +262,23 @@ def test_raw_decode_run_places_host_payloads_by_out_strides():
     pages = KVPages(torch.zeros(3, 2, 4, 16, 2, 64, dtype=torch.bfloat16, device="cuda"), [1, 0])
     assert not codec.decode_run(payloads[:2], spec, 16, pages, 0)
     assert torch.isnan(wide[:, :, :26]).all()
+
+
+def test_raw_host_copies_leave_rows_too_far_apart_to_torch():
+    # a 2-D copy takes row pitches below 2 GiB: a slice of a 4 GiB KV tensor whose planes lie 2 GiB apart decodes by
+    # torch's copy instead, bit-exact all the same
+    from gdscache.codecs.raw import RawCodec
+
+    spec = KVSpec(1, 2, 8, 128, torch.bfloat16)
+    big = torch.zeros(1, 2, 1 << 20, 8, 128, dtype=torch.bfloat16, device="cuda")  # planes 2 GiB apart
+    assert big.stride(1) * big.element_size() > _cuda.MAX_PITCH
+    kv = _kv(torch.bfloat16, layers=1, tokens=32, heads=8, dim=128)
+    payloads = [kv[:, :, 16 * k : 16 * (k + 1)].contiguous().view(-1).view(torch.uint8).pin_memory() for k in range(2)]
+    codec = RawCodec()
+    assert not codec.decode_run(payloads, spec, 16, big, 0)
+    assert not bool(big[:, :, :32].any())  # nothing written
+    assert codec.decode_many(payloads, spec, 16, [big[:, :, :16], big[:, :, 16:32]]) == [None, None]
+    assert torch.equal(_bits(big[:, :, :32].cpu()), _bits(kv))
 
 
 def test_quantize_dequantize_kernels_match_reference():

@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 
+import numpy as np
 import pytest
 import torch
 from kvtestlib import make_kv
@@ -145,7 +146,7 @@ def test_header_bytes_follow_the_format(params):
     from gdscache.spec import KVSpec
 
     spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
-    for created in (1764340000.123456, 0.1, 1e300):
+    for created in (1764340000.123456, 0.1, 1e300, np.float64(2.5), 7, float("inf")):
         meta = ChunkMeta(b"k" * 16, b"n" * 16, spec, 256, "cachegen", params, 1 << 20, 2, b"d" * 24, created)
         header = pack_header(meta)
         blob = json.dumps({"spec": spec.to_json(), "codec": "cachegen", "codec_params": params, "created": created},
