@@ -272,7 +272,7 @@ def test_raw_host_copies_leave_rows_too_far_apart_to_torch():
     spec = KVSpec(1, 2, 8, 128, torch.bfloat16)
     big = torch.zeros(1, 2, 1 << 20, 8, 128, dtype=torch.bfloat16, device="cuda")  # planes 2 GiB apart
     assert big.stride(1) * big.element_size() > _cuda.MAX_PITCH
-    kv = _kv(torch.bfloat16, layers=1, tokens=32, heads=8, dim=128)
+    kv = torch.randn(1, 2, 32, 8, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     payloads = [kv[:, :, 16 * k : 16 * (k + 1)].contiguous().view(-1).view(torch.uint8).pin_memory() for k in range(2)]
     codec = RawCodec()
     assert not codec.decode_run(payloads, spec, 16, big, 0)
