@@ -67,14 +67,17 @@ def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndar
 def _sequence_array(tokens: Sequence[int]) -> np.ndarray:
     """A list, tuple or range of ints as an int64 array (a vLLM request's token list comes this way on every call:
     the element types are checked once each, not per element, and numpy converts in C)."""
-    kinds = set(map(type, tokens))
-    if not all(issubclass(kind, (int, np.integer)) and not issubclass(kind, bool) for kind in kinds):
-        bad = next(t for t in tokens if not isinstance(t, (int, np.integer)) or isinstance(t, bool))
+    if not all(map(_is_int_type, set(map(type, tokens)))):
+        bad = next(t for t in tokens if not _is_int_type(type(t)))
         raise TypeError(f"tokens must be ints, found {bad!r} ({type(bad).__name__})")
     try:
         return np.asarray(tokens, dtype=np.int64)
     except OverflowError:
         raise ValueError("token ids must be >= 0 and below 2**63; found one outside") from None
+
+
+def _is_int_type(kind: type) -> bool:
+    return issubclass(kind, (int, np.integer)) and not issubclass(kind, bool)
 
 
 def chunk_keys(namespace: bytes, tokens: np.ndarray, chunk_size: int) -> list[bytes]:
