@@ -1,7 +1,7 @@
-"""Build hook: compile the CUDA codec kernels with CMake when nvcc is available.
+"""Build hook: compile the CUDA codec kernels and the batched-read library with CMake when nvcc is available.
 
-Without nvcc (or with GDSCACHE_SKIP_CUDA=1) the package installs without the kernels and the codecs
-run their torch/numpy references. ``GDSCACHE_CUDA_ARCHS`` overrides the architectures ("80;90").
+Without nvcc (or with GDSCACHE_SKIP_CUDA=1) the package installs without them: the codecs run their torch/numpy
+references and the kvikio backend reads file by file. ``GDSCACHE_CUDA_ARCHS`` overrides the architectures ("80;90").
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-LIB = "libgdscache_cuda.so"
+LIBS = {"libgdscache_cuda.so": ("gdscache", "codecs"), "libgdscache_io.so": ("io_backends", "native")}
+"""Each library CMake builds, and the package folder it goes to."""
 
 
 def _want_kernels() -> bool:
@@ -30,7 +31,7 @@ def _nvcc() -> str | None:
 
 
 def build_kernels(build_dir: Path) -> Path | None:
-    """Configure and build with CMake; the library's path, or None when no CUDA toolchain is found."""
+    """Configure and build with CMake; the build folder, or None when no CUDA toolchain is found."""
     if not _want_kernels():
         print("gdscache: nvcc or cmake not found (or GDSCACHE_SKIP_CUDA=1): installing without CUDA kernels")
         return None
@@ -40,22 +41,21 @@ def build_kernels(build_dir: Path) -> Path | None:
     subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), f"-DCMAKE_CUDA_COMPILER={nvcc}",
                            f"-DCMAKE_CUDA_ARCHITECTURES={archs}", "-DCMAKE_BUILD_TYPE=Release"])
     subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel"])
-    return build_dir / LIB
+    return build_dir
 
 
 class BuildPyWithKernels(build_py):
     def run(self) -> None:
         super().run()
-        lib = build_kernels(ROOT / "build" / "cuda")
-        if lib is None:
-            Path(self.build_lib, "gdscache", "codecs", LIB).unlink(missing_ok=True)  # no stale kernels
-            return
-        targets = [Path(self.build_lib) / "gdscache" / "codecs"]
-        if getattr(self, "editable_mode", False):
-            targets = [ROOT / "gdscache" / "codecs"]
-        for target in targets:
+        built = build_kernels(ROOT / "build" / "cuda")
+        base = ROOT if getattr(self, "editable_mode", False) else Path(self.build_lib)
+        for lib, folder in LIBS.items():
+            target = base.joinpath(*folder)
+            if built is None:
+                Path(self.build_lib, *folder, lib).unlink(missing_ok=True)  # no stale libraries
+                continue
             target.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(lib, target / LIB)
+            shutil.copy2(built / lib, target / lib)
 
 
 class KernelDistribution(Distribution):

@@ -9,7 +9,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -237,7 +237,7 @@ class GDSCache:
 
         def take(job: Future[list[Fetched]]) -> list[Fetched]:
             found = job.result()
-            written.extend(fetched.ready for fetched in found if fetched.ready is not None)
+            written.extend(_distinct_events(fetched.ready for fetched in found))
             return found
 
         n_read = next_submit = self._dram_prefix(chunk_keys, out, spec)
@@ -653,9 +653,8 @@ class GDSCache:
         while usable < len(fetched) and self._matches(fetched[usable].meta, spec):
             usable += 1
         device = outs[0].device
-        for item in fetched[:usable]:  # written (or tried) on an I/O thread's stream
-            if item.ready is not None:
-                torch.cuda.current_stream(device).wait_event(item.ready)
+        for ready in _distinct_events(item.ready for item in fetched[:usable]):  # written (or tried) by an I/O thread
+            torch.cuda.current_stream(device).wait_event(ready)
         todo = [k for k in range(usable) if fetched[k].payload is not None]
         payloads = [fetched[k].payload for k in todo]
         for payload in payloads:  # GPU payloads may come from an I/O thread's stream: keep them until this one is done
@@ -690,6 +689,11 @@ class GDSCache:
             self.metrics.inc("mismatched_chunks")
             return False
         return True
+
+
+def _distinct_events(events: Iterable[torch.cuda.Event | None]) -> list[torch.cuda.Event]:
+    """Each event once (the chunks of one fetch task share theirs), Nones left out."""
+    return list({id(event): event for event in events if event is not None}.values())
 
 
 def store_batches(n: int, group: int) -> list[tuple[int, int]]:

@@ -200,6 +200,27 @@ class FileBackend(abc.ABC):
     def open_read(self, path: str) -> ReadHandle:
         """Open ``path`` for reading. Raises ``FileNotFoundError`` when it is gone."""
 
+    def read_batch(self, reads: Sequence[tuple[ReadHandle, Sequence[torch.Tensor], int]]) -> list[OSError | None]:
+        """For each ``(handle, dests, offset)`` of handles this backend opened, :meth:`ReadHandle.read_into_runs`,
+        every read in flight at once where the backend can; per read, None or the ``OSError`` that failed it.
+        Every read has ended (landed or failed) on return. This default starts each read, then waits for each."""
+        errors: list[OSError | None] = [None] * len(reads)
+        waits: list[Callable[[], None] | None] = [None] * len(reads)
+        try:
+            for i, (handle, dests, offset) in enumerate(reads):
+                try:
+                    waits[i] = handle.start_read(dests, offset)
+                except OSError as exc:
+                    errors[i] = exc
+        finally:
+            for i, wait in enumerate(waits):  # every read started lands before its buffers can be reused
+                if wait is not None:
+                    try:
+                        wait()
+                    except OSError as exc:
+                        errors[i] = exc
+        return errors
+
     def forget(self, path: str) -> None:
         """``path`` was removed or replaced: let go of anything kept open for it (nothing here)."""
 

@@ -16,6 +16,11 @@ on every chunk file and reporting a cuFile mode it does not run; the backend set
 ``ON`` instead, so every file takes the POSIX path at once and ``kvikio-posix`` is reported. kvikio's settings
 are process-wide: so is that choice.
 
+In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of reads
+(:meth:`KvikioBackend.read_batch`: a request's chunk files) goes to that library in one call instead of to
+kvikio file by file: the same pread into pinned memory and copy to the GPU that kvikio's POSIX path does, without
+a Python call per file. Writes, and every read under cuFile, stay with kvikio.
+
 Only construct :class:`KvikioBackend` where a CUDA driver exists (``make_file_backend`` checks):
 kvikio can do no I/O without ``libcuda``.
 """
@@ -34,8 +39,10 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from io_backends import native
 from io_backends.base import FileBackend, ForkSafeLock, Part, ReadHandle, check_buffer, fsync_all
 from io_backends.posix import temp_path_for
 
@@ -162,8 +169,12 @@ class KvikioBackend(FileBackend):
                             "in this process", probe_dir, refusal)
                 kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
                 self._mode = detect_io_mode(kvikio)
-        log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s",
-                 kvikio.__version__, self._mode, threads, task_size, o_direct)
+        self._threads, self._task_size = max(1, threads), task_size
+        self.native_reads = self._mode == "kvikio-posix" and native.available()
+        """Whether batches of reads go through ``libgdscache_io.so`` (module docstring)."""
+        log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s batched reads=%s",
+                 kvikio.__version__, self._mode, threads, task_size, o_direct,
+                 native.LIB_NAME if self.native_reads else "kvikio")
         self._registered: dict[int, torch.Tensor] = {}
         if keep_open is None:
             keep_open = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
@@ -266,6 +277,39 @@ class KvikioBackend(FileBackend):
     def open_read(self, path: str) -> ReadHandle:
         """A handle on ``path``, kept open for later reads while the path names the same file (:class:`OpenFiles`)."""
         return _KvikioReadHandle(self._open_files, self._open_files.acquire(path))
+
+    def read_batch(self, reads: Sequence[tuple[ReadHandle, Sequence[torch.Tensor], int]]) -> list[OSError | None]:
+        """With :attr:`native_reads`, every run of every read in one call into ``libgdscache_io.so``, which returns
+        once all have landed; else kvikio's, file by file (:meth:`FileBackend.read_batch`)."""
+        if not self.native_reads:
+            return super().read_batch(reads)
+        errors: list[OSError | None] = [None] * len(reads)
+        rows: list[tuple[int, int, int, int, int, int]] = []
+        owners: list[int] = []  # the read of each row
+        devices: dict[torch.device, torch.Tensor] = {}
+        for i, (handle, dests, offset) in enumerate(reads):
+            if not isinstance(handle, _KvikioReadHandle):
+                raise TypeError(f"read_batch takes this backend's read handles, got {type(handle).__name__}")
+            fd, at, mine = handle.fileno(), offset, []
+            for dest in dests:
+                check_buffer(dest, "dest")
+                if dest.numel():
+                    mine.append((fd, dest.device.index if dest.is_cuda else -1, at, dest.numel(), dest.data_ptr(), 0))
+                    if dest.is_cuda:
+                        devices.setdefault(dest.device, dest)
+                at += dest.numel()
+            if at > handle.size:
+                errors[i] = OSError(errno.EIO, f"short file: need {at} bytes, file has {handle.size}")
+                continue
+            rows += mine
+            owners += [i] * len(mine)
+        for dest in devices.values():  # the copies run on the library's streams, after this thread's queued work
+            _ready(dest)
+        results = native.read(np.array(rows, dtype=native.RANGE), threads=self._threads, piece_bytes=self._task_size)
+        for row, (owner, result) in enumerate(zip(owners, results.tolist(), strict=True)):
+            if errors[owner] is None:
+                errors[owner] = native.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")
+        return errors
 
     def _open_handle(self, path: str) -> Any:
         try:
@@ -447,6 +491,9 @@ class _KvikioReadHandle(ReadHandle):
         self._handle = entry.handle
         self.size = entry.size
         self._closed = False
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
 
     def read_bytes(self, offset: int, nbytes: int) -> bytes:
         data = os.pread(self._handle.fileno(), nbytes, offset)

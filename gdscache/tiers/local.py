@@ -423,24 +423,15 @@ class LocalTier:
             starts[i], total = total, total + align_up(max(length, 0))
         headers = host_pool.acquire(HEADER_SIZE * len(keys))
         payloads = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
-        waits: list[Callable[[], None] | None] = [None] * len(keys)
-        try:
-            for i, handle in enumerate(handles):
-                if handle is None or outcome[i] is not None:
-                    continue
-                header = headers[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]
-                runs = [header] if lengths[i] <= 0 else [header, payloads[starts[i] : starts[i] + lengths[i]]]
-                try:
-                    waits[i] = handle.start_read(runs, 0)
-                except OSError as exc:
-                    outcome[i] = exc
-        finally:
-            for i, wait in enumerate(waits):  # every read started lands before its buffers can be reused
-                if wait is not None:
-                    try:
-                        wait()
-                    except OSError as exc:
-                        outcome[i] = exc
+        reading = [i for i, handle in enumerate(handles) if handle is not None and outcome[i] is None]
+        reads = []
+        for i in reading:
+            header = headers[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]
+            runs = [header] if lengths[i] <= 0 else [header, payloads[starts[i] : starts[i] + lengths[i]]]
+            reads.append((handles[i], runs, 0))
+        for i, error in zip(reading, self.backend.read_batch(reads), strict=True):
+            if error is not None:
+                outcome[i] = error
         header_bytes = headers.numpy().tobytes()
         host_pool.release(headers)
         checked: list[tuple[int, ChunkMeta, torch.Tensor]] = []

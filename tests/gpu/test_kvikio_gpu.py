@@ -189,3 +189,73 @@ def test_write_files_publishes_each_file_on_its_own(kvikio_backend, tmp_path, du
             back = torch.empty_like(payloads[k])
             handle.read_into(back, 4096)
         assert torch.equal(back, payloads[k])
+
+
+@pytest.mark.parametrize("native_reads", [True, False], ids=["native", "kvikio"])
+@pytest.mark.parametrize("cold", [False, True], ids=["warm", "cold"])
+def test_read_batch_lands_every_run_and_fails_read_by_read(kvikio_backend, tmp_path, native_reads, cold):
+    """A batch of scatter reads (host headers, GPU payloads in slices of one buffer, pieces beyond kvikio's task
+    size) lands bit-exact through libgdscache_io.so and through kvikio alike; a read past its file's end fails
+    alone."""
+    from io_backends import native
+
+    if native_reads and not kvikio_backend.native_reads:
+        pytest.skip(f"batched native reads need io_mode kvikio-posix and {native.LIB_NAME}")
+    kvikio_backend.native_reads = native_reads
+    sizes = [1, 4095, MiB + 123, 9 * MiB + 5]
+    files = []
+    for i, n in enumerate(sizes):
+        path, header, payload = str(tmp_path / f"c{i}.gdc"), os.urandom(4096), _random_bytes(n)
+        kvikio_backend.write_file(path, [Part(0, header), Part(4096, payload)])
+        if cold:
+            kvikio_backend.drop_page_cache(path)
+        files.append((path, header, payload))
+    slab = torch.zeros(sum(sizes) + 4096, dtype=torch.uint8, device="cuda")
+    headers = torch.zeros(len(sizes), 4096, dtype=torch.uint8)
+    handles = [kvikio_backend.open_read(path) for path, _, _ in files]
+    reads, at = [], 0
+    for i, n in enumerate(sizes):
+        reads.append((handles[i], [headers[i], slab[at : at + n]], 0))
+        at += n
+    split = torch.zeros(MiB + 123, dtype=torch.uint8)  # host, GPU, host runs of one file
+    gpu_part = torch.zeros(5000, dtype=torch.uint8, device="cuda")
+    reads.append((handles[2], [split[:100], gpu_part, split[100 : 100 + 6000]], 4096))
+    reads.append((handles[1], [slab[at : at + 4096]], 4096))  # 4096 bytes where the file has 4095
+    try:
+        errors = kvikio_backend.read_batch(reads)
+    finally:
+        for handle in handles:
+            handle.close()
+    assert errors[:5] == [None] * 5
+    assert isinstance(errors[5], OSError) and "short" in str(errors[5])
+    at = 0
+    for i, (_, header, payload) in enumerate(files):
+        assert headers[i].numpy().tobytes() == header
+        assert torch.equal(slab[at : at + sizes[i]], payload)
+        at += sizes[i]
+    payload = files[2][2].cpu()
+    assert torch.equal(split[:100], payload[:100]) and torch.equal(gpu_part.cpu(), payload[100:5100])
+    assert torch.equal(split[100:6100], payload[5100:11100])
+
+
+def test_native_reads_land_after_queued_work_on_the_destination(kvikio_backend, tmp_path):
+    """The library copies on its own streams: work this thread queued on a destination runs first, so a read
+    is not overwritten by a fill queued before it."""
+    if not kvikio_backend.native_reads:
+        pytest.skip("batched native reads are off here")
+    path, payload = str(tmp_path / "c.gdc"), _random_bytes(4 * MiB)
+    kvikio_backend.write_file(path, [Part(0, payload)])
+    dest = torch.zeros_like(payload)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the fill
+    dest.fill_(7)
+    with kvikio_backend.open_read(path) as handle:
+        assert kvikio_backend.read_batch([(handle, [dest], 0)]) == [None]
+    assert torch.equal(dest, payload)
+
+
+def test_native_reads_are_on_where_kvikio_takes_its_posix_path(kvikio_backend):
+    from io_backends import native
+
+    expected = kvikio_backend.io_mode == "kvikio-posix" and native.available()
+    assert kvikio_backend.native_reads == expected
+    print(f"io_mode={kvikio_backend.io_mode} native_reads={kvikio_backend.native_reads}")

@@ -1,0 +1,96 @@
+"""ctypes binding to ``libgdscache_io.so`` (``batch_read.cu`` here): many reads of open files into host or GPU
+memory in one call, on a pool of native threads, with the GIL released.
+
+The library is looked up at ``$GDSCACHE_IO_LIB``, then next to this module (where ``pip install`` puts it when
+nvcc exists), then in ``build/cuda`` of a source checkout. Without it, :func:`available` is False and the backends
+read file by file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+
+from io_backends.base import ForkSafeLock
+
+LIB_NAME = "libgdscache_io.so"
+RANGE = np.dtype([("fd", "<i4"), ("device", "<i4"), ("offset", "<i8"), ("nbytes", "<i8"), ("dst", "<u8"),
+                  ("result", "<i8")])
+"""One read: ``nbytes`` of open file ``fd`` from ``offset`` to address ``dst``, on CUDA ``device`` (-1: host
+memory); ``result`` comes back as the bytes read or a negative error code (:func:`error_of`)."""
+_CUDA_ERROR_BASE = 100000
+_lib: ctypes.CDLL | None = None
+_tried = False
+_load_lock = ForkSafeLock()
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if not _tried:
+        with _load_lock:
+            if not _tried:
+                _lib = None if os.environ.get("GDSCACHE_NO_NATIVE_IO") == "1" else _open_library()
+                _tried = True
+    return _lib
+
+
+def _open_library() -> ctypes.CDLL | None:
+    here = Path(__file__).resolve()
+    for path in (os.environ.get("GDSCACHE_IO_LIB"), str(here.with_name(LIB_NAME)),
+                 str(here.parents[2] / "build" / "cuda" / LIB_NAME)):
+        if not path or not Path(path).is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            lib.gio_range_size.restype = ctypes.c_int
+            if lib.gio_range_size() != RANGE.itemsize:  # built from another version of batch_read.cu
+                continue
+            lib.gio_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+            lib.gio_read.restype = ctypes.c_int
+            lib.gio_cuda_error_name.argtypes = [ctypes.c_int]
+            lib.gio_cuda_error_name.restype = ctypes.c_char_p
+        except (OSError, AttributeError):  # not loadable, or another library's file
+            continue
+        return lib
+    return None
+
+
+def available() -> bool:
+    """True when the native library loads."""
+    return _load() is not None
+
+
+def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
+    """Read every row of ``ranges`` (a contiguous :data:`RANGE` array) and return its ``result`` column.
+
+    GPU rows go through pinned staging in pieces of ``piece_bytes`` and have landed on the device when this
+    returns. The destinations must stay valid and untouched until then.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"{LIB_NAME} is not available")
+    if ranges.dtype != RANGE or not ranges.flags.c_contiguous:
+        raise TypeError("ranges must be a contiguous array of io_backends.native.RANGE")
+    code = lib.gio_read(ranges.ctypes.data, len(ranges), threads, piece_bytes)
+    if code != 0:
+        raise ValueError(f"gio_read refused its arguments ({os.strerror(-code)}): threads={threads}, "
+                         f"piece_bytes={piece_bytes} (a multiple of 4096), offsets and sizes >= 0, destinations set")
+    return ranges["result"]
+
+
+def error_of(result: int, what: str) -> OSError | None:
+    """None for a row's ``result`` >= 0, else the ``OSError`` it stands for; ``what`` names the read."""
+    if result >= 0:
+        return None
+    code = -result
+    if code >= _CUDA_ERROR_BASE:
+        lib = _load()
+        name = lib.gio_cuda_error_name(code - _CUDA_ERROR_BASE).decode() if lib is not None else str(code)
+        return OSError(errno.EIO, f"{what}: CUDA copy failed ({name})")
+    if code == errno.ENODATA:
+        return OSError(errno.EIO, f"{what}: short read, the file ends before the range")
+    return OSError(code, f"{what}: {os.strerror(code)}")

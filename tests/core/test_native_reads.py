@@ -1,0 +1,110 @@
+"""libgdscache_io.so (io_backends/native) on the CPU: batched reads of open files into host memory, split into
+pieces, failing range by range. Its GPU path is tested in tests/gpu/test_kvikio_gpu.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from io_backends import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built (needs nvcc)")
+
+
+def _file(tmp_path, name: str, nbytes: int, seed: int) -> tuple[int, bytes]:
+    data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    path = tmp_path / name
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return fd, data
+
+
+def _ranges(rows: list[tuple[int, int, int, np.ndarray]]) -> np.ndarray:
+    """Host rows ``(fd, offset, nbytes, dest)``."""
+    return np.array([(fd, -1, offset, nbytes, dest.ctypes.data, 0) for fd, offset, nbytes, dest in rows],
+                    dtype=native.RANGE)
+
+
+def test_ranges_of_many_files_land_whole_across_pieces(tmp_path):
+    sizes = [1, 4095, 4096, 4097, 3 * 4096 + 17, 70_000]
+    files = [_file(tmp_path, f"f{i}", n + 100, i) for i, n in enumerate(sizes)]
+    dests = [np.zeros(n, dtype=np.uint8) for n in sizes]
+    try:
+        results = native.read(_ranges([(fd, 50, n, d) for (fd, _), n, d in zip(files, sizes, dests)]),
+                              threads=3, piece_bytes=4096)
+        assert results.tolist() == sizes
+        for (_, data), n, dest in zip(files, sizes, dests):
+            assert dest.tobytes() == data[50 : 50 + n]
+    finally:
+        for fd, _ in files:
+            os.close(fd)
+
+
+def test_each_range_fails_on_its_own(tmp_path):
+    fd, data = _file(tmp_path, "f", 10_000, 1)
+    good, short, empty = np.zeros(5000, np.uint8), np.zeros(8000, np.uint8), np.zeros(1, np.uint8)
+    bad_fd = os.open(tmp_path, os.O_RDONLY)  # a directory: pread refuses it
+    try:
+        results = native.read(_ranges([(fd, 0, 5000, good), (fd, 4000, 8000, short), (bad_fd, 0, 1, empty),
+                                       (fd, 0, 0, empty)]), threads=2, piece_bytes=4096).tolist()
+    finally:
+        os.close(fd)
+        os.close(bad_fd)
+    assert results[0] == 5000 and good.tobytes() == data[:5000]
+    assert results[3] == 0
+    short_error = native.error_of(results[1], "read of f")
+    assert short_error is not None and short_error.errno == errno.EIO and "file ends before the range" in str(short_error)
+    dir_error = native.error_of(results[2], "read of a directory")
+    assert dir_error is not None and dir_error.errno == errno.EISDIR
+    assert native.error_of(results[0], "read") is None
+
+
+def test_closed_descriptor_is_ebadf(tmp_path):
+    fd, _ = _file(tmp_path, "f", 100, 2)
+    os.close(fd)
+    result = native.read(_ranges([(fd, 0, 10, np.zeros(10, np.uint8))]), threads=1, piece_bytes=4096)[0]
+    assert native.error_of(int(result), "read").errno == errno.EBADF
+
+
+def test_bad_arguments_are_refused_before_any_read(tmp_path):
+    fd, _ = _file(tmp_path, "f", 100, 3)
+    dest = np.zeros(10, np.uint8)
+    try:
+        with pytest.raises(ValueError, match="multiple of 4096"):
+            native.read(_ranges([(fd, 0, 10, dest)]), threads=1, piece_bytes=1000)
+        with pytest.raises(ValueError, match="refused"):
+            native.read(_ranges([(fd, 0, -1, dest)]), threads=1, piece_bytes=4096)
+        with pytest.raises(ValueError, match="refused"):
+            native.read(_ranges([(fd, 0, 10, dest)]), threads=0, piece_bytes=4096)
+        with pytest.raises(TypeError, match="RANGE"):
+            native.read(np.zeros(3, dtype=np.int64), threads=1, piece_bytes=4096)
+    finally:
+        os.close(fd)
+    assert native.read(np.zeros(0, dtype=native.RANGE), threads=1, piece_bytes=4096).size == 0
+
+
+def test_batches_from_many_threads_share_the_pool(tmp_path):
+    files = [_file(tmp_path, f"f{i}", 50_000, 10 + i) for i in range(4)]
+    failures: list[str] = []
+
+    def reader(k: int) -> None:
+        for _ in range(30):
+            dests = [np.zeros(50_000, np.uint8) for _ in files]
+            rows = [(fd, 0, 50_000, d) for (fd, _), d in zip(files[k:] + files[:k], dests)]
+            if native.read(_ranges(rows), threads=4, piece_bytes=8192).tolist() != [50_000] * 4:
+                failures.append("result")
+            if [d.tobytes() for d in dests] != [data for _, data in files[k:] + files[:k]]:
+                failures.append("bytes")
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fd, _ in files:
+        os.close(fd)
+    assert failures == []
