@@ -102,7 +102,8 @@ class GDSCache:
         self._metrics_server = (
             start_metrics_server(cfg.metrics_port, self.metrics, self.stats) if cfg.metrics_port is not None else None
         )
-        log.info("gdscache at %s: storage=%s io_mode=%s codec=%s", cfg.path, cfg.storage, self.io_mode, cfg.codec)
+        log.info("gdscache at %s: storage=%s io_mode=%s batch_reads=%s codec=%s", cfg.path, cfg.storage, self.io_mode,
+                 self._backend.batch_reads, cfg.codec)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -342,9 +343,10 @@ class GDSCache:
         self._backend.close()
 
     def stats(self) -> dict[str, Any]:
-        """Counters, bytes, hit/miss totals, latencies and the I/O mode that runs."""
+        """Counters, bytes, hit/miss totals, latencies, the I/O mode that runs and what carries batches of reads."""
         out: dict[str, Any] = {
             "io_mode": self.io_mode,
+            "batch_reads": self._backend.batch_reads,
             "storage": self.config.storage,
             "codec": self._codec.name,
             "chunk_size": self.config.chunk_size,

@@ -173,6 +173,12 @@ class FileBackend(abc.ABC):
     def io_mode(self) -> str:
         """What actually runs: ``gds``, ``cufile-compat``, ``kvikio-posix``, ``posix-odirect`` or ``posix-buffered``."""
 
+    @property
+    def batch_reads(self) -> str:
+        """What carries :meth:`read_batch`: ``per file`` here, ``libgdscache_io`` where one native call takes a
+        whole batch (:mod:`io_backends.native`)."""
+        return "per file"
+
     @abc.abstractmethod
     def write_file(self, path: str, parts: Sequence[Part], *, durable: bool = True) -> None:
         """Atomically publish a new file at ``path`` made of ``parts``.

@@ -172,9 +172,8 @@ class KvikioBackend(FileBackend):
         self._threads, self._task_size = max(1, threads), task_size
         self.native_reads = self._mode == "kvikio-posix" and native.available()
         """Whether batches of reads go through ``libgdscache_io.so`` (module docstring)."""
-        log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s batched reads=%s",
-                 kvikio.__version__, self._mode, threads, task_size, o_direct,
-                 native.LIB_NAME if self.native_reads else "kvikio")
+        log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s batch_reads=%s",
+                 kvikio.__version__, self._mode, threads, task_size, o_direct, self.batch_reads)
         self._registered: dict[int, torch.Tensor] = {}
         if keep_open is None:
             keep_open = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
@@ -183,6 +182,10 @@ class KvikioBackend(FileBackend):
     @property
     def io_mode(self) -> str:
         return self._mode
+
+    @property
+    def batch_reads(self) -> str:
+        return native.LIB_NAME.removesuffix(".so") if self.native_reads else "per file"
 
     def register_buffer(self, buf: torch.Tensor) -> None:
         """Register a long-lived GPU staging buffer with cuFile once (a no-op outside real GDS)."""

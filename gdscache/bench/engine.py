@@ -137,6 +137,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
                 results.append(res)
         meta.update({
             "io_mode": results[0]["io_mode"] if results else backend.io_mode,
+            "batch_reads": results[0]["batch_reads"] if results else backend.batch_reads,
             "raw_io_mode": backend.io_mode,
             "storage": opts.storage,
             "o_direct": opts.o_direct,
@@ -287,6 +288,7 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
                 res["latency_ms"] = _latencies(opts, cache, kv, out, chunk, singles, raw.backend, cfg_dir)
                 tick(f"{label}: per-chunk latency", 1)
             res["io_mode"] = cache.io_mode
+            res["batch_reads"] = cache.stats()["batch_reads"]
     finally:
         for path in raw_paths:
             with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ import torch
 from kvtestlib import PYTHON, make_kv, python_env
 
 from gdscache import GDSCache
+from io_backends import native
 from io_backends.kvikio_backend import IO_MODES
 
 CHUNK = 256
@@ -46,7 +47,9 @@ def test_gpu_round_trip_bit_exact_and_mode(cache_dir):
         assert torch.equal(_bits(out[:, :, : 3 * CHUNK]), _bits(kv[:, :, : 3 * CHUNK]))
         stats = cache.stats()
         assert stats["io_mode"] == cache.io_mode
-        print(f"io_mode={stats['io_mode']}")
+        native_reads = cache.io_mode == "kvikio-posix" and native.available()
+        assert stats["batch_reads"] == ("libgdscache_io" if native_reads else "per file")
+        print(f"io_mode={stats['io_mode']} batch_reads={stats['batch_reads']}")
 
 
 _CHILD = """
