@@ -8,7 +8,7 @@
 // Who reads which piece: the worker that takes a range asks the page cache for its first piece (RWF_NOWAIT). If it
 // is there, the range's other pieces go to every idle worker at once (memory copies: the more threads the faster).
 // If not, that worker reads the range to its end, so the kernel sees one sequential stream per file and its
-// readahead keeps the disk busy (8 workers on pieces of one cold file read 14-22% slower on the lent VMs).
+// readahead keeps the disk busy (8 workers on pieces of one cold file read 10-20% slower on the lent VMs).
 // Pieces alternate between two staging halves, so a worker's next pread overlaps the copy of its last piece; a
 // piece is finished as soon as its copy is seen to have ended.
 //
