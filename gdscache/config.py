@@ -16,8 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "GDSCACHE_"
-NOT_FIELDS = {"GDSCACHE_CONFIG", "GDSCACHE_CUDA_LIB", "GDSCACHE_SKIP_CUDA", "GDSCACHE_CUDA_ARCHS"}
-"""GDSCACHE_* variables that are not config fields: a YAML path (vLLM connector) and kernel build/load settings."""
+NOT_FIELDS = {"GDSCACHE_CONFIG", "GDSCACHE_CUDA_LIB", "GDSCACHE_NO_KERNELS", "GDSCACHE_SKIP_CUDA", "GDSCACHE_CUDA_ARCHS",
+              "GDSCACHE_IO_LIB", "GDSCACHE_NO_NATIVE_IO"}
+"""GDSCACHE_* variables that are not config fields: a YAML path (vLLM connector), and where the kernel and
+batched-read libraries are built and loaded from (or that they are not to be loaded)."""
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40, "p": 10**15,

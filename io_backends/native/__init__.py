@@ -2,8 +2,8 @@
 memory in one call, on a pool of native threads, with the GIL released.
 
 The library is looked up at ``$GDSCACHE_IO_LIB``, then next to this module (where ``pip install`` puts it when
-nvcc exists), then in ``build/cuda`` of a source checkout. Without it, :func:`available` is False and the backends
-read file by file.
+nvcc exists), then in ``build/cuda`` of a source checkout. Without it, or with ``GDSCACHE_NO_NATIVE_IO=1``, :func:`available` is
+False and the backends read file by file.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@
 
 #include <cuda_runtime.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -300,6 +301,9 @@ class Pool {
 std::mutex pools_mutex;
 std::unordered_map<int64_t, std::unique_ptr<Pool>>* pools = nullptr;  // by piece size
 pid_t pools_pid = 0;
+// held across fork(), so a child never inherits it locked by a thread that does not exist there
+const int fork_guard = pthread_atfork([] { pools_mutex.lock(); }, [] { pools_mutex.unlock(); },
+                                      [] { pools_mutex.unlock(); });
 
 Pool* pool_for(int64_t piece_bytes, int threads) {
   std::lock_guard<std::mutex> lock(pools_mutex);

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gdscache import Config, GDSCache, KVSpec
-from gdscache.config import parse_size
+from gdscache.config import NOT_FIELDS, parse_size
 from gdscache.keys import as_token_array, chunk_keys, fingerprint, namespace_of
 
 
@@ -24,6 +24,14 @@ def test_yaml_with_env_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("GDSCACHE_NOT_A_FIELD", "1")
     with pytest.raises(ValueError, match="GDSCACHE_NOT_A_FIELD names no config field"):
         Config.from_yaml(f)
+
+
+@pytest.mark.parametrize("name", sorted(NOT_FIELDS))
+def test_variables_for_libraries_are_not_config_fields(tmp_path, monkeypatch, name):
+    """The variables that steer the native libraries (GDSCACHE_NO_KERNELS=1, GDSCACHE_IO_LIB=...) leave the config
+    alone."""
+    monkeypatch.setenv(name, "1")
+    assert Config.build({"path": str(tmp_path)}).path == str(tmp_path)
 
 
 def test_yaml_must_be_a_mapping(tmp_path):

@@ -108,3 +108,24 @@ def test_batches_from_many_threads_share_the_pool(tmp_path):
     for fd, _ in files:
         os.close(fd)
     assert failures == []
+
+
+def _child_reads(fd: int, data: bytes) -> None:
+    dest = np.zeros(len(data), np.uint8)
+    result = native.read(_ranges([(fd, 0, len(data), dest)]), threads=2, piece_bytes=4096)[0]
+    os._exit(0 if result == len(data) and dest.tobytes() == data else 1)
+
+
+def test_a_forked_child_gets_its_own_workers(tmp_path):
+    """The parent's worker threads do not exist in a forked child: its first batch starts a new pool."""
+    import multiprocessing
+
+    fd, data = _file(tmp_path, "f", 20_000, 5)
+    try:
+        assert native.read(_ranges([(fd, 0, 100, np.zeros(100, np.uint8))]), threads=2, piece_bytes=4096)[0] == 100
+        child = multiprocessing.get_context("fork").Process(target=_child_reads, args=(fd, data))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+    finally:
+        os.close(fd)
