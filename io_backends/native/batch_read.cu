@@ -272,18 +272,21 @@ class Pool {
         piece.batch->finish_piece();
       } else if (piece.start > 0) {  // a piece of a range found in the page cache
         staging.read(piece, piece_bytes_, false);
-      } else if (staging.read(Piece{piece.batch, piece.index, 0, std::min(piece_bytes_, r.nbytes)}, piece_bytes_,
-                              true)) {  // in the page cache: the rest of the range goes to every idle worker
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto at_front = queue_.begin();
-        for (int64_t at = piece_bytes_; at < r.nbytes; at += piece_bytes_) {
-          at_front = queue_.insert(at_front, Piece{piece.batch, piece.index, at, std::min(piece_bytes_, r.nbytes - at)});
-          ++at_front;
-        }
-        work_.notify_all();
-      } else {  // from disk: read by this worker to the end, one sequential stream for the kernel's readahead
-        for (int64_t at = piece_bytes_; at < r.nbytes; at += piece_bytes_) {
-          staging.read(Piece{piece.batch, piece.index, at, std::min(piece_bytes_, r.nbytes - at)}, piece_bytes_, false);
+      } else {
+        // the batch (and `r`) may be gone once its last piece is finished: nothing below reads them after that
+        const int64_t total = r.nbytes;
+        if (staging.read(Piece{piece.batch, piece.index, 0, std::min(piece_bytes_, total)}, piece_bytes_, true)) {
+          std::lock_guard<std::mutex> lock(mutex_);  // in the page cache: the rest goes to every idle worker
+          auto at_front = queue_.begin();
+          for (int64_t at = piece_bytes_; at < total; at += piece_bytes_) {
+            at_front = queue_.insert(at_front, Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)});
+            ++at_front;
+          }
+          work_.notify_all();
+        } else {  // from disk: read by this worker to the end, one sequential stream for the kernel's readahead
+          for (int64_t at = piece_bytes_; at < total; at += piece_bytes_) {
+            staging.read(Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)}, piece_bytes_, false);
+          }
         }
       }
     }
