@@ -36,7 +36,7 @@ class CorruptChunk(ValueError):
     """A chunk file or object that fails validation: the caller treats it as a miss."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChunkMeta:
     """Everything the header says about one chunk."""
 
@@ -86,10 +86,23 @@ def _metadata_around_created(spec: KVSpec, codec: str, codec_params: str) -> tup
 
 
 def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
-    """Parse and validate a header; raises :class:`CorruptChunk` naming what is wrong."""
+    """Parse and validate a header; raises :class:`CorruptChunk` naming what is wrong.
+
+    The same header bytes are parsed once for the last ``_PARSED_HEADERS`` distinct headers (a published chunk file
+    never changes, and warm reads read the same headers again and again)."""
     if len(header) < HEADER_SIZE:
         raise CorruptChunk(f"header is {len(header)} bytes, expected {HEADER_SIZE}")
-    header = bytes(header[:HEADER_SIZE])
+    meta = _parse_header(bytes(header[:HEADER_SIZE]))
+    if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:
+        raise CorruptChunk(f"truncated: {file_size} bytes, header promises {PAYLOAD_OFFSET + meta.payload_len}")
+    return meta
+
+
+_PARSED_HEADERS = 1024
+
+
+@functools.lru_cache(maxsize=_PARSED_HEADERS)
+def _parse_header(header: bytes) -> ChunkMeta:
     magic, version, crc, alg, key, namespace, offset, payload_len, tokens, meta_len, dig = _FIXED.unpack_from(header)
     if magic != MAGIC:
         raise CorruptChunk(f"bad magic {magic!r}")
@@ -101,8 +114,6 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
         raise CorruptChunk("header checksum mismatch")
     if offset != PAYLOAD_OFFSET or meta_len > _MAX_META or alg not in checksum.NAMES:
         raise CorruptChunk("inconsistent header fields")
-    if file_size is not None and file_size < PAYLOAD_OFFSET + payload_len:
-        raise CorruptChunk(f"truncated: {file_size} bytes, header promises {PAYLOAD_OFFSET + payload_len}")
     try:
         meta = json.loads(header[_FIXED.size : _FIXED.size + meta_len])
         spec = KVSpec.from_json(meta["spec"])

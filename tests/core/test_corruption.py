@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -84,8 +85,7 @@ def test_header_written_with_other_codec_settings_is_a_miss(cache_dir):
         cache.store(list(range(16)), kv)
         path = cache._local.path_of(cache.namespace, cache.chunk_keys(list(range(16)))[0])
     with open(path, "r+b") as f:
-        meta = unpack_header(f.read(HEADER_SIZE))
-        meta.codec = "cachegen"
+        meta = dataclasses.replace(unpack_header(f.read(HEADER_SIZE)), codec="cachegen")
         f.seek(0)
         f.write(pack_header(meta))
     with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
@@ -157,3 +157,24 @@ def test_header_bytes_follow_the_format(params):
         assert header[fixed + len(blob) :] == bytes(HEADER_SIZE - fixed - len(blob))
         assert struct.unpack_from("<I", header, 10)[0] == zlib.crc32(header[:10] + bytes(4) + header[14:])
         assert unpack_header(header) == meta
+
+
+def test_a_header_read_again_is_checked_against_its_file_again():
+    """Headers are parsed once per distinct bytes; what depends on the file (its size) and any changed byte is
+    still checked on every read, and a parsed header cannot be changed in place."""
+    from gdscache.format.chunkfile import ChunkMeta, CorruptChunk, pack_header, unpack_header
+    from gdscache.spec import KVSpec
+
+    meta = ChunkMeta(b"k" * 16, b"n" * 16, KVSpec(4, 2, 8, 128, torch.bfloat16), 256, "raw", {}, 1 << 20, 2,
+                     b"d" * 24, 1.5)
+    header = pack_header(meta)
+    assert unpack_header(header, HEADER_SIZE + (1 << 20)) == meta
+    assert unpack_header(bytearray(header), HEADER_SIZE + (1 << 20)) == meta
+    with pytest.raises(CorruptChunk, match="truncated"):
+        unpack_header(header, HEADER_SIZE + (1 << 20) - 1)
+    flipped = bytearray(header)
+    flipped[200] ^= 1
+    with pytest.raises(CorruptChunk, match="checksum"):
+        unpack_header(bytes(flipped))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        unpack_header(header).codec = "cachegen"
