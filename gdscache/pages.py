@@ -144,9 +144,10 @@ def stacked_view(views: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None
     step = views[1].storage_offset() - first.storage_offset()
     if step <= 0:
         return None
+    shape, strides, dtype, offset = first.shape, first.stride(), first.dtype, first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
     for k, view in enumerate(views):
-        if (view.shape != first.shape or view.stride() != first.stride() or view.dtype != first.dtype
-                or view.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or view.storage_offset() != first.storage_offset() + k * step):
+        if (view.shape != shape or view.stride() != strides or view.dtype != dtype
+                or view.storage_offset() != offset + k * step or view.untyped_storage().data_ptr() != storage):
             return None
-    return first.as_strided((len(views), *first.shape), (step, *first.stride()), first.storage_offset())
+    return first.as_strided((len(views), *shape), (step, *strides), offset)
