@@ -18,8 +18,9 @@ are process-wide: so is that choice.
 
 In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of reads
 (:meth:`KvikioBackend.read_batch`: a request's chunk files) goes to that library in one call instead of to
-kvikio file by file: the same pread into pinned memory and copy to the GPU that kvikio's POSIX path does, without
-a Python call per file. Writes, and every read under cuFile, stay with kvikio.
+kvikio file by file: buffered preads into pinned memory and copies to the GPU, as kvikio's POSIX path does for
+reads unless ``o_direct: on``, without a Python call per file. Writes, reads with ``o_direct: on``, and every read
+under cuFile stay with kvikio.
 
 Only construct :class:`KvikioBackend` where a CUDA driver exists (``make_file_backend`` checks):
 kvikio can do no I/O without ``libcuda``.
@@ -170,8 +171,9 @@ class KvikioBackend(FileBackend):
                 kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
                 self._mode = detect_io_mode(kvikio)
         self._threads, self._task_size = max(1, threads), task_size
-        self.native_reads = self._mode == "kvikio-posix" and native.available()
-        """Whether batches of reads go through ``libgdscache_io.so`` (module docstring)."""
+        self.native_reads = self._mode == "kvikio-posix" and o_direct != "on" and native.available()
+        """Whether batches of reads go through ``libgdscache_io.so`` (module docstring; its reads are buffered, so
+        ``o_direct: on`` leaves reads to kvikio)."""
         log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s batch_reads=%s",
                  kvikio.__version__, self._mode, threads, task_size, o_direct, self.batch_reads)
         self._registered: dict[int, torch.Tensor] = {}
@@ -308,7 +310,12 @@ class KvikioBackend(FileBackend):
             owners += [i] * len(mine)
         for dest in devices.values():  # the copies run on the library's streams, after this thread's queued work
             _ready(dest)
-        results = native.read(np.array(rows, dtype=native.RANGE), threads=self._threads, piece_bytes=self._task_size)
+        try:
+            results = native.read(np.array(rows, dtype=native.RANGE), threads=self._threads,
+                                  piece_bytes=self._task_size)
+        except OSError as exc:  # nothing was read: kvikio reads them instead
+            log.warning("%s; this batch is read through kvikio", exc)
+            return super().read_batch(reads)
         for row, (owner, result) in enumerate(zip(owners, results.tolist(), strict=True)):
             if errors[owner] is None:
                 errors[owner] = native.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")

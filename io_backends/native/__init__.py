@@ -22,6 +22,7 @@ RANGE = np.dtype([("fd", "<i4"), ("device", "<i4"), ("offset", "<i8"), ("nbytes"
                   ("result", "<i8")])
 """One read: ``nbytes`` of open file ``fd`` from ``offset`` to address ``dst``, on CUDA ``device`` (-1: host
 memory); ``result`` comes back as the bytes read or a negative error code (:func:`error_of`)."""
+_SHORT_FILE = 99999
 _CUDA_ERROR_BASE = 100000
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -68,7 +69,8 @@ def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
     """Read every row of ``ranges`` (a contiguous :data:`RANGE` array) and return its ``result`` column.
 
     GPU rows go through pinned staging in pieces of ``piece_bytes`` and have landed on the device when this
-    returns. The destinations must stay valid and untouched until then.
+    returns. The destinations must stay valid and untouched until then. Raises ``ValueError`` for bad arguments and
+    ``OSError`` where the library could start no worker or queue nothing (then nothing was read).
     """
     lib = _load()
     if lib is None:
@@ -76,6 +78,9 @@ def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
     if ranges.dtype != RANGE or not ranges.flags.c_contiguous:
         raise TypeError("ranges must be a contiguous array of io_backends.native.RANGE")
     code = lib.gio_read(ranges.ctypes.data, len(ranges), threads, piece_bytes)
+    if code in (-errno.EAGAIN, -errno.ENOMEM):
+        raise OSError(-code, f"{LIB_NAME} could not " + ("start a worker thread" if code == -errno.EAGAIN
+                                                          else "queue the batch"))
     if code != 0:
         raise ValueError(f"gio_read refused its arguments ({os.strerror(-code)}): threads={threads}, "
                          f"piece_bytes={piece_bytes} (a multiple of 4096), offsets and sizes >= 0, destinations set")
@@ -91,6 +96,6 @@ def error_of(result: int, what: str) -> OSError | None:
         lib = _load()
         name = lib.gio_cuda_error_name(code - _CUDA_ERROR_BASE).decode() if lib is not None else str(code)
         return OSError(errno.EIO, f"{what}: CUDA copy failed ({name})")
-    if code == errno.ENODATA:
+    if code == _SHORT_FILE:
         return OSError(errno.EIO, f"{what}: short read, the file ends before the range")
     return OSError(code, f"{what}: {os.strerror(code)}")

@@ -12,8 +12,9 @@
 // Pieces alternate between two staging halves, so a worker's next pread overlaps the copy of its last piece; a
 // piece is finished as soon as its copy is seen to have ended.
 //
-// Results, per range: the bytes read, or -errno (an OS error; -ENODATA for a file shorter than the range), or
-// -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it).
+// Results, per range: the bytes read, or -errno (an OS error), or -kShortFile (the file ends before the range does),
+// or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it). No C++ exception leaves
+// the library: a pool that cannot start a thread makes gio_read return -EAGAIN.
 
 #include <cuda_runtime.h>
 #include <errno.h>
@@ -45,6 +46,7 @@ namespace {
 
 using Range = gio_range;
 
+constexpr int64_t kShortFile = 99999;
 constexpr int64_t kCudaErrorBase = 100000;
 
 struct Batch {
@@ -59,6 +61,7 @@ struct Batch {
     int64_t none = 0;
     errors[index].compare_exchange_strong(none, code);
   }
+  bool failed(int index) const { return errors[index].load() != 0; }
   void finish_piece() {
     std::lock_guard<std::mutex> lock(mutex);
     if (--remaining == 0) done.notify_all();
@@ -72,7 +75,7 @@ struct Piece {
   int64_t nbytes;  // queued: the whole range
 };
 
-// pread until nbytes have come or the file ends: 0, or -errno (-EIO for a short file)
+// pread until nbytes have come or the file ends: 0, -errno, or -kShortFile
 int64_t pread_all(int fd, char* dst, int64_t nbytes, int64_t offset) {
   while (nbytes > 0) {
     const ssize_t got = pread(fd, dst, (size_t)nbytes, (off_t)offset);
@@ -80,7 +83,7 @@ int64_t pread_all(int fd, char* dst, int64_t nbytes, int64_t offset) {
       if (errno == EINTR) continue;
       return -errno;
     }
-    if (got == 0) return -ENODATA;  // the file ends before the range does
+    if (got == 0) return -kShortFile;
     dst += got, offset += got, nbytes -= got;
   }
   return 0;
@@ -115,9 +118,13 @@ class Staging {
   // With `probe`, the page cache is asked first (RWF_NOWAIT); true when it held the whole piece.
   bool read(const Piece& piece, int64_t capacity, bool probe) {
     Range& r = piece.batch->ranges[piece.index];
-    int64_t code = reserve(capacity);
+    if (piece.batch->failed(piece.index)) {  // an earlier piece failed the range: the rest need not be read
+      piece.batch->finish_piece();
+      return false;
+    }
     cudaStream_t stream = nullptr;
-    if (code == 0) code = stream_for(r.device, &stream);
+    int64_t code = stream_for(r.device, &stream);  // first: the thread's CUDA calls then go to r.device, not GPU 0
+    if (code == 0) code = reserve(capacity);
     poll();  // copies done by now finish their pieces at once, not when their half is next needed
     Slot& slot = slots_[next_];
     settle(slot);  // its previous copy must be done before pread overwrites it
@@ -128,7 +135,10 @@ class Staging {
     if (code == 0) {
       char* dst = reinterpret_cast<char*>(r.dst) + piece.start;
       cudaError_t err = cudaMemcpyAsync(dst, buf, (size_t)piece.nbytes, cudaMemcpyHostToDevice, stream);
-      if (err == cudaSuccess) err = cudaEventRecord(slot.event, stream);
+      if (err == cudaSuccess) {
+        err = cudaEventRecord(slot.event, stream);
+        if (err != cudaSuccess) cudaStreamSynchronize(stream);  // the copy may be queued: it ends before we go on
+      }
       if (err == cudaSuccess) {
         slot.piece = piece;
         slot.busy = true;
@@ -217,12 +227,18 @@ class Pool {
  public:
   explicit Pool(int64_t piece_bytes) : piece_bytes_(piece_bytes) {}
 
-  void grow(int threads) {
+  // Start workers up to `threads` (the most any caller asked for: the pool is shared and never shrinks); false when
+  // not even one runs. A thread that cannot start leaves the pool as large as it got.
+  bool grow(int threads) {
     std::lock_guard<std::mutex> lock(mutex_);
-    while ((int)workers_.size() < threads) {
-      workers_.emplace_back([this] { run(); });
-      workers_.back().detach();  // the pool lives as long as the process
+    try {
+      while (started_ < threads) {
+        std::thread([this] { run(); }).detach();  // the pool lives as long as the process
+        ++started_;
+      }
+    } catch (const std::exception&) {
     }
+    return started_ > 0;
   }
 
   void run_batch(Range* ranges, int n) {
@@ -231,10 +247,15 @@ class Pool {
     Batch batch(ranges, n, pieces);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (int pass = 0; pass < 2; ++pass) {  // GPU ranges first: their copies overlap the host ranges' reads
-        for (int i = 0; i < n; ++i) {
-          if ((ranges[i].device >= 0) == (pass == 0)) queue_.push_back(Piece{&batch, i, 0, ranges[i].nbytes});
+      try {
+        for (int pass = 0; pass < 2; ++pass) {  // GPU ranges first: their copies overlap the host ranges' reads
+          for (int i = 0; i < n; ++i) {
+            if ((ranges[i].device >= 0) == (pass == 0)) queue_.push_back(Piece{&batch, i, 0, ranges[i].nbytes});
+          }
         }
+      } catch (...) {  // no worker has seen this batch (the lock is held): take its pieces back
+        while (!queue_.empty() && queue_.back().batch == &batch) queue_.pop_back();
+        throw;
       }
     }
     work_.notify_all();
@@ -278,9 +299,15 @@ class Pool {
         if (staging.read(Piece{piece.batch, piece.index, 0, std::min(piece_bytes_, total)}, piece_bytes_, true)) {
           std::lock_guard<std::mutex> lock(mutex_);  // in the page cache: the rest goes to every idle worker
           auto at_front = queue_.begin();
-          for (int64_t at = piece_bytes_; at < total; at += piece_bytes_) {
-            at_front = queue_.insert(at_front, Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)});
-            ++at_front;
+          int64_t at = piece_bytes_;
+          try {
+            for (; at < total; at += piece_bytes_) {
+              at_front = queue_.insert(at_front, Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)});
+              ++at_front;
+            }
+          } catch (...) {  // no memory to queue them: the pieces not queued fail the range
+            piece.batch->fail(piece.index, -ENOMEM);
+            for (; at < total; at += piece_bytes_) piece.batch->finish_piece();
           }
           work_.notify_all();
         } else {  // from disk: read by this worker to the end, one sequential stream for the kernel's readahead
@@ -298,26 +325,24 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable work_;
   std::deque<Piece> queue_;
-  std::vector<std::thread> workers_;
+  int started_ = 0;
 };
 
 std::mutex pools_mutex;
 std::unordered_map<int64_t, std::unique_ptr<Pool>>* pools = nullptr;  // by piece size
-pid_t pools_pid = 0;
-// held across fork(), so a child never inherits it locked by a thread that does not exist there
-const int fork_guard = pthread_atfork([] { pools_mutex.lock(); }, [] { pools_mutex.unlock(); },
-                                      [] { pools_mutex.unlock(); });
+// The lock is held across fork(), so a child never inherits it taken by a thread that does not exist there; the
+// child drops its parent's pools (their workers did not come along) without touching them.
+const int fork_guard = pthread_atfork([] { pools_mutex.lock(); }, [] { pools_mutex.unlock(); }, [] {
+  pools = nullptr;
+  pools_mutex.unlock();
+});
 
 Pool* pool_for(int64_t piece_bytes, int threads) {
   std::lock_guard<std::mutex> lock(pools_mutex);
-  if (pools == nullptr || pools_pid != getpid()) {  // a forked child has none of its parent's workers
-    pools = new std::unordered_map<int64_t, std::unique_ptr<Pool>>();  // the parent's, if any, is left as is
-    pools_pid = getpid();
-  }
+  if (pools == nullptr) pools = new std::unordered_map<int64_t, std::unique_ptr<Pool>>();
   auto& pool = (*pools)[piece_bytes];
   if (!pool) pool.reset(new Pool(piece_bytes));
-  pool->grow(threads);
-  return pool.get();
+  return pool->grow(threads) ? pool.get() : nullptr;
 }
 
 }  // namespace
@@ -326,15 +351,23 @@ extern "C" {
 
 int gio_range_size() { return (int)sizeof(Range); }
 
-// Read every range of `ranges[0, n)` on `threads` workers in pieces of at most `piece_bytes` (a multiple of 4096);
-// returns when all have landed (or failed), results in each range's `result`. 0, or -EINVAL for bad arguments.
+// Read every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the process's pool
+// for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps 2 x piece_bytes
+// of pinned staging); returns when all have landed (or failed), results in each range's `result`. 0; -EINVAL for
+// bad arguments, -EAGAIN where no worker thread can start, -ENOMEM where the batch cannot be queued (nothing read).
 int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
   if (n < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return -EINVAL;
   for (int i = 0; i < n; ++i) {
     if (ranges[i].nbytes < 0 || ranges[i].offset < 0 || (ranges[i].nbytes > 0 && ranges[i].dst == 0)) return -EINVAL;
   }
   if (n == 0) return 0;
-  pool_for(piece_bytes, threads)->run_batch(ranges, n);
+  try {
+    Pool* pool = pool_for(piece_bytes, threads);
+    if (pool == nullptr) return -EAGAIN;
+    pool->run_batch(ranges, n);
+  } catch (const std::exception&) {
+    return -ENOMEM;
+  }
   return 0;
 }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -68,6 +70,35 @@ def test_closed_descriptor_is_ebadf(tmp_path):
     os.close(fd)
     result = native.read(_ranges([(fd, 0, 10, np.zeros(10, np.uint8))]), threads=1, piece_bytes=4096)[0]
     assert native.error_of(int(result), "read").errno == errno.EBADF
+
+
+_NO_THREAD = """
+import numpy as np, os, resource, sys
+from io_backends import native
+fd = os.open(sys.argv[1], os.O_RDONLY)
+dest = np.zeros(10, np.uint8)
+rows = np.array([(fd, -1, 0, 10, dest.ctypes.data, 0)], dtype=native.RANGE)
+native.available()
+size = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (2 << 20), resource.RLIM_INFINITY))  # no room for a thread's stack
+try:
+    native.read(rows, threads=2, piece_bytes=4096)
+except OSError as exc:
+    print("OSError", exc.errno)
+else:
+    print("read")
+"""
+
+
+def test_a_pool_that_cannot_start_a_thread_is_an_os_error(tmp_path):
+    """Where no worker thread can start (here: no address space left for its stack), the call raises OSError and
+    reads nothing, instead of aborting the process."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(100))
+    done = subprocess.run([sys.executable, "-c", _NO_THREAD, str(path)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OSError", str(errno.EAGAIN)]
 
 
 def test_bad_arguments_are_refused_before_any_read(tmp_path):

@@ -258,4 +258,11 @@ def test_native_reads_are_on_where_kvikio_takes_its_posix_path(kvikio_backend):
 
     expected = kvikio_backend.io_mode == "kvikio-posix" and native.available()
     assert kvikio_backend.native_reads == expected
+    assert kvikio_backend.batch_reads == ("libgdscache_io" if expected else "per file")
+    direct = KvikioBackend(threads=2, o_direct="on")  # the library's reads are buffered: O_DIRECT reads stay with kvikio
+    try:
+        assert not direct.native_reads and direct.batch_reads == "per file"
+    finally:
+        direct.close()
+        KvikioBackend(threads=4).close()  # kvikio's settings are process-wide: put back the fixture's
     print(f"io_mode={kvikio_backend.io_mode} native_reads={kvikio_backend.native_reads}")
