@@ -3,13 +3,13 @@ GPU payload checksum's.
 
 The library takes raw device pointers and the current CUDA stream, so it does not depend on the
 torch C++ ABI. It is looked up at ``$GDSCACHE_CUDA_LIB``, then next to this module (where
-``pip install`` puts it when nvcc exists). Without it every codec runs its torch/numpy reference.
+``pip install`` puts it when nvcc exists), then in ``build/cuda`` (:class:`io_backends.native.SharedLibrary`).
+Without it, or with ``GDSCACHE_NO_KERNELS=1``, every codec runs its torch/numpy reference.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,59 +20,39 @@ import torch
 
 from gdscache.pages import KVPages
 from io_backends.base import ForkSafeLock
+from io_backends.native import SharedLibrary
 
 if TYPE_CHECKING:
     from gdscache.codecs.rans import DeviceTables
 
 LIB_NAME = "libgdscache_cuda.so"
-_lib: ctypes.CDLL | None = None
-_tried = False
-_load_lock = ForkSafeLock()
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _load_lock:  # I/O threads check payloads with the checksum kernel: their first calls may race
-        if not _tried:
-            _lib = None if os.environ.get("GDSCACHE_NO_KERNELS") == "1" else _open_library()
-            _tried = True
-    return _lib
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    tables = [p, i, i, i, i]  # a DeviceTables: buffer, lut_off, end, count, alphabet
+    signatures = {
+        "gdc_rans_encode": [p, i, i, i, i, p, *tables, p, i, p, p, p],
+        "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
+        "gdc_halfsum3": [p, i64, i64, i64, i64, p, p],
+        "gdc_copy_rows": [i, p, p, i64, i64, i64, i64, p],
+        "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
+        "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p],
+        "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
+        "gdc_cachegen_quantize": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p, i, p, p],
+        "gdc_cachegen_dequantize": [p, p, p, p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p],
+        "gdc_cachegen_stats": [p, i, i, i, p, i, i, i, i, p, p, p],
+        "gdc_cachegen_decode": [p, p, p, p, i, i, i, i, i, i, i, p, p, p, p, *tables, i, i, p,
+                                i64, i64, p, i64, i64, i, p, p, p],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
 
 
-def _open_library() -> ctypes.CDLL | None:
-    here = Path(__file__).resolve()
-    candidates = [os.environ.get("GDSCACHE_CUDA_LIB"), str(here.with_name(LIB_NAME)),
-                  str(here.parents[2] / "build" / "cuda" / LIB_NAME)]
-    for path in candidates:
-        if path and Path(path).is_file():
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-            tables = [p, i, i, i, i]  # a DeviceTables: buffer, lut_off, end, count, alphabet
-            signatures = {
-                "gdc_rans_encode": [p, i, i, i, i, p, *tables, p, i, p, p, p],
-                "gdc_rans_compact": [p, p, p, i, i64, i, p, p],
-                "gdc_halfsum3": [p, i64, i64, i64, i64, p, p],
-                "gdc_copy_rows": [i, p, p, i64, i64, i64, i64, p],
-                "gdc_rans_decode": [p, i64, p, p, i, i, i, i, p, *tables, p, p, p],
-                "gdc_cachegen_codes": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p],
-                "gdc_cachegen_base_rel": [p, i, i, i, p, p, p],
-                "gdc_cachegen_quantize": [p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p, p, i, p, p],
-                "gdc_cachegen_dequantize": [p, p, p, p, i, i, i, i, i, i64, i64, p, i64, i64, i, p, p],
-                "gdc_cachegen_stats": [p, i, i, i, p, i, i, i, i, p, p, p],
-                "gdc_cachegen_decode": [p, p, p, p, i, i, i, i, i, i, i, p, p, p, p, *tables, i, i, p,
-                                        i64, i64, p, i64, i64, i, p, p, p],
-            }
-            for name, argtypes in signatures.items():
-                fn = getattr(lib, name)
-                fn.argtypes = argtypes
-                fn.restype = ctypes.c_int
-            return lib
-    return None
+_library = SharedLibrary(LIB_NAME, Path(__file__).resolve().parent, "GDSCACHE_CUDA_LIB", "GDSCACHE_NO_KERNELS", _bind)
+_load = _library.get
 
 
 def available() -> bool:

@@ -61,7 +61,7 @@ def _child_takes_the_locks() -> None:
     from io_backends.buffers import host_pool
 
     host_pool.release(host_pool.acquire(4096))
-    _cuda._tried = False  # make _load take its lock again (and load nothing: this test is about the lock)
+    _cuda._library._tried = False  # make _load take its lock again (and load nothing: this test is about the lock)
     os.environ["GDSCACHE_NO_KERNELS"] = "1"
     _cuda._load()
     os._exit(0)
@@ -73,9 +73,9 @@ def test_locks_held_by_the_parent_at_fork_are_free_in_the_child():
     from gdscache.codecs import _cuda
     from io_backends.buffers import host_pool
 
-    tried = _cuda._tried
-    with host_pool._lock, _cuda._load_lock:
+    tried = _cuda._library._tried
+    with host_pool._lock, _cuda._library._lock:
         child = multiprocessing.get_context("fork").Process(target=_child_takes_the_locks)
         child.start()
     _finished_well(child, "a lock held at the fork")
-    assert _cuda._tried == tried
+    assert _cuda._library._tried == tried

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -160,3 +161,18 @@ def test_a_forked_child_gets_its_own_workers(tmp_path):
         assert child.exitcode == 0
     finally:
         os.close(fd)
+
+
+def test_a_library_file_without_the_expected_symbols_is_skipped(tmp_path, caplog):
+    """A stale or foreign build at a candidate path is passed over with a warning, not raised from the first call."""
+    folder = tmp_path / "pkg" / "mod"
+    folder.mkdir(parents=True)
+    shutil.copy(native._library.get()._name, folder / "libother.so")
+
+    def bind(lib) -> None:
+        lib.gdc_no_such_symbol  # noqa: B018 - looked up as a binding would: AttributeError
+
+    library = native.SharedLibrary("libother.so", folder, "GDSCACHE_TEST_LIB", "GDSCACHE_TEST_OFF", bind)
+    with caplog.at_level("WARNING", logger="gdscache"):
+        assert library.get() is None
+    assert "is not used" in caplog.text and "gdc_no_such_symbol" in caplog.text
