@@ -27,10 +27,11 @@ def gds_unavailable_reason() -> str | None:
     return None
 
 
-def make_file_backend(storage: str, threads: int = 8, o_direct: str = "auto", directory: str | None = None
-                      ) -> FileBackend:
+def make_file_backend(storage: str, threads: int = 8, o_direct: str = "auto", directory: str | None = None,
+                      native: bool = True) -> FileBackend:
     """``posix``: POSIX always. ``gds``: kvikio/cuFile when a CUDA driver exists, else POSIX with a warning.
-    ``directory``: where the files will be, for kvikio to check that cuFile can register files there."""
+    ``directory``: where the files will be, for kvikio to check that cuFile can register files there. ``native``:
+    kvikio's backend may batch reads and writes through ``libgdscache_io.so``; False leaves every byte to kvikio."""
     if storage not in STORAGE:
         raise ValueError(f"storage must be one of {STORAGE}, got {storage!r}")
     if o_direct not in O_DIRECT:
@@ -40,7 +41,8 @@ def make_file_backend(storage: str, threads: int = 8, o_direct: str = "auto", di
         if reason is None:
             from io_backends.kvikio_backend import KvikioBackend
 
-            return KvikioBackend(threads=threads, o_direct=o_direct, probe_dir=directory)  # type: ignore[arg-type]
+            return KvikioBackend(threads=threads, o_direct=o_direct, probe_dir=directory,  # type: ignore[arg-type]
+                                 native=native)
         log.warning("storage 'gds' unavailable: %s; using the POSIX backend", reason)
     return PosixBackend(threads=threads, o_direct=o_direct)  # type: ignore[arg-type]
 

@@ -158,6 +158,23 @@ class ReadHandle(abc.ABC):
         self.close()
 
 
+class FilesInFlight:
+    """Files started by :meth:`FileBackend.start_files`: :meth:`finish` or :meth:`abandon` must follow, once. This
+    one writes nothing before ``finish``, which hands everything to :meth:`FileBackend.write_files`."""
+
+    def __init__(self, backend: FileBackend, files: Sequence[tuple[str, Sequence[Part]]], durable: bool) -> None:
+        self._backend, self._files, self._durable = backend, files, durable
+
+    def finish(self, more: Sequence[Sequence[Part]]) -> list[OSError | None]:
+        """Add each file's last parts (``more``, one list per file) and publish every file; per file None or the
+        ``OSError`` that kept it from being published."""
+        return self._backend.write_files([(path, [*extra, *parts]) for (path, parts), extra in
+                                          zip(self._files, more, strict=True)], durable=self._durable)
+
+    def abandon(self) -> None:
+        """Publish nothing (what was written is removed once its writes have ended)."""
+
+
 class FileBackend(abc.ABC):
     """Moves bytes between buffers and files. Thread-safe; owns a thread pool for parallel I/O."""
 
@@ -177,6 +194,12 @@ class FileBackend(abc.ABC):
     def batch_reads(self) -> str:
         """What carries :meth:`read_batch`: ``per file`` here, ``libgdscache_io`` where one native call takes a
         whole batch (:mod:`io_backends.native`)."""
+        return "per file"
+
+    @property
+    def batch_writes(self) -> str:
+        """What carries :meth:`write_files`: ``per file`` here, ``libgdscache_io`` where one native call writes and
+        publishes a whole batch (:mod:`io_backends.native`)."""
         return "per file"
 
     @abc.abstractmethod
@@ -201,6 +224,12 @@ class FileBackend(abc.ABC):
             except OSError as exc:
                 errors.append(exc)
         return errors
+
+    def start_files(self, files: Sequence[tuple[str, Sequence[Part]]], *, durable: bool = True) -> FilesInFlight:
+        """Start :meth:`write_files` for files whose last parts (a header, say) are not known yet:
+        :meth:`FilesInFlight.finish` adds them and publishes every file. Here the writes wait for ``finish``;
+        a backend that can write the first parts at once overrides this."""
+        return FilesInFlight(self, files, durable)
 
     @abc.abstractmethod
     def open_read(self, path: str) -> ReadHandle:

@@ -17,10 +17,11 @@ on every chunk file and reporting a cuFile mode it does not run; the backend set
 are process-wide: so is that choice.
 
 In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of reads
-(:meth:`KvikioBackend.read_batch`: a request's chunk files) goes to that library in one call instead of to
-kvikio file by file: buffered preads into pinned memory and copies to the GPU, as kvikio's POSIX path does for
-reads unless ``o_direct: on``, without a Python call per file. Writes, reads with ``o_direct: on``, and every read
-under cuFile stay with kvikio.
+(:meth:`KvikioBackend.read_batch`: a request's chunk files) and a batch of files to publish
+(:meth:`KvikioBackend.write_files`) each go to that library in one call instead of to kvikio file by file: what
+kvikio's POSIX path does (pinned staging, buffered preads unless ``o_direct: on``, O_DIRECT writes where aligned
+unless ``o_direct: off``), without a Python call per file. Reads with ``o_direct: on``, and all I/O under cuFile,
+stay with kvikio.
 
 Only construct :class:`KvikioBackend` where a CUDA driver exists (``make_file_backend`` checks):
 kvikio can do no I/O without ``libcuda``.
@@ -43,8 +44,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from io_backends import native
-from io_backends.base import FileBackend, ForkSafeLock, Part, ReadHandle, check_buffer, fsync_all
+from io_backends import native as native_io
+from io_backends.base import FileBackend, FilesInFlight, ForkSafeLock, Part, ReadHandle, check_buffer, fsync_all
 from io_backends.posix import temp_path_for
 
 log = logging.getLogger("gdscache")
@@ -131,6 +132,8 @@ class KvikioBackend(FileBackend):
     and kvikio's POSIX path is forced if cuFile refuses it (module docstring).
     ``keep_open``: how many files' read handles stay open between reads (:class:`OpenFiles`); by default an eighth
     of the process's file-descriptor limit, at most 1024 (each handle holds two descriptors).
+    ``native``: batches of reads and writes may go through ``libgdscache_io.so`` (module docstring); False leaves
+    every byte to kvikio.
     """
 
     name = "kvikio"
@@ -143,6 +146,7 @@ class KvikioBackend(FileBackend):
         task_size: int = 4 * MiB,
         probe_dir: str | None = None,
         keep_open: int | None = None,
+        native: bool = True,
     ) -> None:
         if o_direct not in ("auto", "on", "off"):
             raise ValueError(f"o_direct must be 'auto', 'on' or 'off', got {o_direct!r}")
@@ -171,11 +175,14 @@ class KvikioBackend(FileBackend):
                 kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
                 self._mode = detect_io_mode(kvikio)
         self._threads, self._task_size = max(1, threads), task_size
-        self.native_reads = self._mode == "kvikio-posix" and o_direct != "on" and native.available()
-        """Whether batches of reads go through ``libgdscache_io.so`` (module docstring; its reads are buffered, so
-        ``o_direct: on`` leaves reads to kvikio)."""
-        log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s batch_reads=%s",
-                 kvikio.__version__, self._mode, threads, task_size, o_direct, self.batch_reads)
+        self.native_writes = native and self._mode == "kvikio-posix" and native_io.available()
+        """Whether batches of files are written and published through ``libgdscache_io.so`` (module docstring)."""
+        self.native_reads = self.native_writes and o_direct != "on"
+        """Whether batches of reads go through ``libgdscache_io.so`` (its reads are buffered, so ``o_direct: on``
+        leaves reads to kvikio)."""
+        self._direct_writes = o_direct != "off"
+        log.info("kvikio %s backend: io_mode=%s threads=%d task_size=%d o_direct=%s batch_reads=%s batch_writes=%s",
+                 kvikio.__version__, self._mode, threads, task_size, o_direct, self.batch_reads, self.batch_writes)
         self._registered: dict[int, torch.Tensor] = {}
         if keep_open is None:
             keep_open = min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8)
@@ -187,7 +194,11 @@ class KvikioBackend(FileBackend):
 
     @property
     def batch_reads(self) -> str:
-        return native.LIB_NAME.removesuffix(".so") if self.native_reads else "per file"
+        return native_io.LIB_NAME.removesuffix(".so") if self.native_reads else "per file"
+
+    @property
+    def batch_writes(self) -> str:
+        return native_io.LIB_NAME.removesuffix(".so") if self.native_writes else "per file"
 
     def register_buffer(self, buf: torch.Tensor) -> None:
         """Register a long-lived GPU staging buffer with cuFile once (a no-op outside real GDS)."""
@@ -206,55 +217,21 @@ class KvikioBackend(FileBackend):
             raise error
 
     def write_files(self, files: Sequence[tuple[str, Sequence[Part]]], *, durable: bool = True) -> list[OSError | None]:
-        """Every file's parts in flight at once on kvikio's pool, then every file fsynced at once
-        (:func:`~io_backends.base.fsync_all`), then each renamed into place."""
-        for path, parts in files:  # before any file is created
-            for part in parts:
-                if not isinstance(part.data, (bytes, bytearray)):
-                    check_buffer(part.data, f"part at offset {part.offset} of {path}")
-        errors: list[OSError | None] = [None] * len(files)
-        started: list[_Writing] = []
-        try:
-            for i, (path, parts) in enumerate(files):
-                tmp = temp_path_for(path)
-                try:
-                    writing = _Writing(i, tmp, self._kvikio.CuFile(tmp, "w"))
-                except RuntimeError as exc:
-                    errors[i] = _os_error(exc, f"cannot create {tmp}")
-                    continue
-                started.append(writing)
-                try:
-                    writing.wait = self._start_parts(writing.handle, parts)
-                except (OSError, RuntimeError) as exc:
-                    errors[i] = _os_error(exc, f"write of {path} failed")
-            for writing in started:  # every write lands before its buffers can go back to the caller
-                try:
-                    writing.finish()
-                except OSError as exc:  # what _waiter raises
-                    errors[writing.index] = exc
-            if durable:
-                synced = [w for w in started if errors[w.index] is None]
-                for writing, error in zip(synced, fsync_all([w.handle.fileno() for w in synced]), strict=True):
-                    errors[writing.index] = error
-        except BaseException:
-            for writing in started:
-                errors[writing.index] = errors[writing.index] or OSError(errno.EIO, "write abandoned")
-                with contextlib.suppress(Exception):
-                    writing.finish()
-            raise
-        finally:
-            for writing in started:
-                writing.handle.close()
-                if errors[writing.index] is None:
-                    try:
-                        os.rename(writing.tmp, files[writing.index][0])
-                        self._open_files.forget(files[writing.index][0])
-                        continue
-                    except OSError as exc:
-                        errors[writing.index] = exc
-                with contextlib.suppress(OSError):
-                    os.unlink(writing.tmp)
-        return errors
+        """Every file's parts in flight at once, then every file fsynced at once, then each renamed into place
+        (:meth:`start_files`, finished at once)."""
+        return self.start_files(files, durable=durable).finish([()] * len(files))
+
+    def start_files(self, files: Sequence[tuple[str, Sequence[Part]]], *, durable: bool = True) -> FilesInFlight:
+        """Create every file and start writing its parts now: in one call into ``libgdscache_io.so`` with
+        :attr:`native_writes`, else on kvikio's pool. ``finish`` waits for them, writes the parts it is given,
+        fsyncs every file at once (a journaling filesystem commits them together) and renames each into place."""
+        _check_parts(files)  # before any file is created
+        if self.native_writes:
+            try:
+                return _NativeFiles(self, files, durable)
+            except OSError as exc:  # no file was created
+                log.warning("%s; this batch is written through kvikio", exc)
+        return _KvikioFiles(self, files, durable)
 
     def _start_parts(self, handle: Any, parts: Sequence[Part]) -> Callable[[], None]:
         """Host bytes go by pwrite now; buffers go to kvikio, all parts in flight together. The returned function
@@ -311,14 +288,14 @@ class KvikioBackend(FileBackend):
         for dest in devices.values():  # the copies run on the library's streams, after this thread's queued work
             _ready(dest)
         try:
-            results = native.read(np.array(rows, dtype=native.RANGE), threads=self._threads,
+            results = native_io.read(np.array(rows, dtype=native_io.RANGE), threads=self._threads,
                                   piece_bytes=self._task_size)
         except OSError as exc:  # nothing was read: kvikio reads them instead
             log.warning("%s; this batch is read through kvikio", exc)
             return super().read_batch(reads)
         for row, (owner, result) in enumerate(zip(owners, results.tolist(), strict=True)):
             if errors[owner] is None:
-                errors[owner] = native.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")
+                errors[owner] = native_io.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")
         return errors
 
     def _open_handle(self, path: str) -> Any:
@@ -377,6 +354,158 @@ def _waiter(pending: list[tuple[int, int, Any]], verb: str) -> Callable[[], None
             raise failure
 
     return wait
+
+
+def _check_parts(files: Sequence[tuple[str, Sequence[Part]]]) -> None:
+    for path, parts in files:
+        for part in parts:
+            if not isinstance(part.data, (bytes, bytearray)):
+                check_buffer(part.data, f"part at offset {part.offset} of {path}")
+
+
+def _write_rows(files: Sequence[Sequence[Part]], held: list[np.ndarray]) -> np.ndarray:
+    """The :data:`~io_backends.native.WRANGE` rows of each file's parts (``files[i]`` is file ``i``'s); host bytes
+    are kept alive in ``held``. Waits for work this thread queued on GPU sources (the library copies on its own
+    streams)."""
+    rows: list[tuple[int, int, int, int, int]] = []
+    devices: dict[torch.device, torch.Tensor] = {}
+    for i, parts in enumerate(files):
+        for part in parts:
+            if part.nbytes == 0:
+                continue
+            if isinstance(part.data, (bytes, bytearray)):
+                held.append(np.frombuffer(part.data, dtype=np.uint8))
+                rows.append((i, -1, part.offset, part.nbytes, held[-1].ctypes.data))
+                continue
+            buf = part.data
+            rows.append((i, buf.device.index if buf.is_cuda else -1, part.offset, part.nbytes, buf.data_ptr()))
+            if buf.is_cuda:
+                devices.setdefault(buf.device, buf)
+    for buf in devices.values():
+        _ready(buf)
+    return np.array(rows, dtype=native_io.WRANGE)
+
+
+class _NativeFiles(FilesInFlight):
+    """Files written by ``libgdscache_io.so`` (:meth:`KvikioBackend.start_files`): their first parts from the start,
+    the parts given to :meth:`finish` once those have landed; then each is fsynced, closed and renamed."""
+
+    def __init__(self, backend: KvikioBackend, files: Sequence[tuple[str, Sequence[Part]]], durable: bool) -> None:
+        super().__init__(backend, files, durable)
+        self._kvikio_backend = backend
+        self._held: list[np.ndarray] = []
+        self._writing = native_io.begin_write([(temp_path_for(path), path) for path, _ in files],
+                                           _write_rows([parts for _, parts in files], self._held),
+                                           threads=backend._threads, piece_bytes=backend._task_size, durable=durable,
+                                           direct=backend._direct_writes)
+
+    def finish(self, more: Sequence[Sequence[Part]]) -> list[OSError | None]:
+        if len(more) != len(self._files):
+            self.abandon()
+            raise ValueError(f"finish takes one list of parts per file: {len(self._files)} files, {len(more)} lists")
+        try:
+            _check_parts([(path, extra) for (path, _), extra in zip(self._files, more, strict=True)])
+            rows = _write_rows(more, self._held)
+        except BaseException:
+            self.abandon()
+            raise
+        results = self._writing.finish(rows)
+        errors = [native_io.error_of(result, f"write of {path}") for (path, _), result in zip(self._files, results,
+                                                                                          strict=True)]
+        for (path, _), error in zip(self._files, errors, strict=True):
+            if error is None:
+                self._kvikio_backend.forget(path)
+        return errors
+
+    def abandon(self) -> None:
+        self._writing.abandon()
+
+
+class _KvikioFiles(FilesInFlight):
+    """Files written through kvikio (:meth:`KvikioBackend.start_files`): each created and its first parts in flight
+    from the start; :meth:`finish` waits for them, then writes the last parts (after the first: on ext4 a buffered
+    write waits for the file's extending O_DIRECT write in flight), fsyncs every file at once and renames each."""
+
+    def __init__(self, backend: KvikioBackend, files: Sequence[tuple[str, Sequence[Part]]], durable: bool) -> None:
+        super().__init__(backend, files, durable)
+        self._kvikio_backend = backend
+        self._errors: list[OSError | None] = [None] * len(files)
+        self._writings: list[_Writing | None] = [None] * len(files)  # None where the file could not be created
+        try:
+            for i, (path, parts) in enumerate(files):
+                tmp = temp_path_for(path)
+                try:
+                    self._writings[i] = _Writing(i, tmp, backend._kvikio.CuFile(tmp, "w"))
+                except RuntimeError as exc:
+                    self._errors[i] = _os_error(exc, f"cannot create {tmp}")
+                    continue
+                self._start(i, parts)
+        except BaseException:
+            self._end(abandon=True)
+            raise
+
+    def finish(self, more: Sequence[Sequence[Part]]) -> list[OSError | None]:
+        if len(more) != len(self._files):
+            self._end(abandon=True)
+            raise ValueError(f"finish takes one list of parts per file: {len(self._files)} files, {len(more)} lists")
+        try:
+            _check_parts([(path, extra) for (path, _), extra in zip(self._files, more, strict=True)])
+            self._wait()
+            for i, extra in enumerate(more):
+                if extra and self._errors[i] is None:
+                    self._start(i, extra)
+            self._wait()
+            if self._durable:
+                synced = [w for w in self._live() if self._errors[w.index] is None]
+                for writing, error in zip(synced, fsync_all([w.handle.fileno() for w in synced]), strict=True):
+                    self._errors[writing.index] = error
+        except BaseException:
+            self._end(abandon=True)
+            raise
+        self._end(abandon=False)
+        return self._errors
+
+    def abandon(self) -> None:
+        self._end(abandon=True)
+
+    def _live(self) -> list[_Writing]:
+        return [w for w in self._writings if w is not None]
+
+    def _start(self, i: int, parts: Sequence[Part]) -> None:
+        writing = self._writings[i]
+        assert writing is not None
+        try:
+            writing.wait = self._kvikio_backend._start_parts(writing.handle, parts)
+        except (OSError, RuntimeError) as exc:
+            self._errors[i] = _os_error(exc, f"write of {self._files[i][0]} failed")
+
+    def _wait(self) -> None:
+        """Wait for every write started: each lands before its buffers can go back to the caller."""
+        for writing in self._live():
+            try:
+                writing.finish()
+            except OSError as exc:  # what _waiter raises
+                self._errors[writing.index] = self._errors[writing.index] or exc
+
+    def _end(self, *, abandon: bool) -> None:
+        """Close every file and rename each that succeeded into place (none where ``abandon``); unlink the rest."""
+        writings, self._writings = self._live(), [None] * len(self._files)
+        for writing in writings:
+            if abandon:
+                self._errors[writing.index] = self._errors[writing.index] or OSError(errno.ECANCELED, "write abandoned")
+                with contextlib.suppress(Exception):
+                    writing.finish()
+            writing.handle.close()
+            if self._errors[writing.index] is None:
+                path = self._files[writing.index][0]
+                try:
+                    os.rename(writing.tmp, path)
+                    self._kvikio_backend.forget(path)
+                    continue
+                except OSError as exc:
+                    self._errors[writing.index] = exc
+            with contextlib.suppress(OSError):
+                os.unlink(writing.tmp)
 
 
 class _Writing:

@@ -242,6 +242,7 @@ def test_kvikio_write_read_round_trip(fake_kvikio, tmp_path) -> None:
 
 def test_kvikio_failed_write_leaves_old_file_and_no_temp(fake_kvikio, tmp_path) -> None:
     backend = make_file_backend("gds", threads=2)
+    backend.native_writes = False  # the failure is injected into the fake kvikio's writes
     path = str(tmp_path / "chunk.gdc")
     try:
         backend.write_file(path, [Part(0, b"old")])

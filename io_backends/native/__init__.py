@@ -1,9 +1,10 @@
-"""ctypes binding to ``libgdscache_io.so`` (``batch_read.cu`` here): many reads of open files into host or GPU
-memory in one call, on a pool of native threads, with the GIL released.
+"""ctypes binding to ``libgdscache_io.so`` (``batch_io.cu`` here), on a pool of native threads with the GIL
+released: many reads of open files into host or GPU memory in one call (:func:`read`), and many files written from
+host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
 
 The library is looked up at ``$GDSCACHE_IO_LIB``, then next to this module (where ``pip install`` puts it when
 nvcc exists), then in ``build/cuda`` of a source checkout. Without it, or with ``GDSCACHE_NO_NATIVE_IO=1``, :func:`available` is
-False and the backends read file by file.
+False and the backends read and write file by file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,11 @@ RANGE = np.dtype([("fd", "<i4"), ("device", "<i4"), ("offset", "<i8"), ("nbytes"
                   ("result", "<i8")])
 """One read: ``nbytes`` of open file ``fd`` from ``offset`` to address ``dst``, on CUDA ``device`` (-1: host
 memory); ``result`` comes back as the bytes read or a negative error code (:func:`error_of`)."""
+FILE = np.dtype([("tmp", "<u8"), ("path", "<u8"), ("result", "<i8")])
+"""One file to publish (:func:`write` fills it from paths): written at ``tmp``, renamed to ``path``."""
+WRANGE = np.dtype([("file", "<i4"), ("device", "<i4"), ("offset", "<i8"), ("nbytes", "<i8"), ("src", "<u8")])
+"""One write: ``nbytes`` from address ``src`` (on CUDA ``device``, -1: host memory) to byte ``offset`` of the batch's
+file number ``file``."""
 _SHORT_FILE = 99999
 _CUDA_ERROR_BASE = 100000
 
@@ -69,10 +75,18 @@ class SharedLibrary:
 
 def _bind(lib: ctypes.CDLL) -> None:
     lib.gio_range_size.restype = ctypes.c_int
-    if lib.gio_range_size() != RANGE.itemsize:
-        raise ValueError("built from another version of batch_read.cu")
+    lib.gio_file_size.restype = ctypes.c_int
+    lib.gio_wrange_size.restype = ctypes.c_int
+    if (lib.gio_range_size(), lib.gio_file_size(), lib.gio_wrange_size()) != \
+            (RANGE.itemsize, FILE.itemsize, WRANGE.itemsize):
+        raise ValueError("built from another version of batch_io.cu")
     lib.gio_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     lib.gio_read.restype = ctypes.c_int
+    lib.gio_write_begin.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.gio_write_begin.restype = ctypes.c_void_p
+    lib.gio_write_finish.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.gio_write_finish.restype = ctypes.c_int
     lib.gio_cuda_error_name.argtypes = [ctypes.c_int]
     lib.gio_cuda_error_name.restype = ctypes.c_char_p
 
@@ -85,6 +99,26 @@ def available() -> bool:
     return _library.get() is not None
 
 
+def _lib() -> ctypes.CDLL:
+    lib = _library.get()
+    if lib is None:
+        raise RuntimeError(f"{LIB_NAME} is not available")
+    return lib
+
+
+def _check(array: np.ndarray, dtype: np.dtype, name: str) -> None:
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        raise TypeError(f"{name} must be a contiguous array of io_backends.native.{name.upper()}")
+
+
+def _refused(code: int, call: str, what: str) -> Exception:
+    """The exception for a nonzero return ``code`` of ``call``."""
+    if code in (-errno.EAGAIN, -errno.ENOMEM):
+        return OSError(-code, f"{LIB_NAME} could not " + ("start a worker thread" if code == -errno.EAGAIN
+                                                           else "queue the batch"))
+    return ValueError(f"{call} refused its arguments ({os.strerror(-code)}): {what}")
+
+
 def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
     """Read every row of ``ranges`` (a contiguous :data:`RANGE` array) and return its ``result`` column.
 
@@ -92,23 +126,89 @@ def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
     returns. The destinations must stay valid and untouched until then. Raises ``ValueError`` for bad arguments and
     ``OSError`` where the library could start no worker or queue nothing (then nothing was read).
     """
-    lib = _library.get()
-    if lib is None:
-        raise RuntimeError(f"{LIB_NAME} is not available")
-    if ranges.dtype != RANGE or not ranges.flags.c_contiguous:
-        raise TypeError("ranges must be a contiguous array of io_backends.native.RANGE")
-    code = lib.gio_read(ranges.ctypes.data, len(ranges), threads, piece_bytes)
-    if code in (-errno.EAGAIN, -errno.ENOMEM):
-        raise OSError(-code, f"{LIB_NAME} could not " + ("start a worker thread" if code == -errno.EAGAIN
-                                                          else "queue the batch"))
+    _check(ranges, RANGE, "range")
+    code = _lib().gio_read(ranges.ctypes.data, len(ranges), threads, piece_bytes)
     if code != 0:
-        raise ValueError(f"gio_read refused its arguments ({os.strerror(-code)}): threads={threads}, "
-                         f"piece_bytes={piece_bytes} (a multiple of 4096), offsets and sizes >= 0, destinations set")
+        raise _refused(code, "gio_read", f"threads={threads}, piece_bytes={piece_bytes} (a multiple of 4096), "
+                                         "offsets and sizes >= 0, destinations set")
     return ranges["result"]
 
 
+class FilesInFlight:
+    """Files being written by the library (:func:`begin_write`): :meth:`finish` adds the last ranges and publishes
+    them, :meth:`abandon` removes them. One of the two must be called, once."""
+
+    def __init__(self, files: Sequence[tuple[str, str]], ranges: np.ndarray, *, threads: int, piece_bytes: int,
+                 durable: bool, direct: bool) -> None:
+        _check(ranges, WRANGE, "wrange")
+        names = [os.fsencode(name) + b"\0" for pair in files for name in pair]
+        self._table = np.zeros(len(files), dtype=FILE)
+        self._blob = np.frombuffer(b"".join(names) or b"\0", dtype=np.uint8)  # alive until the batch ends, as are
+        self._ranges = ranges                                                  # the ranges
+        if names:
+            starts = np.cumsum([0] + [len(name) for name in names[:-1]], dtype=np.uint64) + \
+                np.uint64(self._blob.ctypes.data)
+            self._table["tmp"], self._table["path"] = starts[0::2], starts[1::2]
+        error = ctypes.c_int(0)
+        self._batch = _lib().gio_write_begin(self._table.ctypes.data, len(self._table), ranges.ctypes.data, len(ranges),
+                                             threads, piece_bytes, int(durable), int(direct), ctypes.byref(error))
+        if not self._batch:
+            raise _refused(error.value, "gio_write_begin", f"threads={threads}, piece_bytes={piece_bytes} (a multiple "
+                                        "of 4096), files indexed in range, offsets and sizes >= 0, sources set")
+
+    def finish(self, ranges: np.ndarray | None = None) -> list[int]:
+        """Write ``ranges`` (:data:`WRANGE` rows; their sources stay valid until this returns) once the first ranges
+        are written, then publish each file: fsynced where durable, closed and renamed. Each file's result: 0, or a
+        negative code (:func:`error_of`; its temporary file is then gone)."""
+        if ranges is None:
+            ranges = np.zeros(0, dtype=WRANGE)
+        _check(ranges, WRANGE, "wrange")
+        code = self._end(ranges, abandon=False)
+        if code != 0:
+            raise _refused(code, "gio_write_finish", "files indexed in range, offsets and sizes >= 0, sources set "
+                                                     "(every file of the batch was removed)")
+        return self._table["result"].tolist()
+
+    def abandon(self) -> None:
+        """Remove every file once its writes have ended (the sources may then be reused)."""
+        self._end(np.zeros(0, dtype=WRANGE), abandon=True)
+
+    def __del__(self) -> None:
+        if getattr(self, "_batch", None):  # a caller that neither finished nor abandoned it: leave nothing behind
+            log.warning("a batch of %d file(s) was dropped unfinished; its files are removed", len(self._table))
+            self.abandon()
+
+    def _end(self, ranges: np.ndarray, *, abandon: bool) -> int:
+        if not self._batch:
+            raise RuntimeError("this batch of files was already finished or abandoned")
+        batch, self._batch = self._batch, None
+        return _lib().gio_write_finish(batch, ranges.ctypes.data, len(ranges), int(abandon))
+
+
+def begin_write(files: Sequence[tuple[str, str]], ranges: np.ndarray, *, threads: int, piece_bytes: int,
+                durable: bool, direct: bool) -> FilesInFlight:
+    """Start writing every row of ``ranges`` (a contiguous :data:`WRANGE` array; ``file`` indexes ``files``) into
+    ``files``, given as ``(temporary path, final path)``: each is created at the temporary path (which must not
+    exist) and written. Returns at once; :meth:`FilesInFlight.finish` publishes them.
+
+    GPU rows go through pinned staging in pieces of ``piece_bytes``, and through ``O_DIRECT`` where ``direct`` and
+    aligned. The sources must stay valid and unchanged until the batch is finished or abandoned. Raises
+    ``ValueError`` for bad arguments and ``OSError`` where the library could start no worker or queue nothing (then
+    no file was created).
+    """
+    return FilesInFlight(files, ranges, threads=threads, piece_bytes=piece_bytes, durable=durable, direct=direct)
+
+
+def write(files: Sequence[tuple[str, str]], ranges: np.ndarray, *, threads: int, piece_bytes: int, durable: bool,
+          direct: bool) -> list[int]:
+    """:func:`begin_write`, then :meth:`FilesInFlight.finish`: every file written and published (or failed) when
+    this returns; each file's result as there."""
+    return begin_write(files, ranges, threads=threads, piece_bytes=piece_bytes, durable=durable,
+                       direct=direct).finish()
+
+
 def error_of(result: int, what: str) -> OSError | None:
-    """None for a row's ``result`` >= 0, else the ``OSError`` it stands for; ``what`` names the read."""
+    """None for a ``result`` >= 0, else the ``OSError`` it stands for; ``what`` names the read or write."""
     if result >= 0:
         return None
     code = -result

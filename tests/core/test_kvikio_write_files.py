@@ -1,7 +1,8 @@
 """KvikioBackend.write_files' bookkeeping (each file published or failed alone, no temporary left behind).
 
 kvikio can do no I/O without a CUDA driver, so here its ``CuFile`` is stood in by plain file I/O on host
-tensors; tests/gpu runs the same code with the real kvikio on a GPU.
+tensors; the batched native path (libgdscache_io.so) runs for real on host tensors. tests/gpu runs both with the
+real kvikio on a GPU.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import types
 import pytest
 import torch
 
+from io_backends import native
 from io_backends.base import Part
 from io_backends.kvikio_backend import KvikioBackend, OpenFiles
 
@@ -56,6 +58,7 @@ def backend() -> KvikioBackend:
     fake = object.__new__(KvikioBackend)
     fake._kvikio = types.SimpleNamespace(CuFile=_CuFile)
     fake._open_files = OpenFiles(fake._open_handle, 0)
+    fake.native_writes = False
     return fake
 
 
@@ -83,3 +86,43 @@ def test_write_file_raises_the_files_error(backend, tmp_path):
     with pytest.raises(TypeError, match="uint8"):  # a bad buffer is refused before any file is created
         backend.write_files([_file(str(tmp_path / "y.gdc"), 1), (str(tmp_path / "z.gdc"), [Part(0, torch.zeros(3))])])
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built (needs nvcc)")
+@pytest.mark.parametrize("durable", [True, False])
+def test_native_writes_publish_each_file_alone(backend, tmp_path, durable):
+    """With ``native_writes`` the batch is one call into the library: bytes and host tensors land whole, a file
+    that cannot be created fails alone as an OSError, and no temporary is left."""
+    backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+    files = [_file(str(tmp_path / "a.gdc"), 1), _file(str(tmp_path / "no-such-dir" / "b.gdc"), 2),
+             (str(tmp_path / "c.gdc"), [Part(0, b"head"), Part(4096, torch.arange(250, dtype=torch.uint8)),
+                                        Part(8192, torch.zeros(0, dtype=torch.uint8))])]
+    errors = backend.write_files(files, durable=durable)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], FileNotFoundError) and "b.gdc" in str(errors[1])
+    assert sorted(os.listdir(tmp_path)) == ["a.gdc", "c.gdc"]
+    assert (tmp_path / "a.gdc").read_bytes() == bytes([1]) * (4096 + 5000)
+    assert (tmp_path / "c.gdc").read_bytes() == b"head" + bytes(4092) + bytes(range(250))
+    with pytest.raises(TypeError, match="uint8"):  # still refused before any file is created
+        backend.write_files([_file(str(tmp_path / "y.gdc"), 1), (str(tmp_path / "z.gdc"), [Part(0, torch.zeros(3))])])
+    assert sorted(os.listdir(tmp_path)) == ["a.gdc", "c.gdc"]
+
+
+@pytest.mark.parametrize("way", ["kvikio", "native"])
+def test_started_files_take_their_last_parts_at_finish(backend, tmp_path, way):
+    """start_files writes the first parts (a payload) at once; finish adds the last (a header) and publishes; an
+    abandoned batch leaves nothing; a bad last part is refused and nothing is left."""
+    if way == "native":
+        if not native.available():
+            pytest.skip(f"{native.LIB_NAME} is not built (needs nvcc)")
+        backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+    payload = torch.arange(200, dtype=torch.uint8)
+    files = [(str(tmp_path / f"{name}.gdc"), [Part(4096, payload)]) for name in ("a", "b")]
+    writing = backend.start_files(files)
+    assert writing.finish([[Part(0, b"A")], [Part(0, b"B")]]) == [None, None]
+    for name in ("a", "b"):
+        assert (tmp_path / f"{name}.gdc").read_bytes() == name.upper().encode() + bytes(4095) + bytes(range(200))
+    backend.start_files([(str(tmp_path / "gone.gdc"), [Part(4096, payload)])]).abandon()
+    with pytest.raises(TypeError, match="uint8"):
+        backend.start_files([(str(tmp_path / "bad.gdc"), [Part(4096, payload)])]).finish([[Part(0, torch.zeros(2))]])
+    assert sorted(os.listdir(tmp_path)) == ["a.gdc", "b.gdc"]

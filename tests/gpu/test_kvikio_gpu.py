@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ MiB = 1 << 20
 
 def _random_bytes(n: int, device: str = "cuda") -> torch.Tensor:
     return torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
+
+
+def _writes_through(backend: KvikioBackend, way: str) -> None:
+    """Send ``backend``'s writes through libgdscache_io.so (``native``) or kvikio; skip where the library is off."""
+    from io_backends import native
+
+    if way == "native" and not backend.native_writes:
+        pytest.skip(f"batched native writes need io_mode kvikio-posix and {native.LIB_NAME}")
+    backend.native_writes = way == "native"
 
 
 def test_io_mode_is_what_kvikio_runs(kvikio_backend):
@@ -58,8 +68,10 @@ def test_io_mode_after_asking_cufile(tmp_path):
         kvikio.defaults.set({"compat_mode": kvikio.CompatMode.AUTO})
 
 
+@pytest.mark.parametrize("writes", ["native", "kvikio"])
 @pytest.mark.parametrize("nbytes", [4096, MiB, MiB + 123, 33 * MiB])
-def test_gpu_round_trip_is_bit_exact(kvikio_backend, tmp_path, nbytes):
+def test_gpu_round_trip_is_bit_exact(kvikio_backend, tmp_path, nbytes, writes):
+    _writes_through(kvikio_backend, writes)
     path = str(tmp_path / "c.gdc")
     header = os.urandom(4096)
     payload = _random_bytes(nbytes)
@@ -174,8 +186,10 @@ def test_registered_staging_buffer_is_reused(kvikio_backend, tmp_path):
     kvikio_backend.deregister_buffer(staging)
 
 
+@pytest.mark.parametrize("writes", ["native", "kvikio"])
 @pytest.mark.parametrize("durable", [True, False])
-def test_write_files_publishes_each_file_on_its_own(kvikio_backend, tmp_path, durable):
+def test_write_files_publishes_each_file_on_its_own(kvikio_backend, tmp_path, durable, writes):
+    _writes_through(kvikio_backend, writes)
     # several files in flight and synced together; one that cannot be created fails alone and leaves nothing
     payloads = [_random_bytes(n) for n in (MiB, 4096, 3 * MiB + 10)]
     paths = [str(tmp_path / "a.gdc"), str(tmp_path / "missing-dir" / "b.gdc"), str(tmp_path / "c.gdc")]
@@ -257,12 +271,78 @@ def test_native_reads_are_on_where_kvikio_takes_its_posix_path(kvikio_backend):
     from io_backends import native
 
     expected = kvikio_backend.io_mode == "kvikio-posix" and native.available()
-    assert kvikio_backend.native_reads == expected
-    assert kvikio_backend.batch_reads == ("libgdscache_io" if expected else "per file")
+    assert kvikio_backend.native_reads == kvikio_backend.native_writes == expected
+    assert kvikio_backend.batch_reads == kvikio_backend.batch_writes == ("libgdscache_io" if expected else "per file")
     direct = KvikioBackend(threads=2, o_direct="on")  # the library's reads are buffered: O_DIRECT reads stay with kvikio
     try:
         assert not direct.native_reads and direct.batch_reads == "per file"
+        assert direct.native_writes == expected  # its writes take O_DIRECT where aligned
+        kvikio_only = KvikioBackend(threads=2, native=False)  # the bench's raw ceiling: kvikio's own I/O
+        assert not kvikio_only.native_reads and not kvikio_only.native_writes
+        assert kvikio_only.batch_reads == kvikio_only.batch_writes == "per file"
+        kvikio_only.close()
     finally:
         direct.close()
         KvikioBackend(threads=4).close()  # kvikio's settings are process-wide: put back the fixture's
     print(f"io_mode={kvikio_backend.io_mode} native_reads={kvikio_backend.native_reads}")
+
+
+@pytest.mark.parametrize("o_direct", ["auto", "off"])
+def test_native_writes_land_every_run_across_pieces(tmp_path, o_direct):
+    """Batched native writes with pieces of 64 KiB: GPU runs of odd sizes at aligned and unaligned offsets (O_DIRECT
+    for their aligned parts where allowed, the page cache for the rest), host runs between them, gaps left as zeros;
+    every file reads back bit-exact through kvikio."""
+    backend = KvikioBackend(threads=3, task_size=64 << 10, o_direct=o_direct)
+    try:
+        if not backend.native_writes:
+            pytest.skip("batched native writes are off here")
+        sizes = [1, 4096, 64 << 10, (64 << 10) + 1, 5 * (64 << 10) + 4096 + 7, 3 * MiB + 123]
+        payloads = [_random_bytes(n) for n in sizes]
+        host = _random_bytes(10_000, device="cpu")
+        files = []
+        for i, payload in enumerate(payloads):
+            parts = [Part(0, os.urandom(4096)), Part(4096, payload)]
+            if i % 2:  # a host run, then a GPU run at an unaligned offset past a gap
+                end = 4096 + payload.numel()
+                parts += [Part(end, host), Part(end + host.numel() + 3, payload[: 5000])]
+            files.append((str(tmp_path / f"c{i}.gdc"), parts))
+        assert backend.write_files(files) == [None] * len(files)
+        assert sorted(os.listdir(tmp_path)) == sorted(f"c{i}.gdc" for i in range(len(files)))
+        for path, parts in files:
+            backend.drop_page_cache(path)
+            data = Path(path).read_bytes()
+            expected = bytearray(max(p.offset + p.nbytes for p in parts))
+            for part in parts:
+                raw = part.data if isinstance(part.data, bytes) else part.data.cpu().numpy().tobytes()
+                expected[part.offset : part.offset + part.nbytes] = raw
+            assert data == bytes(expected), path
+    finally:
+        backend.close()
+        KvikioBackend(threads=4).close()  # kvikio's settings are process-wide: put back the fixture's
+
+
+def test_native_writes_wait_for_queued_work_on_the_source(kvikio_backend, tmp_path):
+    """The library copies on its own streams: a fill this thread queued on a source lands in the file."""
+    _writes_through(kvikio_backend, "native")
+    payload = torch.zeros(4 * MiB, dtype=torch.uint8, device="cuda")
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the fill
+    payload.fill_(7)
+    path = str(tmp_path / "c.gdc")
+    kvikio_backend.write_file(path, [Part(0, payload)])
+    assert Path(path).read_bytes() == bytes([7]) * (4 * MiB)
+
+
+@pytest.mark.parametrize("writes", ["native", "kvikio"])
+def test_started_files_take_their_headers_at_finish(kvikio_backend, tmp_path, writes):
+    """start_files writes the GPU payloads (natively: from the start) and finish adds each header: every file whole;
+    an abandoned batch leaves nothing."""
+    _writes_through(kvikio_backend, writes)
+    payloads = [_random_bytes(n) for n in (MiB, 5 * MiB + 3)]
+    paths = [str(tmp_path / f"c{i}.gdc") for i in range(2)]
+    writing = kvikio_backend.start_files([(path, [Part(4096, p)]) for path, p in zip(paths, payloads)])
+    headers = [os.urandom(4096) for _ in paths]
+    assert writing.finish([[Part(0, h)] for h in headers]) == [None, None]
+    for path, header, payload in zip(paths, headers, payloads):
+        assert Path(path).read_bytes() == header + payload.cpu().numpy().tobytes()
+    kvikio_backend.start_files([(str(tmp_path / "gone.gdc"), [Part(4096, payloads[0])])]).abandon()
+    assert sorted(os.listdir(tmp_path)) == ["c0.gdc", "c1.gdc"]

@@ -1,0 +1,692 @@
+// Batched file reads and writes between files and host or GPU memory, C ABI (loaded with ctypes by
+// io_backends/native/__init__.py).
+//
+// One call reads every range of a batch (many files, header and payload each), or writes and publishes every file
+// of a batch, on a pool of worker threads and returns when all are done, so the Python caller pays one call per
+// batch instead of several per file. GPU memory goes piece by piece through the worker's pinned staging buffer and
+// the worker's own stream: the POSIX path kvikio takes without GPUDirect, minus its per-file Python.
+//
+// Reads (gio_read)
+//
+// Who reads which piece: the worker that takes a range asks the page cache for its first piece (RWF_NOWAIT). If it
+// is there, the range's other pieces go to every idle worker at once (memory copies: the more threads the faster).
+// If not, that worker reads the range to its end, so the kernel sees one sequential stream per file and its
+// readahead keeps the disk busy (8 workers on pieces of one cold file read 10-20% slower on the lent VMs).
+// Pieces alternate between two staging halves, so a worker's next pread overlaps the copy of its last piece; a
+// piece is finished as soon as its copy is seen to have ended.
+//
+// Writes (gio_write, or gio_write_begin and gio_write_finish, so that the caller can prepare the last ranges, a
+// header, while the first are written): each file is created under its temporary name and written by one worker,
+// range by range; a
+// GPU range's pieces are copied to staging on the worker's stream, the next piece's copy overlapping the last one's
+// pwrite, and go to disk through an O_DIRECT descriptor where asked and aligned (the page cache otherwise). Once
+// every file of the batch is written, each is fsynced (all at once, so a journaling filesystem commits them
+// together), closed and renamed to its final name; a file that failed anywhere is unlinked instead.
+//
+// Results, per range or file: the bytes read (0 for a published file), or -errno (an OS error), or -kShortFile (the file ends before the range does),
+// or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it). No C++ exception leaves
+// the library: a pool that cannot start a thread makes gio_read return -EAGAIN.
+
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+extern "C" struct gio_range {  // one contiguous read; RANGE in io_backends/native/__init__.py has its layout
+  int32_t fd;
+  int32_t device;  // CUDA device of dst, or -1 for host memory
+  int64_t offset;  // in the file
+  int64_t nbytes;
+  uint64_t dst;
+  int64_t result;  // out
+};
+
+extern "C" struct gio_file {  // one file to publish; FILE in io_backends/native/__init__.py has its layout
+  uint64_t tmp;   // NUL-terminated path written first
+  uint64_t path;  // NUL-terminated path it is renamed to
+  int64_t result;  // out: 0, or the file's first failure (it was then unlinked)
+};
+
+extern "C" struct gio_wrange {  // one contiguous write into a file of the batch; WRANGE has its layout
+  int32_t file;    // index into the batch's files
+  int32_t device;  // CUDA device of src, or -1 for host memory
+  int64_t offset;  // in the file
+  int64_t nbytes;
+  uint64_t src;
+};
+
+namespace {
+
+using Range = gio_range;
+
+constexpr int64_t kShortFile = 99999;
+constexpr int64_t kCudaErrorBase = 100000;
+
+struct Batch {
+  Range* ranges;
+  std::vector<std::atomic<int64_t>> errors;  // per range: 0, or the first failure of its pieces
+  int64_t remaining;  // pieces not finished, under mutex: the caller frees the batch once it reads 0
+  std::mutex mutex;
+  std::condition_variable done;
+  Batch(Range* r, int n, int64_t pieces) : ranges(r), errors(n), remaining(pieces) {}
+
+  void fail(int index, int64_t code) {
+    int64_t none = 0;
+    errors[index].compare_exchange_strong(none, code);
+  }
+  bool failed(int index) const { return errors[index].load() != 0; }
+  void finish_piece() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (--remaining == 0) done.notify_all();
+  }
+};
+
+struct Piece {
+  Batch* batch;
+  int index;       // the range
+  int64_t start;   // offset within the range
+  int64_t nbytes;  // queued: the whole range
+};
+
+class Pool;
+
+// One file-publishing batch: phase 1 creates and writes each file (one job per file), phase 2 writes the ranges
+// given at finish, then syncs, closes and renames each file.
+struct WriteBatch {
+  gio_file* files;
+  std::vector<std::vector<const gio_wrange*>> ranges;  // per file, in the caller's order: phase 1
+  std::vector<std::vector<gio_wrange>> later;          // per file: phase 2
+  std::vector<int> fds, direct_fds;                    // per file, -1 where not open
+  bool durable, direct;
+  bool abandon = false;  // phase 2 unlinks every file
+  Pool* pool = nullptr;
+  int64_t remaining = 0;  // jobs of the current phase not finished, under mutex
+  std::mutex mutex;
+  std::condition_variable done;
+  WriteBatch(gio_file* f, int n, const gio_wrange* r, int nr, bool sync, bool odirect)
+      : files(f), ranges(n), later(n), fds(n, -1), direct_fds(n, -1), durable(sync), direct(odirect) {
+    for (int i = 0; i < nr; ++i) ranges[r[i].file].push_back(&r[i]);
+    for (int i = 0; i < n; ++i) files[i].result = 0;
+  }
+  void finish_job() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (--remaining == 0) done.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [&] { return remaining == 0; });
+  }
+};
+
+// What a worker takes from the queue: a piece of a read, or a file of a write batch (`write` set) in one phase.
+struct Job {
+  Piece piece{};
+  WriteBatch* write = nullptr;
+  int file = 0;
+  bool publish = false;  // phase 2
+  Job() = default;
+  Job(const Piece& p) : piece(p) {}  // NOLINT: reads queue their pieces as they are
+  Job(WriteBatch* w, int f, bool second) : write(w), file(f), publish(second) {}
+};
+
+// pwrite all nbytes: 0 or -errno
+int64_t pwrite_all(int fd, const char* src, int64_t nbytes, int64_t offset) {
+  while (nbytes > 0) {
+    const ssize_t put = pwrite(fd, src, (size_t)nbytes, (off_t)offset);
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (put == 0) return -EIO;
+    src += put, offset += put, nbytes -= put;
+  }
+  return 0;
+}
+
+// Write a staged piece: its 4 KiB-aligned part through `direct_fd` where there is one and the offset is aligned (a
+// filesystem that refuses it at write time gets the page cache instead), the rest through `fd`.
+int64_t pwrite_piece(int fd, int direct_fd, const char* src, int64_t nbytes, int64_t offset) {
+  const int64_t aligned = direct_fd >= 0 && offset % 4096 == 0 ? nbytes / 4096 * 4096 : 0;
+  if (aligned > 0) {
+    int64_t code = pwrite_all(direct_fd, src, aligned, offset);
+    if (code == -EINVAL) code = pwrite_all(fd, src, aligned, offset);
+    if (code != 0) return code;
+  }
+  return pwrite_all(fd, src + aligned, nbytes - aligned, offset + aligned);
+}
+
+// pread until nbytes have come or the file ends: 0, -errno, or -kShortFile
+int64_t pread_all(int fd, char* dst, int64_t nbytes, int64_t offset) {
+  while (nbytes > 0) {
+    const ssize_t got = pread(fd, dst, (size_t)nbytes, (off_t)offset);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (got == 0) return -kShortFile;
+    dst += got, offset += got, nbytes -= got;
+  }
+  return 0;
+}
+
+int64_t cuda_code(cudaError_t err) { return -(kCudaErrorBase + (int64_t)err); }
+
+std::atomic<bool> nowait_works{true};  // cleared where the kernel or filesystem refuses RWF_NOWAIT
+
+// Copy [offset, offset + nbytes) into dst only if the page cache holds all of it (no disk wait); false otherwise
+// (dst then holds unspecified bytes).
+bool in_page_cache(int fd, char* dst, int64_t nbytes, int64_t offset) {
+  if (!nowait_works.load(std::memory_order_relaxed)) return false;
+  struct iovec iov = {dst, (size_t)nbytes};
+  const ssize_t got = preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+  if (got < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) nowait_works.store(false);
+  return got == nbytes;
+}
+
+// A worker's GPU state: a stream per device, and pinned staging in two halves whose copies may be in flight.
+class Staging {
+ public:
+  ~Staging() {
+    for (auto& slot : slots_) {
+      if (slot.event != nullptr) cudaEventDestroy(slot.event);
+    }
+    for (auto& kv : streams_) cudaStreamDestroy(kv.second);
+    if (host_ != nullptr) cudaFreeHost(host_);
+  }
+
+  // Read one GPU-bound piece through a free half and start its copy; the piece is finished when the copy is.
+  // With `probe`, the page cache is asked first (RWF_NOWAIT); true when it held the whole piece.
+  bool read(const Piece& piece, int64_t capacity, bool probe) {
+    Range& r = piece.batch->ranges[piece.index];
+    if (piece.batch->failed(piece.index)) {  // an earlier piece failed the range: the rest need not be read
+      piece.batch->finish_piece();
+      return false;
+    }
+    cudaStream_t stream = nullptr;
+    int64_t code = stream_for(r.device, &stream);  // first: the thread's CUDA calls then go to r.device, not GPU 0
+    if (code == 0) code = reserve(capacity);
+    poll();  // copies done by now finish their pieces at once, not when their half is next needed
+    Slot& slot = slots_[next_];
+    settle(slot);  // its previous copy must be done before pread overwrites it
+    if (code == 0) code = event_for(slot, r.device);
+    char* buf = host_ + (int64_t)next_ * capacity_;
+    const bool cached = code == 0 && probe && in_page_cache(r.fd, buf, piece.nbytes, r.offset + piece.start);
+    if (code == 0 && !cached) code = pread_all(r.fd, buf, piece.nbytes, r.offset + piece.start);
+    if (code == 0) {
+      char* dst = reinterpret_cast<char*>(r.dst) + piece.start;
+      cudaError_t err = cudaMemcpyAsync(dst, buf, (size_t)piece.nbytes, cudaMemcpyHostToDevice, stream);
+      if (err == cudaSuccess) {
+        err = cudaEventRecord(slot.event, stream);
+        if (err != cudaSuccess) cudaStreamSynchronize(stream);  // the copy may be queued: it ends before we go on
+      }
+      if (err == cudaSuccess) {
+        slot.piece = piece;
+        slot.busy = true;
+        next_ ^= 1;
+        return cached;
+      }
+      code = cuda_code(err);
+    }
+    piece.batch->fail(piece.index, code);
+    piece.batch->finish_piece();
+    return false;
+  }
+
+  // Write one GPU range to the file: pieces copied to the staging halves in turn, each piece's pwrite overlapping
+  // the next one's copy. 0 or a negative code; no copy of this range is in flight when it returns.
+  int64_t write(const gio_wrange& r, int fd, int direct_fd, int64_t capacity) {
+    drain();  // the halves may hold reads' copies
+    cudaStream_t stream = nullptr;
+    int64_t code = stream_for(r.device, &stream);
+    if (code == 0) code = reserve(capacity);
+    for (auto& slot : slots_) {
+      if (code == 0) code = event_for(slot, r.device);
+    }
+    if (code != 0) return code;
+    const char* src = reinterpret_cast<const char*>(r.src);
+    auto start_copy = [&](int64_t at) -> int64_t {
+      char* buf = host_ + (at / capacity_ % 2) * capacity_;
+      cudaError_t err = cudaMemcpyAsync(buf, src + at, (size_t)std::min(capacity_, r.nbytes - at),
+                                        cudaMemcpyDeviceToHost, stream);
+      if (err == cudaSuccess) err = cudaEventRecord(slots_[at / capacity_ % 2].event, stream);
+      return err == cudaSuccess ? 0 : cuda_code(err);
+    };
+    code = r.nbytes > 0 ? start_copy(0) : 0;
+    for (int64_t at = 0; code == 0 && at < r.nbytes; at += capacity_) {
+      if (at + capacity_ < r.nbytes) code = start_copy(at + capacity_);  // the half of the piece before this one
+      const cudaError_t err = cudaEventSynchronize(slots_[at / capacity_ % 2].event);
+      if (code == 0 && err != cudaSuccess) code = cuda_code(err);
+      if (code == 0) {
+        code = pwrite_piece(fd, direct_fd, host_ + (at / capacity_ % 2) * capacity_,
+                            std::min(capacity_, r.nbytes - at), r.offset + at);
+      }
+    }
+    if (code != 0) cudaStreamSynchronize(stream);  // a copy started may still be landing in a half
+    return code;
+  }
+
+  // Wait for every copy in flight and finish its piece (before the worker sleeps).
+  void drain() {
+    for (auto& slot : slots_) settle(slot);
+  }
+
+  // Finish the pieces whose copies have ended, without waiting for the others.
+  void poll() {
+    for (auto& slot : slots_) {
+      if (slot.busy && cudaEventQuery(slot.event) != cudaErrorNotReady) settle(slot);
+    }
+  }
+
+ private:
+  struct Slot {
+    cudaEvent_t event = nullptr;
+    int event_device = -1;
+    Piece piece{};
+    bool busy = false;
+  };
+
+  int64_t reserve(int64_t capacity) {
+    if (capacity <= capacity_) return 0;
+    drain();
+    if (host_ != nullptr) cudaFreeHost(host_);
+    host_ = nullptr, capacity_ = 0;
+    cudaError_t err = cudaHostAlloc(reinterpret_cast<void**>(&host_), (size_t)(2 * capacity), cudaHostAllocPortable);
+    if (err != cudaSuccess) return cuda_code(err);
+    capacity_ = capacity;
+    return 0;
+  }
+
+  int64_t stream_for(int device, cudaStream_t* out) {
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) return cuda_code(err);
+    auto found = streams_.find(device);
+    if (found == streams_.end()) {
+      cudaStream_t stream;
+      err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+      if (err != cudaSuccess) return cuda_code(err);
+      found = streams_.emplace(device, stream).first;
+    }
+    *out = found->second;
+    return 0;
+  }
+
+  // An event of `device` for a settled slot (an event is recorded only on a stream of its own device).
+  static int64_t event_for(Slot& slot, int device) {
+    if (slot.event != nullptr && slot.event_device == device) return 0;
+    if (slot.event != nullptr) cudaEventDestroy(slot.event);
+    slot.event = nullptr;
+    const cudaError_t err = cudaEventCreateWithFlags(&slot.event, cudaEventDisableTiming);
+    if (err != cudaSuccess) return cuda_code(err);
+    slot.event_device = device;
+    return 0;
+  }
+
+  static void settle(Slot& slot) {
+    if (!slot.busy) return;
+    slot.busy = false;
+    const cudaError_t err = cudaEventSynchronize(slot.event);
+    if (err != cudaSuccess) slot.piece.batch->fail(slot.piece.index, cuda_code(err));
+    slot.piece.batch->finish_piece();
+  }
+
+  char* host_ = nullptr;
+  int64_t capacity_ = 0;
+  int next_ = 0;
+  Slot slots_[2];
+  std::unordered_map<int, cudaStream_t> streams_;
+};
+
+class Pool {
+ public:
+  explicit Pool(int64_t piece_bytes) : piece_bytes_(piece_bytes) {}
+
+  // Start workers up to `threads` (the most any caller asked for: the pool is shared and never shrinks); false when
+  // not even one runs. A thread that cannot start leaves the pool as large as it got.
+  bool grow(int threads) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    try {
+      while (started_ < threads) {
+        std::thread([this] { run(); }).detach();  // the pool lives as long as the process
+        ++started_;
+      }
+    } catch (const std::exception&) {
+    }
+    return started_ > 0;
+  }
+
+  void run_batch(Range* ranges, int n) {
+    int64_t pieces = 0;  // a GPU range is finished piece by piece (as its copies end), a host range at once
+    for (int i = 0; i < n; ++i) pieces += ranges[i].device < 0 ? 1 : pieces_of(ranges[i].nbytes);
+    Batch batch(ranges, n, pieces);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      try {
+        for (int pass = 0; pass < 2; ++pass) {  // GPU ranges first: their copies overlap the host ranges' reads
+          for (int i = 0; i < n; ++i) {
+            if ((ranges[i].device >= 0) == (pass == 0)) queue_.push_back(Piece{&batch, i, 0, ranges[i].nbytes});
+          }
+        }
+      } catch (...) {  // no worker has seen this batch (the lock is held): take its pieces back
+        while (!queue_.empty() && queue_.back().piece.batch == &batch) queue_.pop_back();
+        throw;
+      }
+    }
+    work_.notify_all();
+    std::unique_lock<std::mutex> lock(batch.mutex);
+    batch.done.wait(lock, [&] { return batch.remaining == 0; });
+    for (int i = 0; i < n; ++i) {
+      const int64_t err = batch.errors[i].load();
+      ranges[i].result = err != 0 ? err : ranges[i].nbytes;
+    }
+  }
+
+ private:
+  void run() {
+    Staging staging;
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (queue_.empty()) {
+          lock.unlock();
+          staging.drain();  // nothing else to overlap with: finish the copies in flight
+          lock.lock();
+          work_.wait(lock, [this] { return !queue_.empty(); });
+        }
+        job = queue_.front();
+        queue_.pop_front();
+      }
+      if (job.write != nullptr) {
+        if (job.publish) {
+          complete_file(*job.write, job.file, staging);
+        } else {
+          write_file(*job.write, job.file, staging);
+        }
+        job.write->finish_job();
+        continue;
+      }
+      const Piece piece = job.piece;
+      staging.poll();
+      Range& r = piece.batch->ranges[piece.index];
+      if (piece.nbytes <= 0) {
+        piece.batch->finish_piece();
+      } else if (r.device < 0) {
+        const int64_t code = pread_all(r.fd, reinterpret_cast<char*>(r.dst), r.nbytes, r.offset);
+        if (code != 0) piece.batch->fail(piece.index, code);
+        piece.batch->finish_piece();
+      } else if (piece.start > 0) {  // a piece of a range found in the page cache
+        staging.read(piece, piece_bytes_, false);
+      } else {
+        // the batch (and `r`) may be gone once its last piece is finished: nothing below reads them after that
+        const int64_t total = r.nbytes;
+        if (staging.read(Piece{piece.batch, piece.index, 0, std::min(piece_bytes_, total)}, piece_bytes_, true)) {
+          std::lock_guard<std::mutex> lock(mutex_);  // in the page cache: the rest goes to every idle worker
+          auto at_front = queue_.begin();
+          int64_t at = piece_bytes_;
+          try {
+            for (; at < total; at += piece_bytes_) {
+              at_front = queue_.insert(at_front, Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)});
+              ++at_front;
+            }
+          } catch (...) {  // no memory to queue them: the pieces not queued fail the range
+            piece.batch->fail(piece.index, -ENOMEM);
+            for (; at < total; at += piece_bytes_) piece.batch->finish_piece();
+          }
+          work_.notify_all();
+        } else {  // from disk: read by this worker to the end, one sequential stream for the kernel's readahead
+          for (int64_t at = piece_bytes_; at < total; at += piece_bytes_) {
+            staging.read(Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)}, piece_bytes_, false);
+          }
+        }
+      }
+    }
+  }
+
+  // Phase 1 of a file: create it under its temporary name and write its ranges; its first failure in `result`.
+  void write_file(WriteBatch& b, int i, Staging& staging) {
+    gio_file& f = b.files[i];
+    const char* tmp = reinterpret_cast<const char*>(f.tmp);
+    int64_t code = 0;
+    const int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      f.result = -errno;
+      return;
+    }
+    b.fds[i] = fd;
+    if (b.direct) b.direct_fds[i] = open(tmp, O_WRONLY | O_DIRECT | O_CLOEXEC);  // -1 (page cache) where refused
+    for (const gio_wrange* r : b.ranges[i]) {
+      code = write_range(*r, fd, b.direct_fds[i], staging);
+      if (code != 0) break;
+    }
+    f.result = code;
+  }
+
+  int64_t write_range(const gio_wrange& r, int fd, int direct_fd, Staging& staging) {
+    if (r.device < 0) return pwrite_all(fd, reinterpret_cast<const char*>(r.src), r.nbytes, r.offset);
+    return staging.write(r, fd, direct_fd, piece_bytes_);
+  }
+
+  // Phase 2 of a file: its later ranges, then fsync (if durable), close, and rename into place; a failed file (or
+  // every file of an abandoned batch) is unlinked.
+  void complete_file(WriteBatch& b, int i, Staging& staging) {
+    int64_t& result = b.files[i].result;
+    if (result == 0 && b.abandon) result = -ECANCELED;
+    for (const gio_wrange& r : b.later[i]) {
+      if (result == 0 && b.fds[i] >= 0) result = write_range(r, b.fds[i], b.direct_fds[i], staging);
+    }
+    publish_file(b, i);
+  }
+
+  static void publish_file(WriteBatch& b, int i) {
+    gio_file& f = b.files[i];
+    publish(b.fds[i], b.direct_fds[i], reinterpret_cast<const char*>(f.tmp), reinterpret_cast<const char*>(f.path),
+            b.durable, &f.result);
+    b.fds[i] = b.direct_fds[i] = -1;
+  }
+
+  static void publish(int fd, int direct_fd, const char* tmp, const char* path, bool durable, int64_t* result) {
+    if (fd < 0) return;  // never created: nothing of ours to remove
+    if (*result == 0 && durable && fsync(fd) != 0) *result = -errno;
+    if (direct_fd >= 0) close(direct_fd);
+    if (close(fd) != 0 && *result == 0) *result = -errno;
+    if (*result == 0 && rename(tmp, path) != 0) *result = -errno;
+    if (*result != 0) unlink(tmp);
+  }
+
+ public:
+  // Queue phase 1 of `b` (each file created and written); throws where it cannot be queued (then nothing is).
+  void start_write(WriteBatch& b) {
+    const int n = (int)b.ranges.size();
+    b.remaining = n;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      try {
+        for (int i = 0; i < n; ++i) queue_.push_back(Job(&b, i, false));
+      } catch (...) {  // no worker has seen it (the lock is held): take its jobs back
+        drop_jobs(b);
+        throw;
+      }
+    }
+    work_.notify_all();
+  }
+
+  // Wait for phase 1 of `b`, then run phase 2 (each file's later ranges, sync, close, rename); returns when every
+  // file is done.
+  void finish_write(WriteBatch& b) {
+    b.wait();
+    const int n = (int)b.ranges.size();
+    b.remaining = n;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      try {
+        // first in the queue: short jobs that their caller waits for, on files already written
+        for (int i = n - 1; i >= 0; --i) queue_.push_front(Job(&b, i, true));
+      } catch (...) {  // no memory to queue them: the caller publishes what needs no later range, one by one
+        drop_jobs(b);
+        for (int i = 0; i < n; ++i) {
+          if (!b.later[i].empty() && b.files[i].result == 0) b.files[i].result = -ENOMEM;
+          if (b.abandon && b.files[i].result == 0) b.files[i].result = -ECANCELED;
+          publish_file(b, i);
+        }
+        return;
+      }
+    }
+    work_.notify_all();
+    b.wait();
+  }
+
+ private:
+  void drop_jobs(WriteBatch& b) {
+    queue_.erase(std::remove_if(queue_.begin(), queue_.end(), [&](const Job& job) { return job.write == &b; }),
+                 queue_.end());
+  }
+
+  int64_t pieces_of(int64_t nbytes) const { return std::max<int64_t>(1, (nbytes + piece_bytes_ - 1) / piece_bytes_); }
+
+  const int64_t piece_bytes_;
+  std::mutex mutex_;
+  std::condition_variable work_;
+  std::deque<Job> queue_;
+  int started_ = 0;
+};
+
+std::mutex pools_mutex;
+std::unordered_map<int64_t, std::unique_ptr<Pool>>* pools = nullptr;  // by piece size
+// The lock is held across fork(), so a child never inherits it taken by a thread that does not exist there; the
+// child drops its parent's pools (their workers did not come along) without touching them.
+const int fork_guard = pthread_atfork([] { pools_mutex.lock(); }, [] { pools_mutex.unlock(); }, [] {
+  pools = nullptr;
+  pools_mutex.unlock();
+});
+
+Pool* pool_for(int64_t piece_bytes, int threads) {
+  std::lock_guard<std::mutex> lock(pools_mutex);
+  if (pools == nullptr) pools = new std::unordered_map<int64_t, std::unique_ptr<Pool>>();
+  auto& pool = (*pools)[piece_bytes];
+  if (!pool) pool.reset(new Pool(piece_bytes));
+  return pool->grow(threads) ? pool.get() : nullptr;
+}
+
+bool valid_wranges(const gio_wrange* ranges, int nranges, int nfiles) {
+  for (int i = 0; i < nranges; ++i) {
+    const gio_wrange& r = ranges[i];
+    if (r.file < 0 || r.file >= nfiles || r.nbytes < 0 || r.offset < 0 || (r.nbytes > 0 && r.src == 0)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+int gio_range_size() { return (int)sizeof(Range); }
+
+// Read every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the process's pool
+// for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps 2 x piece_bytes
+// of pinned staging); returns when all have landed (or failed), results in each range's `result`. 0; -EINVAL for
+// bad arguments, -EAGAIN where no worker thread can start, -ENOMEM where the batch cannot be queued (nothing read).
+int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
+  if (n < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return -EINVAL;
+  for (int i = 0; i < n; ++i) {
+    if (ranges[i].nbytes < 0 || ranges[i].offset < 0 || (ranges[i].nbytes > 0 && ranges[i].dst == 0)) return -EINVAL;
+  }
+  if (n == 0) return 0;
+  try {
+    Pool* pool = pool_for(piece_bytes, threads);
+    if (pool == nullptr) return -EAGAIN;
+    pool->run_batch(ranges, n);
+  } catch (const std::exception&) {
+    return -ENOMEM;
+  }
+  return 0;
+}
+
+int gio_file_size() { return (int)sizeof(gio_file); }
+
+int gio_wrange_size() { return (int)sizeof(gio_wrange); }
+
+// Start writing the files `files[0, nfiles)`: each is created at `tmp` (which must not exist) and gets the ranges of
+// `ranges[0, nranges)` that name it, in the order given. GPU ranges go through the pool's pinned staging in pieces of
+// `piece_bytes`, through O_DIRECT where `direct` and aligned. Returns at once a batch for gio_write_finish, which
+// must be called exactly once; until it returns, `files`, `ranges` and every source stay valid and unchanged. Null
+// with *error = -EINVAL for bad arguments, -EAGAIN where no worker can start, -ENOMEM where the batch cannot be
+// queued (then nothing was created).
+void* gio_write_begin(gio_file* files, int nfiles, const gio_wrange* ranges, int nranges, int threads,
+                      int64_t piece_bytes, int durable, int direct, int* error) {
+  *error = -EINVAL;
+  if (nfiles < 0 || nranges < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return nullptr;
+  for (int i = 0; i < nfiles; ++i) {
+    if (files[i].tmp == 0 || files[i].path == 0) return nullptr;
+  }
+  if (!valid_wranges(ranges, nranges, nfiles)) return nullptr;
+  WriteBatch* batch = nullptr;
+  try {
+    batch = new WriteBatch(files, nfiles, ranges, nranges, durable != 0, direct != 0);
+    batch->pool = pool_for(piece_bytes, threads);
+    if (batch->pool == nullptr) {
+      delete batch;
+      *error = -EAGAIN;
+      return nullptr;
+    }
+    batch->pool->start_write(*batch);
+  } catch (const std::exception&) {
+    delete batch;
+    *error = -ENOMEM;
+    return nullptr;
+  }
+  *error = 0;
+  return batch;
+}
+
+// Finish a batch of gio_write_begin: once its files are written, write `ranges[0, nranges)` (each names its file,
+// as in gio_write_begin; the caller keeps them valid until this returns), then publish each file: fsynced where
+// durable, closed and renamed to `path`; with `abandon`, every file is unlinked instead (result -ECANCELED). Each
+// file's `result` is 0 or its first failure (then its temporary file is gone). Frees the batch. 0, or -EINVAL for
+// bad ranges, or -ENOMEM where the later ranges cannot be kept (in both cases the batch is abandoned).
+int gio_write_finish(void* handle, const gio_wrange* ranges, int nranges, int abandon) {
+  WriteBatch* batch = static_cast<WriteBatch*>(handle);
+  const int nfiles = (int)batch->ranges.size();
+  int code = 0;
+  if (nranges < 0 || !valid_wranges(ranges, nranges, nfiles)) {
+    code = -EINVAL;
+    abandon = 1;
+  }
+  batch->abandon = abandon != 0;
+  for (int i = 0; code == 0 && !batch->abandon && i < nranges; ++i) {
+    try {
+      batch->later[ranges[i].file].push_back(ranges[i]);
+    } catch (const std::exception&) {
+      code = -ENOMEM;
+      batch->abandon = true;
+    }
+  }
+  batch->pool->finish_write(*batch);
+  delete batch;
+  return code;
+}
+
+// gio_write_begin and gio_write_finish without later ranges: returns when every file is published or failed.
+int gio_write(gio_file* files, int nfiles, const gio_wrange* ranges, int nranges, int threads, int64_t piece_bytes,
+              int durable, int direct) {
+  int error = 0;
+  void* batch = gio_write_begin(files, nfiles, ranges, nranges, threads, piece_bytes, durable, direct, &error);
+  return batch == nullptr ? error : gio_write_finish(batch, nullptr, 0, 0);
+}
+
+const char* gio_cuda_error_name(int err) { return cudaGetErrorName((cudaError_t)err); }
+
+}  // extern "C"
