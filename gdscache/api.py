@@ -34,19 +34,19 @@ from io_backends.buffers import host_pool
 log = logging.getLogger("gdscache")
 GROUP_CHUNKS = 128
 GROUP_BYTES = 128 << 20
-"""On a GPU, chunks are fetched and stored up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per
-I/O task: one batched local-tier read (every file's reads in flight on kvikio's pool), one checksum sync and one
-decode call per group; on store, every file's writes in flight, then their fsyncs in parallel. One task per chunk
-spent most of its time in CUDA and Python calls contending across the I/O threads: with 8 threads, warm reads of
-1 MiB chunks ran at 0.8 GB/s one per task and 5.1 in groups of 128, of 32 MiB chunks at 19.9 and 27.4 in groups
-of 4 (benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md)."""
+"""On a GPU, chunks are fetched up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per I/O task:
+one batched local-tier read (every file's reads in flight), one checksum sync and one decode call per group (the
+size also bounds a store's encode batches: ``STORE_BATCHES``). One task per chunk spent most of its time in CUDA
+and Python calls contending across the I/O threads: with 8 threads, warm reads of 1 MiB chunks ran at 0.8 GB/s one
+per task and 5.1 in groups of 128, of 32 MiB chunks at 19.9 and 27.4 in groups of 4
+(benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
 decodes in batches holds up to as many again awaiting its decode."""
 STORE_BATCHES = 4
-"""On a GPU, a store of several chunks encodes them in up to this many batches (more where they exceed
-``GROUP_BYTES`` each; one for a codec that batches its kernels), so that writing one batch overlaps encoding and
-checksumming the next."""
+"""A store of GPU KV that does not go through a GPU backend at once (``GDSCache._store_together``: write-behind, or
+the POSIX backend) encodes its chunks in up to this many batches (more where they exceed ``GROUP_BYTES`` each; one
+for a codec that batches its kernels), so that writing one batch overlaps encoding and checksumming the next."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
@@ -102,8 +102,8 @@ class GDSCache:
         self._metrics_server = (
             start_metrics_server(cfg.metrics_port, self.metrics, self.stats) if cfg.metrics_port is not None else None
         )
-        log.info("gdscache at %s: storage=%s io_mode=%s batch_reads=%s codec=%s", cfg.path, cfg.storage, self.io_mode,
-                 self._backend.batch_reads, cfg.codec)
+        log.info("gdscache at %s: storage=%s io_mode=%s batch_reads=%s batch_writes=%s codec=%s", cfg.path,
+                 cfg.storage, self.io_mode, self._backend.batch_reads, self._backend.batch_writes, cfg.codec)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -139,10 +139,11 @@ class GDSCache:
         started = time.perf_counter()
         jobs: list[tuple[Future[list[bool]], list[Payload]]] = []  # each: which of its chunks were stored
         todo: list[tuple[bytes, KV]] = []  # chunks to encode
-        new_tokens = 0
+        new_tokens = together = 0
         try:
-            for i, key in enumerate(keys.chunk_keys(self._namespace, arr, chunk)):
-                if self._present(key):
+            chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
+            for i, (key, present) in enumerate(zip(chunk_keys, self._present_many(chunk_keys), strict=True)):
+                if present:
                     continue
                 piece = token_slice(kv, i * chunk, (i + 1) * chunk)
                 # sync stores of raw chunks write straight from ``kv`` (the caller waits, so it cannot change),
@@ -157,10 +158,14 @@ class GDSCache:
                     key, piece = todo.pop()
                     payload = self._codec.encode_many([piece])[0]
                     new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
-            # on the GPU the chunks are encoded in batches (fuller kernel launches) and checksummed (one host sync
-            # per batch); each batch goes to the I/O threads in groups (one task each: its files in flight together,
-            # then fsynced in parallel) before the next batch encodes, so that writing overlaps encoding
             group = self._group_size(spec, kv)
+            if todo and group > 1 and self._writer is None:  # a GPU backend: all at once, checksummed while written
+                together = len(todo)
+                new_tokens += self._store_together(todo, spec)
+                todo = []
+            # else on the GPU the chunks are encoded in batches (fuller kernel launches) and checksummed (one host
+            # sync per batch); each batch goes to the I/O threads in groups (one task each: its files in flight
+            # together, then fsynced in parallel) before the next batch encodes, so that writing overlaps encoding
             for start, stop in self._encode_batches(len(todo), spec):
                 batch = todo[start:stop]
                 payloads = self._codec.encode_many([piece for _, piece in batch])
@@ -180,10 +185,29 @@ class GDSCache:
                 if not isinstance(payload, list):
                     self._recycle(payload)
         if jobs or new_tokens:
-            chunks_sent = sum(len(held) for _, held in jobs)
+            chunks_sent = together + sum(len(held) for _, held in jobs)
             self.metrics.observe("store", (time.perf_counter() - started) / max(1, chunks_sent or new_tokens // chunk))
         self.metrics.inc("stored_tokens", new_tokens)
         return new_tokens
+
+    def _store_together(self, todo: list[tuple[bytes, KV]], spec: KVSpec) -> int:
+        """Encode every chunk of ``todo``, start writing their payloads, checksum them and pack their headers while
+        the writes are in flight, then publish them together and hand them to the other tiers; returns the tokens
+        stored."""
+        payloads = self._codec.encode_many([piece for _, piece in todo])
+        writing = self._local.start_many(self._namespace, [(key, p) for (key, _), p in zip(todo, payloads, strict=True)])
+        try:
+            sums = digests(payloads, [algorithm_for(p) for p in payloads])
+            metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(todo, payloads, sums, strict=True)]
+        except BaseException:
+            writing.abandon()
+            raise
+        for meta in metas:
+            self.metrics.inc("bytes_encoded", meta.payload_len)
+        stored = self._to_other_tiers(metas, payloads, writing.finish(metas))
+        for payload in payloads:
+            self._recycle(payload)
+        return self.config.chunk_size * sum(stored)
 
     def _submit(self, metas: list[ChunkMeta], payloads: list[torch.Tensor],
                 jobs: list[tuple[Future[list[bool]], list[Payload]]]) -> int:
@@ -343,10 +367,12 @@ class GDSCache:
         self._backend.close()
 
     def stats(self) -> dict[str, Any]:
-        """Counters, bytes, hit/miss totals, latencies, the I/O mode that runs and what carries batches of reads."""
+        """Counters, bytes, hit/miss totals, latencies, the I/O mode that runs and what carries batches of reads and
+        writes."""
         out: dict[str, Any] = {
             "io_mode": self.io_mode,
             "batch_reads": self._backend.batch_reads,
+            "batch_writes": self._backend.batch_writes,
             "storage": self.config.storage,
             "codec": self._codec.name,
             "chunk_size": self.config.chunk_size,
@@ -421,12 +447,17 @@ class GDSCache:
                     f"[{got.num_layers}, {got.kv_planes}, tokens, {got.num_kv_heads}, {got.head_dim}] {dtype_name(got.dtype)}"
                 )
 
+    def _present_many(self, chunk_keys: list[bytes]) -> list[bool]:
+        """:meth:`_present` for each key, the local tier asked once for all that the others lack."""
+        present = [(self._writer is not None and self._writer.has(key)) or (self._dram is not None and key in self._dram)
+                   for key in chunk_keys]
+        rest = [i for i, found in enumerate(present) if not found]
+        for i, found in zip(rest, self._local.contains_many(self._namespace, [chunk_keys[i] for i in rest]), strict=True):
+            present[i] = found
+        return present
+
     def _present(self, key: bytes) -> bool:
-        return (
-            (self._writer is not None and self._writer.has(key))
-            or (self._dram is not None and key in self._dram)
-            or self._local.contains(self._namespace, key)
-        )
+        return self._present_many([key])[0]
 
     def _meta(self, key: bytes, spec: KVSpec, payload: torch.Tensor | list[torch.Tensor],
               digest: bytes | None = None) -> ChunkMeta:
@@ -443,7 +474,12 @@ class GDSCache:
 
     def _persist_many(self, metas: list[ChunkMeta], payloads: list[Payload]) -> list[bool]:
         """Write encoded chunks to every tier (to the local one together); never raises for storage faults."""
-        stored = self._local.write_many(self._namespace, list(zip(metas, payloads, strict=True)))
+        return self._to_other_tiers(metas, payloads,
+                                    self._local.write_many(self._namespace, list(zip(metas, payloads, strict=True))))
+
+    def _to_other_tiers(self, metas: list[ChunkMeta], payloads: list[Payload], stored: list[bool]) -> list[bool]:
+        """Count the local tier's results (``stored``) and put the chunks into the DRAM and remote tiers; per chunk,
+        whether some tier now holds it."""
         uploads = []
         for k, (meta, payload) in enumerate(zip(metas, payloads, strict=True)):
             self.metrics.inc("chunks_written" if stored[k] else "chunk_write_failures")

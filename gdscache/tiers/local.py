@@ -33,7 +33,7 @@ from gdscache.format.chunkfile import (
     pack_header,
     unpack_header,
 )
-from io_backends.base import ALIGN, FileBackend, Part, ReadHandle, align_up
+from io_backends.base import ALIGN, FileBackend, FilesInFlight, Part, ReadHandle, align_up
 from io_backends.buffers import host_pool
 
 log = logging.getLogger(__name__)
@@ -152,16 +152,22 @@ class LocalTier:
 
     def contains(self, namespace: bytes, key: bytes) -> bool:
         """True if the chunk is indexed or another process has published it."""
+        return self.contains_many(namespace, [key])[0]
+
+    def contains_many(self, namespace: bytes, keys: Sequence[bytes]) -> list[bool]:
+        """:meth:`contains` for each of ``keys`` (one look at the index, then a ``stat`` for each key not in it)."""
         with self._lock:
-            if key in self._index:
-                return True
-        path = self.path_of(namespace, key)
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            return False
-        self._add(key, path, size)
-        return True
+            found = [key in self._index for key in keys]
+        for i, key in enumerate(keys):
+            if not found[i]:
+                path = self.path_of(namespace, key)
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    continue
+                self._add(key, path, size)
+                found[i] = True
+        return found
 
     def _add(self, key: bytes, path: str, size: int) -> None:
         with self._lock:
@@ -199,46 +205,60 @@ class LocalTier:
                    chunks: Sequence[tuple[ChunkMeta, torch.Tensor | list[torch.Tensor]]]) -> list[bool]:
         """Publish several chunks, their writes in flight and fsynced together where the backend can; per chunk,
         False when the disk refuses it."""
-        stored = [False] * len(chunks)
+        writing = self.start_many(namespace, [(meta.key, payload) for meta, payload in chunks])
+        return writing.finish([meta for meta, _ in chunks])
+
+    def start_many(self, namespace: bytes, chunks: Sequence[tuple[bytes, torch.Tensor | list[torch.Tensor]]]
+                   ) -> ChunksInFlight:
+        """Start writing several chunks, given as ``(key, payload)``, before their headers are known: where the
+        backend can (:meth:`~io_backends.base.FileBackend.start_files`), the payloads go to disk while the caller
+        checksums them. :meth:`ChunksInFlight.finish` takes their metadata and publishes them."""
         todo: list[_Pending] = []
-        for i, (meta, payload) in enumerate(chunks):
-            path = self.path_of(namespace, meta.key)
-            size = align_up(meta.file_size)
+        for i, (key, payload) in enumerate(chunks):
+            runs = payload if isinstance(payload, list) else [payload]
+            size = align_up(PAYLOAD_OFFSET + sum(run.numel() for run in runs))
             if self.max_bytes is not None and size > self.max_bytes:
                 log.warning("chunk of %d bytes exceeds the %d-byte disk quota; not stored", size, self.max_bytes)
                 continue
+            path = self.path_of(namespace, key)
             directory = os.path.dirname(path)
             if directory not in self._known_dirs:
                 os.makedirs(directory, exist_ok=True)
                 self._known_dirs.add(directory)
-            parts = [Part(0, pack_header(meta))]
-            offset = PAYLOAD_OFFSET
-            for run in payload if isinstance(payload, list) else [payload]:
+            parts, offset = [], PAYLOAD_OFFSET
+            for run in runs:
                 parts.append(Part(offset, run))
                 offset += run.numel()
-            todo.append(_Pending(i, meta.key, path, size, parts))
+            todo.append(_Pending(i, key, path, size, parts))
         with self._lock:  # reserve the bytes first, so parallel writers cannot overshoot the quota together
             self._bytes += sum(item.size for item in todo)
             excess = self._bytes - self.max_bytes if self.max_bytes is not None else 0
-        keys = [item.key for item in todo]
-        self._pin(keys)  # eviction (for the quota, or room for a retry) must not take this group's chunks
+        self._pin([item.key for item in todo])  # eviction (for the quota, or room for a retry) must not take them
         try:
             if excess > 0:
                 self._evict(excess)
-            self._write_pending(todo, stored)
-        finally:
-            self._unpin(keys)
-            for item in todo:
-                if item.reserved:  # neither published nor failed: an unexpected error
-                    self._unreserve(item)
+            files = self.backend.start_files([(item.path, item.parts) for item in todo], durable=self.durable)
+        except BaseException:
+            self._settle(todo)
+            raise
+        return ChunksInFlight(self, todo, files, len(chunks))
+
+    def _settle(self, todo: list[_Pending]) -> None:
+        """The end of a group of writes: unpin, give back what is still reserved (an unexpected error), keep the
+        quota."""
+        self._unpin([item.key for item in todo])
+        for item in todo:
+            if item.reserved:  # neither published nor failed
+                self._unreserve(item)
         if self.max_bytes is not None:  # groups written side by side may have outgrown the quota together; LRU
             self.evict_to(self.max_bytes)  # order takes older chunks first, this group's only if it alone is larger
-        return stored
 
-    def _write_pending(self, todo: list[_Pending], stored: list[bool]) -> None:
-        """Write ``todo`` (bytes reserved); on ENOSPC evict to make room and retry once."""
+    def _write_pending(self, todo: list[_Pending], stored: list[bool], errors: list[OSError | None]) -> None:
+        """Account for ``todo`` (bytes reserved), written with ``errors``; on ENOSPC evict to make room and write
+        those again, once."""
         for attempt in (1, 2):
-            errors = self.backend.write_files([(item.path, item.parts) for item in todo], durable=self.durable)
+            if attempt == 2:
+                errors = self.backend.write_files([(item.path, item.parts) for item in todo], durable=self.durable)
             full: list[_Pending] = []
             for item, error in zip(todo, errors, strict=True):
                 if error is None:
@@ -531,6 +551,49 @@ class LocalTier:
             except OSError:
                 pass
         self.backend.forget(path)
+
+
+class ChunksInFlight:
+    """Chunks of :meth:`LocalTier.start_many` on their way to disk: :meth:`finish` (or :meth:`abandon`) must
+    follow, once."""
+
+    def __init__(self, tier: LocalTier, todo: list[_Pending], files: FilesInFlight, count: int) -> None:
+        self._tier, self._todo, self._files, self._count = tier, todo, files, count
+
+    def finish(self, metas: Sequence[ChunkMeta]) -> list[bool]:
+        """Publish the chunks with their headers (``metas``, one per chunk given to ``start_many``, in order); per
+        chunk, False when the disk refused it."""
+        stored = [False] * self._count
+        try:
+            if len(metas) != self._count:
+                raise ValueError(f"{len(metas)} headers for {self._count} chunks")
+            headers = []
+            for item in self._todo:
+                meta = metas[item.index]
+                if meta.key != item.key or align_up(meta.file_size) != item.size:
+                    raise ValueError(f"header {item.index} is not its chunk's (key or length differs)")
+                headers.append(Part(0, pack_header(meta)))
+        except BaseException:
+            self.abandon()
+            raise
+        try:
+            try:
+                errors = self._files.finish([[header] for header in headers])
+            except OSError as exc:  # the library could not go on: none was published
+                errors = [exc] * len(self._todo)
+            for item, header in zip(self._todo, headers, strict=True):
+                item.parts.insert(0, header)  # a retry writes the whole file
+            self._tier._write_pending(self._todo, stored, errors)
+        finally:
+            self._tier._settle(self._todo)
+        return stored
+
+    def abandon(self) -> None:
+        """Store none of them (what was written is removed)."""
+        try:
+            self._files.abandon()
+        finally:
+            self._tier._settle(self._todo)
 
 
 def split_pieces(runs: Sequence[torch.Tensor], size: int) -> list[list[torch.Tensor]]:

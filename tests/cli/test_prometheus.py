@@ -47,8 +47,8 @@ def test_scrape_reports_hits_misses_bytes_latency_errors_and_io_mode(tmp_path):
     assert _value(samples, "gdscache_local_write_errors_total") == 0
     assert _value(samples, "gdscache_local_corrupt_total") == 0
     assert _value(samples, "gdscache_local_chunks") == 2
-    assert _value(samples, "gdscache_info", io_mode=stats["io_mode"], batch_reads="per file", storage="posix",
-                  codec="raw") == 1
+    assert _value(samples, "gdscache_info", io_mode=stats["io_mode"], batch_reads="per file", batch_writes="per file",
+                  storage="posix", codec="raw") == 1
     for op in ("store", "retrieve"):
         assert _value(samples, f"gdscache_{op}_latency_seconds_count") == 1
         assert _value(samples, f"gdscache_{op}_latency_seconds_bucket", le="+Inf") == 1

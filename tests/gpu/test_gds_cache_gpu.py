@@ -232,27 +232,35 @@ def test_raw_chunks_of_one_request_are_encoded_with_one_copy():
         assert torch.equal(payload, codec.encode(chunk))
 
 
-def test_store_in_batches_is_bit_exact_and_every_chunk_is_written(cache_dir):
-    """A 16-chunk store goes in four batches (api.STORE_BATCHES): each is encoded, then written as one group,
-    before the next one is encoded."""
+def test_a_gpu_store_checksums_while_its_files_are_written(cache_dir, monkeypatch):
+    """A 16-chunk store through the GPU backend encodes every chunk at once, starts writing their files, then
+    checksums the payloads and publishes the files with their headers, from the caller's thread: bit-exact."""
+    from gdscache import api
+
     kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=6, device="cuda")
     tokens = list(range(kv.shape[2]))
     calls = []
     with _open(cache_dir) as cache:
-        encode_many, submit = cache._codec.encode_many, cache._backend.submit
+        encode_many, start_many, digests = cache._codec.encode_many, cache._local.start_many, api.digests
 
         def spy_encode(chunks):
             calls.append(("encode", len(chunks)))
             return encode_many(chunks)
 
-        def spy_submit(fn, *args):
-            if getattr(fn, "__name__", "") == "_persist_many":
-                calls.append(("write", len(args[0])))
-            return submit(fn, *args)
+        def spy_start(namespace, chunks):
+            calls.append(("start", len(chunks)))
+            return start_many(namespace, chunks)
 
-        cache._codec.encode_many, cache._backend.submit = spy_encode, spy_submit
+        def spy_digests(payloads, algorithms):
+            calls.append(("checksum", len(payloads)))
+            return digests(payloads, algorithms)
+
+        cache._codec.encode_many, cache._local.start_many = spy_encode, spy_start
+        monkeypatch.setattr(api, "digests", spy_digests)
+        submit, cache._backend.submit = cache._backend.submit, lambda *_: pytest.fail("a GPU store needs no I/O thread")
         assert cache.store(tokens, kv) == 16 * CHUNK
-        assert calls == [("encode", 4), ("write", 4)] * 4
+        cache._backend.submit = submit
+        assert calls == [("encode", 16), ("start", 16), ("checksum", 16)]
         assert len(_chunk_files(cache_dir)) == 16
         out = torch.full_like(kv, float("nan"))
         assert cache.retrieve(tokens, out) == 16 * CHUNK
