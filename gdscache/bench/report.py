@@ -40,14 +40,16 @@ def render(report: dict, console: Console) -> None:
         f"{meta['load_average_start'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end)\n"
         f"path {meta['path']}  filesystem [bold]{fs['fstype']}[/] ({fs['source']} on {fs['mount_point']})\n"
         f"device [bold]{meta['device']}[/] ({meta['device_name']})  storage={meta['storage']}  "
-        f"io_mode=[bold]{meta['io_mode']}[/]  batch_reads={meta['batch_reads']}  threads={meta['threads']}\n"
+        f"io_mode=[bold]{meta['io_mode']}[/]  batch_reads={meta['batch_reads']}  batch_writes={meta['batch_writes']}  "
+        f"threads={meta['threads']}\n"
         f"model {model['name']}: {model['num_layers']} layers, {model['num_kv_heads']} KV heads, head_dim "
         f"{model['head_dim']}, {meta['kv_dtype']} = {meta['bytes_per_token'] / 1024:.0f} KiB/token; "
         f"{meta['requests']} request(s) x {meta['tokens_per_request']} tokens = "
         f"{meta['kv_bytes_per_config'] / 2**20:.0f} MiB per configuration"
     )
     results = report["results"]
-    ceiling = Table(title=f"raw ceiling: sequential files through the same backend ({meta['raw_io_mode']}), in "
+    ceiling = Table(title=f"raw ceiling: sequential files through the same backend ({meta['raw_io_mode']}, "
+                          f"batch_writes={meta['raw_batch_writes']}), in "
                           f"{meta['rounds']} round(s) paired with the cache's")
     ceiling.add_column("codec")
     ceiling.add_column("chunk", justify="right")

@@ -37,6 +37,8 @@ def test_bench_json_plot_and_cleanup(tmp_path, capsys):
     meta = report["meta"]
     assert meta["io_mode"] in ("posix-odirect", "posix-buffered") and meta["storage"] == "posix"
     assert meta["batch_reads"] == "per file" and f"batch_reads={meta['batch_reads']}" in out
+    assert meta["batch_writes"] == "per file" and f"batch_writes={meta['batch_writes']}" in out
+    assert meta["raw_batch_writes"] == "per file"
     assert meta["filesystem"]["fstype"] == filesystem_of(str(target))["fstype"] != "unknown"
     assert meta["device"] == "cpu" and meta["bytes_per_token"] == 256
     assert meta["requests"] == 2 and meta["kv_bytes_per_config"] == 2 * 256 * 256
