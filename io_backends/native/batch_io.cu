@@ -143,18 +143,24 @@ struct Job {
   Job(WriteBatch* w, int f, bool second) : write(w), file(f), publish(second) {}
 };
 
-// pwrite all nbytes: 0 or -errno
-int64_t pwrite_all(int fd, const char* src, int64_t nbytes, int64_t offset) {
+// Call `io` (pread or pwrite) until all nbytes have moved: 0, -errno, or `at_none` when a call moves nothing.
+template <typename Io, typename Buffer>
+int64_t repeat(Io io, int fd, Buffer* buf, int64_t nbytes, int64_t offset, int64_t at_none) {
   while (nbytes > 0) {
-    const ssize_t put = pwrite(fd, src, (size_t)nbytes, (off_t)offset);
-    if (put < 0) {
+    const ssize_t moved = io(fd, buf, (size_t)nbytes, (off_t)offset);
+    if (moved < 0) {
       if (errno == EINTR) continue;
       return -errno;
     }
-    if (put == 0) return -EIO;
-    src += put, offset += put, nbytes -= put;
+    if (moved == 0) return at_none;
+    buf += moved, offset += moved, nbytes -= moved;
   }
   return 0;
+}
+
+// pwrite all nbytes: 0 or -errno
+int64_t pwrite_all(int fd, const char* src, int64_t nbytes, int64_t offset) {
+  return repeat(pwrite, fd, src, nbytes, offset, -EIO);
 }
 
 // Write a staged piece: its 4 KiB-aligned part through `direct_fd` where there is one and the offset is aligned (a
@@ -171,16 +177,7 @@ int64_t pwrite_piece(int fd, int direct_fd, const char* src, int64_t nbytes, int
 
 // pread until nbytes have come or the file ends: 0, -errno, or -kShortFile
 int64_t pread_all(int fd, char* dst, int64_t nbytes, int64_t offset) {
-  while (nbytes > 0) {
-    const ssize_t got = pread(fd, dst, (size_t)nbytes, (off_t)offset);
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      return -errno;
-    }
-    if (got == 0) return -kShortFile;
-    dst += got, offset += got, nbytes -= got;
-  }
-  return 0;
+  return repeat(pread, fd, dst, nbytes, offset, -kShortFile);
 }
 
 int64_t cuda_code(cudaError_t err) { return -(kCudaErrorBase + (int64_t)err); }
