@@ -161,7 +161,8 @@ class GDSCache:
             group = self._group_size(spec, kv)
             if todo and group > 1 and self._writer is None:  # a GPU backend: all at once, checksummed while written
                 together = len(todo)
-                new_tokens += self._store_together(todo, spec)
+                for first in range(0, len(todo), GROUP_CHUNKS):  # each file holds a descriptor until published
+                    new_tokens += self._store_together(todo[first : first + GROUP_CHUNKS], spec)
                 todo = []
             # else on the GPU the chunks are encoded in batches (fuller kernel launches) and checksummed (one host
             # sync per batch); each batch goes to the I/O threads in groups (one task each: its files in flight

@@ -395,9 +395,9 @@ class _NativeFiles(FilesInFlight):
         self._kvikio_backend = backend
         self._held: list[np.ndarray] = []
         self._writing = native_io.begin_write([(temp_path_for(path), path) for path, _ in files],
-                                           _write_rows([parts for _, parts in files], self._held),
-                                           threads=backend._threads, piece_bytes=backend._task_size, durable=durable,
-                                           direct=backend._direct_writes)
+                                              _write_rows([parts for _, parts in files], self._held),
+                                              threads=backend._threads, piece_bytes=backend._task_size,
+                                              durable=durable, direct=backend._direct_writes, keep=(files, self._held))
 
     def finish(self, more: Sequence[Sequence[Part]]) -> list[OSError | None]:
         if len(more) != len(self._files):
@@ -467,6 +467,11 @@ class _KvikioFiles(FilesInFlight):
 
     def abandon(self) -> None:
         self._end(abandon=True)
+
+    def __del__(self) -> None:
+        if any(w is not None for w in getattr(self, "_writings", ())):  # dropped unfinished: leave nothing behind
+            log.warning("a batch of %d file(s) was dropped unfinished; its files are removed", len(self._files))
+            self._end(abandon=True)
 
     def _live(self) -> list[_Writing]:
         return [w for w in self._writings if w is not None]

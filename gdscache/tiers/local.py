@@ -559,10 +559,12 @@ class ChunksInFlight:
 
     def __init__(self, tier: LocalTier, todo: list[_Pending], files: FilesInFlight, count: int) -> None:
         self._tier, self._todo, self._files, self._count = tier, todo, files, count
+        self._ended = False
 
     def finish(self, metas: Sequence[ChunkMeta]) -> list[bool]:
         """Publish the chunks with their headers (``metas``, one per chunk given to ``start_many``, in order); per
         chunk, False when the disk refused it."""
+        self._end()
         stored = [False] * self._count
         try:
             if len(metas) != self._count:
@@ -574,7 +576,7 @@ class ChunksInFlight:
                     raise ValueError(f"header {item.index} is not its chunk's (key or length differs)")
                 headers.append(Part(0, pack_header(meta)))
         except BaseException:
-            self.abandon()
+            self._drop()
             raise
         try:
             try:
@@ -590,10 +592,24 @@ class ChunksInFlight:
 
     def abandon(self) -> None:
         """Store none of them (what was written is removed)."""
+        self._end()
+        self._drop()
+
+    def _drop(self) -> None:
         try:
             self._files.abandon()
         finally:
             self._tier._settle(self._todo)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_ended", True):  # dropped unfinished (say, an interrupt): give back what it holds
+            log.warning("%d chunk write(s) were dropped unfinished; not stored", len(self._todo))
+            self.abandon()
+
+    def _end(self) -> None:
+        if self._ended:
+            raise RuntimeError("these chunks were already finished or abandoned")
+        self._ended = True
 
 
 def split_pieces(runs: Sequence[torch.Tensor], size: int) -> list[list[torch.Tensor]]:

@@ -139,8 +139,9 @@ class FilesInFlight:
     them, :meth:`abandon` removes them. One of the two must be called, once."""
 
     def __init__(self, files: Sequence[tuple[str, str]], ranges: np.ndarray, *, threads: int, piece_bytes: int,
-                 durable: bool, direct: bool) -> None:
+                 durable: bool, direct: bool, keep: object = None) -> None:
         _check(ranges, WRANGE, "wrange")
+        self._keep = keep  # what owns the sources: alive until the batch has ended, even if dropped unfinished
         names = [os.fsencode(name) + b"\0" for pair in files for name in pair]
         self._table = np.zeros(len(files), dtype=FILE)
         self._blob = np.frombuffer(b"".join(names) or b"\0", dtype=np.uint8)  # alive until the batch ends, as are
@@ -186,17 +187,19 @@ class FilesInFlight:
 
 
 def begin_write(files: Sequence[tuple[str, str]], ranges: np.ndarray, *, threads: int, piece_bytes: int,
-                durable: bool, direct: bool) -> FilesInFlight:
+                durable: bool, direct: bool, keep: object = None) -> FilesInFlight:
     """Start writing every row of ``ranges`` (a contiguous :data:`WRANGE` array; ``file`` indexes ``files``) into
     ``files``, given as ``(temporary path, final path)``: each is created at the temporary path (which must not
     exist) and written. Returns at once; :meth:`FilesInFlight.finish` publishes them.
 
     GPU rows go through pinned staging in pieces of ``piece_bytes``, and through ``O_DIRECT`` where ``direct`` and
-    aligned. The sources must stay valid and unchanged until the batch is finished or abandoned. Raises
+    aligned. The sources must stay valid and unchanged until the batch is finished or abandoned: ``keep`` (what owns
+    them) is held until then. Raises
     ``ValueError`` for bad arguments and ``OSError`` where the library could start no worker or queue nothing (then
     no file was created).
     """
-    return FilesInFlight(files, ranges, threads=threads, piece_bytes=piece_bytes, durable=durable, direct=direct)
+    return FilesInFlight(files, ranges, threads=threads, piece_bytes=piece_bytes, durable=durable, direct=direct,
+                         keep=keep)
 
 
 def write(files: Sequence[tuple[str, str]], ranges: np.ndarray, *, threads: int, piece_bytes: int, durable: bool,

@@ -114,6 +114,7 @@ struct WriteBatch {
   bool durable, direct;
   bool abandon = false;  // phase 2 unlinks every file
   Pool* pool = nullptr;
+  pid_t pid = getpid();  // a forked child has neither the pool's workers nor the files' writes
   int64_t remaining = 0;  // jobs of the current phase not finished, under mutex
   std::mutex mutex;
   std::condition_variable done;
@@ -315,7 +316,12 @@ class Staging {
       cudaStream_t stream;
       err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
       if (err != cudaSuccess) return cuda_code(err);
-      found = streams_.emplace(device, stream).first;
+      try {
+        found = streams_.emplace(device, stream).first;
+      } catch (const std::exception&) {  // a worker must not die of an exception
+        cudaStreamDestroy(stream);
+        return -ENOMEM;
+      }
     }
     *out = found->second;
     return 0;
@@ -408,6 +414,7 @@ class Pool {
         queue_.pop_front();
       }
       if (job.write != nullptr) {
+        staging.drain();  // reads' copies finish their pieces now, not after this job's disk I/O
         if (job.publish) {
           complete_file(*job.write, job.file, staging);
         } else {
@@ -470,6 +477,8 @@ class Pool {
       if (code != 0) break;
     }
     f.result = code;
+    if (b.direct_fds[i] >= 0) close(b.direct_fds[i]);  // one descriptor per file until it is published
+    b.direct_fds[i] = -1;
   }
 
   int64_t write_range(const gio_wrange& r, int fd, int direct_fd, Staging& staging) {
@@ -527,20 +536,24 @@ class Pool {
     b.wait();
     const int n = (int)b.ranges.size();
     b.remaining = n;
+    bool queued = true;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       try {
         // first in the queue: short jobs that their caller waits for, on files already written
         for (int i = n - 1; i >= 0; --i) queue_.push_front(Job(&b, i, true));
-      } catch (...) {  // no memory to queue them: the caller publishes what needs no later range, one by one
+      } catch (...) {  // no memory to queue them
         drop_jobs(b);
-        for (int i = 0; i < n; ++i) {
-          if (!b.later[i].empty() && b.files[i].result == 0) b.files[i].result = -ENOMEM;
-          if (b.abandon && b.files[i].result == 0) b.files[i].result = -ECANCELED;
-          publish_file(b, i);
-        }
-        return;
+        queued = false;
       }
+    }
+    if (!queued) {  // the caller publishes what needs no later range, one by one, outside the pool's lock
+      for (int i = 0; i < n; ++i) {
+        if (!b.later[i].empty() && b.files[i].result == 0) b.files[i].result = -ENOMEM;
+        if (b.abandon && b.files[i].result == 0) b.files[i].result = -ECANCELED;
+        publish_file(b, i);
+      }
+      return;
     }
     work_.notify_all();
     b.wait();
@@ -653,10 +666,21 @@ void* gio_write_begin(gio_file* files, int nfiles, const gio_wrange* ranges, int
 // as in gio_write_begin; the caller keeps them valid until this returns), then publish each file: fsynced where
 // durable, closed and renamed to `path`; with `abandon`, every file is unlinked instead (result -ECANCELED). Each
 // file's `result` is 0 or its first failure (then its temporary file is gone). Frees the batch. 0, or -EINVAL for
-// bad ranges, or -ENOMEM where the later ranges cannot be kept (in both cases the batch is abandoned).
+// bad ranges, or -ENOMEM where the later ranges cannot be kept (in both cases the batch is abandoned). In a process
+// forked after gio_write_begin, only the child's copies of the descriptors are closed (results -ECANCELED): the
+// files are the parent's to publish.
 int gio_write_finish(void* handle, const gio_wrange* ranges, int nranges, int abandon) {
   WriteBatch* batch = static_cast<WriteBatch*>(handle);
   const int nfiles = (int)batch->ranges.size();
+  if (batch->pid != getpid()) {  // begun before a fork: the parent finishes it; the child only lets go of it
+    for (int i = 0; i < nfiles; ++i) {
+      if (batch->fds[i] >= 0) close(batch->fds[i]);
+      if (batch->direct_fds[i] >= 0) close(batch->direct_fds[i]);
+      batch->files[i].result = -ECANCELED;
+    }
+    delete batch;
+    return 0;
+  }
   int code = 0;
   if (nranges < 0 || !valid_wranges(ranges, nranges, nfiles)) {
     code = -EINVAL;

@@ -126,3 +126,21 @@ def test_started_files_take_their_last_parts_at_finish(backend, tmp_path, way):
     with pytest.raises(TypeError, match="uint8"):
         backend.start_files([(str(tmp_path / "bad.gdc"), [Part(4096, payload)])]).finish([[Part(0, torch.zeros(2))]])
     assert sorted(os.listdir(tmp_path)) == ["a.gdc", "b.gdc"]
+
+
+@pytest.mark.parametrize("way", ["kvikio", "native"])
+def test_a_batch_dropped_unfinished_leaves_nothing(backend, tmp_path, way, caplog):
+    """Files started and then dropped (say, an interrupt between start and finish) are removed, the sources held
+    until the writes have ended."""
+    if way == "native":
+        if not native.available():
+            pytest.skip(f"{native.LIB_NAME} is not built (needs nvcc)")
+        backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+
+    def start_and_drop() -> None:
+        backend.start_files([(str(tmp_path / f"c{i}.gdc"), [Part(4096, torch.full((300_000,), i, dtype=torch.uint8))])
+                             for i in range(3)])
+
+    start_and_drop()
+    assert os.listdir(tmp_path) == []
+    assert "dropped unfinished" in caplog.text

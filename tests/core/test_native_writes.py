@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -178,3 +179,24 @@ def test_an_abandoned_batch_leaves_nothing(tmp_path, caplog):
     native.begin_write(files, _rows([(0, 0, src)]), threads=2, piece_bytes=4096, durable=True, direct=False)
     assert os.listdir(tmp_path) == []  # dropped unfinished: removed, with a warning
     assert "dropped unfinished" in caplog.text
+
+
+def test_a_batch_begun_before_fork_is_the_parents(tmp_path):
+    """A forked child that ends an inherited batch only lets go of it (without waiting for workers it does not
+    have); the parent finishes and publishes it."""
+    files = _pairs(tmp_path, ["a.gdc"])
+    src = _bytes(1 << 20, 4)
+    writing = native.begin_write(files, _rows([(0, 0, src)]), threads=2, piece_bytes=4096, durable=True, direct=False)
+    pid = os.fork()
+    if pid == 0:  # the child
+        signal.alarm(10)  # a hang fails the test instead of blocking it
+        code = 0
+        try:
+            code = 0 if writing.finish() == [-errno.ECANCELED] else 1
+        except BaseException:  # noqa: BLE001 - the forked child must exit whatever happens
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert writing.finish() == [0]
+    assert Path(files[0][1]).read_bytes() == src.tobytes()

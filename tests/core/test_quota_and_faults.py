@@ -223,3 +223,20 @@ def test_a_store_that_fails_midway_returns_after_the_writes_it_started(cache_dir
             cache.store(tokens, kv)
         assert cache.lookup(tokens) == 48
         assert cache.stats()["chunks_written"] == 3
+
+
+def test_chunks_started_and_dropped_give_back_their_reservation(tmp_path, caplog):
+    """LocalTier.start_many reserves quota and pins the keys; chunks dropped unfinished give both back and store
+    nothing, and a finished or abandoned group cannot be ended twice."""
+    from gdscache.tiers.local import LocalTier
+
+    tier = LocalTier(str(tmp_path / "cache"), PosixBackend(threads=2), max_bytes=1 << 30)
+    payload = torch.zeros(5000, dtype=torch.uint8)
+    tier.start_many(b"n" * 16, [(bytes([k]) * 32, payload) for k in range(3)])
+    assert tier.used_bytes == 0 and not tier._in_use and len(tier) == 0
+    assert "dropped unfinished" in caplog.text
+    writing = tier.start_many(b"n" * 16, [(b"k" * 32, payload)])
+    writing.abandon()
+    with pytest.raises(RuntimeError, match="already finished or abandoned"):
+        writing.abandon()
+    assert tier.used_bytes == 0
