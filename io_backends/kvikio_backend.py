@@ -37,7 +37,7 @@ import resource
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 from typing import Any, Literal
 
@@ -111,6 +111,13 @@ def _ready(buf: torch.Tensor) -> None:
         stream = torch.cuda.current_stream(buf.device)
         if not stream.query():
             stream.synchronize()
+
+
+def _ready_devices(bufs: Iterable[torch.Tensor]) -> None:
+    """:func:`_ready` once per CUDA device among ``bufs``: ``libgdscache_io.so`` copies on its own streams, after the
+    work this thread queued."""
+    for buf in {buf.device: buf for buf in bufs if buf.is_cuda}.values():
+        _ready(buf)
 
 
 def _io_view(buf: torch.Tensor) -> Any:
@@ -268,7 +275,6 @@ class KvikioBackend(FileBackend):
         errors: list[OSError | None] = [None] * len(reads)
         rows: list[tuple[int, int, int, int, int, int]] = []
         owners: list[int] = []  # the read of each row
-        devices: dict[torch.device, torch.Tensor] = {}
         for i, (handle, dests, offset) in enumerate(reads):
             if not isinstance(handle, _KvikioReadHandle):
                 raise TypeError(f"read_batch takes this backend's read handles, got {type(handle).__name__}")
@@ -277,16 +283,13 @@ class KvikioBackend(FileBackend):
                 check_buffer(dest, "dest")
                 if dest.numel():
                     mine.append((fd, dest.device.index if dest.is_cuda else -1, at, dest.numel(), dest.data_ptr(), 0))
-                    if dest.is_cuda:
-                        devices.setdefault(dest.device, dest)
                 at += dest.numel()
             if at > handle.size:
                 errors[i] = OSError(errno.EIO, f"short file: need {at} bytes, file has {handle.size}")
                 continue
             rows += mine
             owners += [i] * len(mine)
-        for dest in devices.values():  # the copies run on the library's streams, after this thread's queued work
-            _ready(dest)
+        _ready_devices(dest for _, dests, _ in reads for dest in dests)
         try:
             results = native_io.read(np.array(rows, dtype=native_io.RANGE), threads=self._threads,
                                   piece_bytes=self._task_size)
@@ -363,12 +366,19 @@ def _check_parts(files: Sequence[tuple[str, Sequence[Part]]]) -> None:
                 check_buffer(part.data, f"part at offset {part.offset} of {path}")
 
 
+def _check_more(files: Sequence[tuple[str, Sequence[Part]]], more: Sequence[Sequence[Part]]) -> None:
+    """Check the parts given to ``finish``: one list per file, each part bytes or a buffer :func:`check_buffer`
+    accepts."""
+    if len(more) != len(files):
+        raise ValueError(f"finish takes one list of parts per file: {len(files)} files, {len(more)} lists")
+    _check_parts([(path, extra) for (path, _), extra in zip(files, more, strict=True)])
+
+
 def _write_rows(files: Sequence[Sequence[Part]], held: list[np.ndarray]) -> np.ndarray:
     """The :data:`~io_backends.native.WRANGE` rows of each file's parts (``files[i]`` is file ``i``'s); host bytes
     are kept alive in ``held``. Waits for work this thread queued on GPU sources (the library copies on its own
     streams)."""
     rows: list[tuple[int, int, int, int, int]] = []
-    devices: dict[torch.device, torch.Tensor] = {}
     for i, parts in enumerate(files):
         for part in parts:
             if part.nbytes == 0:
@@ -379,10 +389,7 @@ def _write_rows(files: Sequence[Sequence[Part]], held: list[np.ndarray]) -> np.n
                 continue
             buf = part.data
             rows.append((i, buf.device.index if buf.is_cuda else -1, part.offset, part.nbytes, buf.data_ptr()))
-            if buf.is_cuda:
-                devices.setdefault(buf.device, buf)
-    for buf in devices.values():
-        _ready(buf)
+    _ready_devices(part.data for parts in files for part in parts if isinstance(part.data, torch.Tensor))
     return np.array(rows, dtype=native_io.WRANGE)
 
 
@@ -392,7 +399,6 @@ class _NativeFiles(FilesInFlight):
 
     def __init__(self, backend: KvikioBackend, files: Sequence[tuple[str, Sequence[Part]]], durable: bool) -> None:
         super().__init__(backend, files, durable)
-        self._kvikio_backend = backend
         self._held: list[np.ndarray] = []
         self._writing = native_io.begin_write([(temp_path_for(path), path) for path, _ in files],
                                               _write_rows([parts for _, parts in files], self._held),
@@ -400,11 +406,8 @@ class _NativeFiles(FilesInFlight):
                                               durable=durable, direct=backend._direct_writes, keep=(files, self._held))
 
     def finish(self, more: Sequence[Sequence[Part]]) -> list[OSError | None]:
-        if len(more) != len(self._files):
-            self.abandon()
-            raise ValueError(f"finish takes one list of parts per file: {len(self._files)} files, {len(more)} lists")
         try:
-            _check_parts([(path, extra) for (path, _), extra in zip(self._files, more, strict=True)])
+            _check_more(self._files, more)
             rows = _write_rows(more, self._held)
         except BaseException:
             self.abandon()
@@ -414,7 +417,7 @@ class _NativeFiles(FilesInFlight):
                                                                                           strict=True)]
         for (path, _), error in zip(self._files, errors, strict=True):
             if error is None:
-                self._kvikio_backend.forget(path)
+                self._backend.forget(path)
         return errors
 
     def abandon(self) -> None:
@@ -445,11 +448,8 @@ class _KvikioFiles(FilesInFlight):
             raise
 
     def finish(self, more: Sequence[Sequence[Part]]) -> list[OSError | None]:
-        if len(more) != len(self._files):
-            self._end(abandon=True)
-            raise ValueError(f"finish takes one list of parts per file: {len(self._files)} files, {len(more)} lists")
         try:
-            _check_parts([(path, extra) for (path, _), extra in zip(self._files, more, strict=True)])
+            _check_more(self._files, more)
             self._wait()
             for i, extra in enumerate(more):
                 if extra and self._errors[i] is None:

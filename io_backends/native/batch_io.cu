@@ -15,17 +15,16 @@
 // Pieces alternate between two staging halves, so a worker's next pread overlaps the copy of its last piece; a
 // piece is finished as soon as its copy is seen to have ended.
 //
-// Writes (gio_write, or gio_write_begin and gio_write_finish, so that the caller can prepare the last ranges, a
-// header, while the first are written): each file is created under its temporary name and written by one worker,
-// range by range; a
-// GPU range's pieces are copied to staging on the worker's stream, the next piece's copy overlapping the last one's
-// pwrite, and go to disk through an O_DIRECT descriptor where asked and aligned (the page cache otherwise). Once
-// every file of the batch is written, each is fsynced (all at once, so a journaling filesystem commits them
+// Writes (gio_write_begin, then gio_write_finish, so that the caller can prepare the last ranges, a header, while
+// the first are written): each file is created under its temporary name and written by one worker, range by range;
+// a GPU range's pieces are copied to staging on the worker's stream, the next piece's copy overlapping the last
+// one's pwrite, and go to disk through an O_DIRECT descriptor where asked and aligned (the page cache otherwise).
+// Once every file of the batch is written, each is fsynced (all at once, so a journaling filesystem commits them
 // together), closed and renamed to its final name; a file that failed anywhere is unlinked instead.
 //
-// Results, per range or file: the bytes read (0 for a published file), or -errno (an OS error), or -kShortFile (the file ends before the range does),
-// or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it). No C++ exception leaves
-// the library: a pool that cannot start a thread makes gio_read return -EAGAIN.
+// Results, per range or file: the bytes read (0 for a published file), or -errno (an OS error), or -kShortFile (the
+// file ends before the range does), or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name
+// names it). No C++ exception leaves the library: a pool that cannot start a thread makes a call return -EAGAIN.
 
 #include <cuda_runtime.h>
 #include <errno.h>
@@ -76,23 +75,37 @@ using Range = gio_range;
 constexpr int64_t kShortFile = 99999;
 constexpr int64_t kCudaErrorBase = 100000;
 
+// Jobs of a batch not finished yet: the batch's caller waits for none to be left (and may then free the batch).
+struct Countdown {
+  int64_t remaining = 0;  // under mutex
+  std::mutex mutex;
+  std::condition_variable done;
+  void reset(int64_t n) {
+    std::lock_guard<std::mutex> lock(mutex);
+    remaining = n;
+  }
+  void finish_one() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (--remaining == 0) done.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [&] { return remaining == 0; });
+  }
+};
+
 struct Batch {
   Range* ranges;
   std::vector<std::atomic<int64_t>> errors;  // per range: 0, or the first failure of its pieces
-  int64_t remaining;  // pieces not finished, under mutex: the caller frees the batch once it reads 0
-  std::mutex mutex;
-  std::condition_variable done;
-  Batch(Range* r, int n, int64_t pieces) : ranges(r), errors(n), remaining(pieces) {}
+  Countdown pieces;  // a GPU range's pieces finish one by one, as their copies end
+  Batch(Range* r, int n, int64_t count) : ranges(r), errors(n) { pieces.reset(count); }
 
   void fail(int index, int64_t code) {
     int64_t none = 0;
     errors[index].compare_exchange_strong(none, code);
   }
   bool failed(int index) const { return errors[index].load() != 0; }
-  void finish_piece() {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (--remaining == 0) done.notify_all();
-  }
+  void finish_piece() { pieces.finish_one(); }
 };
 
 struct Piece {
@@ -115,21 +128,11 @@ struct WriteBatch {
   bool abandon = false;  // phase 2 unlinks every file
   Pool* pool = nullptr;
   pid_t pid = getpid();  // a forked child has neither the pool's workers nor the files' writes
-  int64_t remaining = 0;  // jobs of the current phase not finished, under mutex
-  std::mutex mutex;
-  std::condition_variable done;
+  Countdown jobs;        // of the current phase
   WriteBatch(gio_file* f, int n, const gio_wrange* r, int nr, bool sync, bool odirect)
       : files(f), ranges(n), later(n), fds(n, -1), direct_fds(n, -1), durable(sync), direct(odirect) {
     for (int i = 0; i < nr; ++i) ranges[r[i].file].push_back(&r[i]);
     for (int i = 0; i < n; ++i) files[i].result = 0;
-  }
-  void finish_job() {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (--remaining == 0) done.notify_all();
-  }
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex);
-    done.wait(lock, [&] { return remaining == 0; });
   }
 };
 
@@ -389,8 +392,7 @@ class Pool {
       }
     }
     work_.notify_all();
-    std::unique_lock<std::mutex> lock(batch.mutex);
-    batch.done.wait(lock, [&] { return batch.remaining == 0; });
+    batch.pieces.wait();
     for (int i = 0; i < n; ++i) {
       const int64_t err = batch.errors[i].load();
       ranges[i].result = err != 0 ? err : ranges[i].nbytes;
@@ -420,7 +422,7 @@ class Pool {
         } else {
           write_file(*job.write, job.file, staging);
         }
-        job.write->finish_job();
+        job.write->jobs.finish_one();
         continue;
       }
       const Piece piece = job.piece;
@@ -498,26 +500,23 @@ class Pool {
   }
 
   static void publish_file(WriteBatch& b, int i) {
-    gio_file& f = b.files[i];
-    publish(b.fds[i], b.direct_fds[i], reinterpret_cast<const char*>(f.tmp), reinterpret_cast<const char*>(f.path),
-            b.durable, &f.result);
+    const int fd = b.fds[i], direct_fd = b.direct_fds[i];
     b.fds[i] = b.direct_fds[i] = -1;
-  }
-
-  static void publish(int fd, int direct_fd, const char* tmp, const char* path, bool durable, int64_t* result) {
     if (fd < 0) return;  // never created: nothing of ours to remove
-    if (*result == 0 && durable && fsync(fd) != 0) *result = -errno;
+    const char* tmp = reinterpret_cast<const char*>(b.files[i].tmp);
+    int64_t& result = b.files[i].result;
+    if (result == 0 && b.durable && fsync(fd) != 0) result = -errno;
     if (direct_fd >= 0) close(direct_fd);
-    if (close(fd) != 0 && *result == 0) *result = -errno;
-    if (*result == 0 && rename(tmp, path) != 0) *result = -errno;
-    if (*result != 0) unlink(tmp);
+    if (close(fd) != 0 && result == 0) result = -errno;
+    if (result == 0 && rename(tmp, reinterpret_cast<const char*>(b.files[i].path)) != 0) result = -errno;
+    if (result != 0) unlink(tmp);
   }
 
  public:
   // Queue phase 1 of `b` (each file created and written); throws where it cannot be queued (then nothing is).
   void start_write(WriteBatch& b) {
     const int n = (int)b.ranges.size();
-    b.remaining = n;
+    b.jobs.reset(n);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       try {
@@ -533,9 +532,9 @@ class Pool {
   // Wait for phase 1 of `b`, then run phase 2 (each file's later ranges, sync, close, rename); returns when every
   // file is done.
   void finish_write(WriteBatch& b) {
-    b.wait();
+    b.jobs.wait();
     const int n = (int)b.ranges.size();
-    b.remaining = n;
+    b.jobs.reset(n);
     bool queued = true;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -556,7 +555,7 @@ class Pool {
       return;
     }
     work_.notify_all();
-    b.wait();
+    b.jobs.wait();
   }
 
  private:
@@ -698,14 +697,6 @@ int gio_write_finish(void* handle, const gio_wrange* ranges, int nranges, int ab
   batch->pool->finish_write(*batch);
   delete batch;
   return code;
-}
-
-// gio_write_begin and gio_write_finish without later ranges: returns when every file is published or failed.
-int gio_write(gio_file* files, int nfiles, const gio_wrange* ranges, int nranges, int threads, int64_t piece_bytes,
-              int durable, int direct) {
-  int error = 0;
-  void* batch = gio_write_begin(files, nfiles, ranges, nranges, threads, piece_bytes, durable, direct, &error);
-  return batch == nullptr ? error : gio_write_finish(batch, nullptr, 0, 0);
 }
 
 const char* gio_cuda_error_name(int err) { return cudaGetErrorName((cudaError_t)err); }
