@@ -89,16 +89,18 @@ step_bench_cli() {
 
 issue3_bench() {
     # one of issue 3's runs into the JSON $1: raw 256-token chunks, 4 GiB, of Llama-8B (32 MiB), or with $2 = small
-    # of a small model (1 MiB); store and cold/warm retrieve against the paired raw ceiling (benchmarks/RESULTS.md)
+    # of a small model (1 MiB); store and cold/warm retrieve against the paired raw ceiling (benchmarks/RESULTS.md);
+    # more options of `gdscache bench` after $2
     local shape=()
     [ "${2:-}" = small ] && shape=(--layers 16 --kv-heads 1 --head-dim 64)
     python3 -m gdscache.cli.main bench --path "$REPO/.bench/cli" --device cuda --codecs raw --chunk-size 256 \
-        --total-size 4GiB "${shape[@]}" --json "$1"
+        --total-size 4GiB "${shape[@]}" --json "$1" "${@:3}"
 }
 
 step_issue3() {
-    issue3_bench "$OUT/issue3_llama.json"
+    issue3_bench "$OUT/issue3_llama.json" llama
     issue3_bench "$OUT/issue3_small.json" small
+    issue3_bench "$OUT/issue3_small_sync.json" small --write-mode sync
 }
 
 step_warm_files() {

@@ -26,7 +26,7 @@ from gdscache.metrics import Metrics, start_metrics_server
 from gdscache.pages import KVPages, token_slice
 from gdscache.spec import KVSpec, dtype_name, parse_dtype
 from gdscache.tiers.dram import DramTier
-from gdscache.tiers.local import LocalTier, thread_stream
+from gdscache.tiers.local import ChunksInFlight, LocalTier, thread_stream
 from gdscache.writeback import WriteBehind
 from io_backends import make_file_backend
 from io_backends.buffers import host_pool
@@ -159,7 +159,7 @@ class GDSCache:
                     payload = self._codec.encode_many([piece])[0]
                     new_tokens += self._submit([self._meta(key, spec, payload)], [payload], jobs)
             group = self._group_size(spec, kv)
-            if todo and group > 1 and self._writer is None:  # a GPU backend: all at once, checksummed while written
+            if todo and group > 1:  # a GPU backend: all at once, checksummed while written
                 together = len(todo)
                 for first in range(0, len(todo), GROUP_CHUNKS):  # each file holds a descriptor until published
                     new_tokens += self._store_together(todo[first : first + GROUP_CHUNKS], spec)
@@ -192,23 +192,32 @@ class GDSCache:
         return new_tokens
 
     def _store_together(self, todo: list[tuple[bytes, KV]], spec: KVSpec) -> int:
-        """Encode every chunk of ``todo``, start writing their payloads, checksum them and pack their headers while
-        the writes are in flight, then publish them together and hand them to the other tiers; returns the tokens
-        stored."""
+        """Encode every chunk of ``todo``, start writing their payloads, checksum them while the writes are in
+        flight, then publish them together and hand them to the other tiers; returns the tokens stored. In async
+        mode the publishing is the write-behind threads' (the payloads are this call's own buffers, so ``todo``'s KV
+        is free once they are encoded) and the tokens accepted are returned."""
         payloads = self._codec.encode_many([piece for _, piece in todo])
         writing = self._local.start_many(self._namespace, [(key, p) for (key, _), p in zip(todo, payloads, strict=True)])
         try:
             sums = digests(payloads, [algorithm_for(p) for p in payloads])
             metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(todo, payloads, sums, strict=True)]
+            for meta in metas:
+                self.metrics.inc("bytes_encoded", meta.payload_len)
+            if self._writer is not None:  # waits while the queue is full, this group's writes going on meanwhile
+                self._writer.submit_batch(metas, payloads, lambda: self._publish(writing, metas, payloads))
+                return self.config.chunk_size * len(metas)
         except BaseException:
             writing.abandon()
             raise
-        for meta in metas:
-            self.metrics.inc("bytes_encoded", meta.payload_len)
-        stored = self._to_other_tiers(metas, payloads, writing.finish(metas))
+        stored = self._publish(writing, metas, payloads)
         for payload in payloads:
             self._recycle(payload)
         return self.config.chunk_size * sum(stored)
+
+    def _publish(self, writing: ChunksInFlight, metas: list[ChunkMeta], payloads: list[torch.Tensor]) -> list[bool]:
+        """Publish chunks whose writes :meth:`_store_together` started, and hand them to the other tiers; per chunk,
+        whether some tier now holds it."""
+        return self._to_other_tiers(metas, payloads, writing.finish(metas))
 
     def _submit(self, metas: list[ChunkMeta], payloads: list[torch.Tensor],
                 jobs: list[tuple[Future[list[bool]], list[Payload]]]) -> int:

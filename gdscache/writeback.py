@@ -1,7 +1,10 @@
-"""Write-behind: a bounded queue of encoded chunks and worker threads that persist them.
+"""Write-behind: encoded chunks on their way to disk after ``store()`` has returned, and the threads that persist them.
 
-``submit`` blocks while the queue is full (back-pressure); ``flush`` waits until every queued
-chunk is written. Chunks still queued are readable through :meth:`WriteBehind.pending`.
+Two kinds of work are queued: single chunks (``submit``: a worker writes each), and batches whose files the caller
+has already started (``submit_batch``: a worker runs the batch's ``publish``, which waits for its writes and
+publishes them). ``submit`` and ``submit_batch`` block while ``depth`` chunks are queued or being written
+(back-pressure); ``flush`` waits until every queued chunk is written. Chunks not written yet are readable through
+:meth:`WriteBehind.pending`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,9 +29,12 @@ class WriteBehind:
         """``write(meta, payload)`` persists a chunk; ``release(payload)`` runs once nothing can read it."""
         self._write = write
         self._release = release
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._depth = depth
+        self._queue: queue.Queue = queue.Queue()
         self._pending: dict[bytes, tuple[ChunkMeta, torch.Tensor]] = {}
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._in_flight = 0  # chunks queued or being written (under the lock)
         self._threads = [
             threading.Thread(target=self._run, name=f"gdscache-writer-{i}", daemon=True) for i in range(max(1, workers))
         ]
@@ -41,9 +47,15 @@ class WriteBehind:
         if payload.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(payload.device))
-        with self._lock:
-            self._pending[meta.key] = (meta, payload)
-        self._queue.put((meta, payload, ready))
+        self._admit([meta], [payload])
+        self._queue.put(((meta,), (payload,), ready, None))
+
+    def submit_batch(self, metas: Sequence[ChunkMeta], payloads: Sequence[torch.Tensor],
+                     publish: Callable[[], object]) -> None:
+        """Queue chunks whose writes are already under way: a worker calls ``publish()``, which must return once they
+        are published (or failed); until then they stay readable here. Their payloads must not change."""
+        self._admit(metas, payloads)
+        self._queue.put((tuple(metas), tuple(payloads), None, publish))
 
     def has(self, key: bytes) -> bool:
         with self._lock:
@@ -56,7 +68,9 @@ class WriteBehind:
             return None if entry is None else (entry[0], entry[1].clone())
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Chunks queued or being written."""
+        with self._lock:
+            return self._in_flight
 
     def flush(self) -> None:
         self._queue.join()
@@ -68,22 +82,38 @@ class WriteBehind:
         for t in self._threads:
             t.join()
 
+    def _admit(self, metas: Sequence[ChunkMeta], payloads: Sequence[torch.Tensor]) -> None:
+        """Wait for room (unless nothing is in flight: a batch larger than ``depth`` goes alone), then hold the
+        chunks as pending."""
+        with self._room:
+            self._room.wait_for(lambda: not self._in_flight or self._in_flight + len(metas) <= self._depth)
+            self._in_flight += len(metas)
+            for meta, payload in zip(metas, payloads, strict=True):
+                self._pending[meta.key] = (meta, payload)
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             try:
                 if item is _STOP:
                     return
-                meta, payload, ready = item
-                if ready is not None:
-                    ready.synchronize()
+                metas, payloads, ready, publish = item
                 try:
-                    self._write(meta, payload)
+                    if publish is not None:
+                        publish()
+                    else:
+                        if ready is not None:
+                            ready.synchronize()
+                        self._write(metas[0], payloads[0])
                 except Exception:  # a storage fault must not kill the writer thread
-                    log.exception("write-behind of chunk %s failed", meta.key.hex())
-                with self._lock:
-                    self._pending.pop(meta.key, None)
+                    log.exception("write-behind of %d chunk(s) from %s failed", len(metas), metas[0].key.hex())
+                with self._room:
+                    for meta in metas:
+                        self._pending.pop(meta.key, None)
+                    self._in_flight -= len(metas)
+                    self._room.notify_all()
                 if self._release is not None:
-                    self._release(payload)
+                    for payload in payloads:
+                        self._release(payload)
             finally:
                 self._queue.task_done()

@@ -55,6 +55,7 @@ class BenchOptions:
     storage: str = "gds"
     o_direct: str = "auto"
     threads: int = 8
+    write_mode: str = "async"
     total_bytes: int = 512 << 20
     cold: bool = True
     warm: bool = True
@@ -82,6 +83,8 @@ class BenchOptions:
             raise ValueError(f"--storage must be 'gds' or 'posix', got {self.storage!r}")
         if self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.write_mode not in ("sync", "async"):
+            raise ValueError(f"--write-mode must be 'sync' or 'async', got {self.write_mode!r}")
         if self.total_bytes < 1:
             raise ValueError(f"--total-size must be > 0, got {self.total_bytes}")
         if self.rounds < 1:
@@ -146,6 +149,9 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             "storage": opts.storage,
             "o_direct": opts.o_direct,
             "threads": opts.threads,
+            "write_mode": opts.write_mode,
+            "store_method": "each round's stores and the flush() that ends them are timed: in both write modes, the "
+                            "time until every chunk is published (fsynced, renamed), as the raw side's one fsync",
             "model": vars(opts.model),
             "kv_dtype": dtype_name(opts.dtype),
             "bytes_per_token": spec.bytes_per_token(),
@@ -260,11 +266,13 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
 
     try:
         with GDSCache(path=cfg_dir, chunk_size=chunk, model_id=f"gdscache-bench/{opts.model.name}",
-                      storage=opts.storage, codec=codec, io_threads=opts.threads, o_direct=opts.o_direct) as cache:
+                      storage=opts.storage, codec=codec, io_threads=opts.threads, o_direct=opts.o_direct,
+                      write_mode=opts.write_mode) as cache:
 
             def stores(_r: int, idx: list[int]) -> None:
                 for i in idx:
                     _expect(cache.store(prompts[i], src), req_tokens, "store")
+                cache.flush()
 
             def retrieves(_r: int, idx: list[int]) -> None:
                 for i in idx:
@@ -306,9 +314,15 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
 
 def _latencies(opts: BenchOptions, cache: GDSCache, kv: torch.Tensor, out: torch.Tensor, chunk: int,
                singles: list[np.ndarray], backend: FileBackend, cfg_dir: str) -> dict[str, dict[str, float]]:
-    """p50/p99 of single-chunk requests, one at a time: store, then retrieve cold and warm."""
+    """p50/p99 of single-chunk requests, one at a time: store (until published: ``flush()`` included), then
+    retrieve cold and warm."""
     one, one_out = kv[:, :, :chunk], out[:, :, :chunk]
-    lat = {"store": [_timed(lambda p=p: _expect(cache.store(p, one), chunk, "store"), kv.device) for p in singles]}
+
+    def store(prompt: np.ndarray) -> None:
+        _expect(cache.store(prompt, one), chunk, "store")
+        cache.flush()
+
+    lat = {"store": [_timed(lambda p=p: store(p), kv.device) for p in singles]}
     for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
         if wanted:
             if temp == "cold":

@@ -41,7 +41,7 @@ def render(report: dict, console: Console) -> None:
         f"path {meta['path']}  filesystem [bold]{fs['fstype']}[/] ({fs['source']} on {fs['mount_point']})\n"
         f"device [bold]{meta['device']}[/] ({meta['device_name']})  storage={meta['storage']}  "
         f"io_mode=[bold]{meta['io_mode']}[/]  batch_reads={meta['batch_reads']}  batch_writes={meta['batch_writes']}  "
-        f"threads={meta['threads']}\n"
+        f"threads={meta['threads']}  write_mode={meta['write_mode']} (stores timed until published)\n"
         f"model {model['name']}: {model['num_layers']} layers, {model['num_kv_heads']} KV heads, head_dim "
         f"{model['head_dim']}, {meta['kv_dtype']} = {meta['bytes_per_token'] / 1024:.0f} KiB/token; "
         f"{meta['requests']} request(s) x {meta['tokens_per_request']} tokens = "

@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default gds on CUDA, posix on CPU)")
     s.add_argument("--o-direct", default="auto", choices=("auto", "on", "off"), help="POSIX O_DIRECT (default auto)")
     s.add_argument("--threads", type=int, default=8, help="parallel file operations (default 8)")
+    s.add_argument("--write-mode", default="async", choices=("sync", "async"),
+                   help="the cache's write_mode: async returns from store() before the files are published, sync "
+                        "after; each round's flush() is timed, so both measure until published (default async)")
     s.add_argument("--prefill-tflops", type=float, default=DEFAULT_TFLOPS,
                    help=f"assumed TFLOP/s for the prefill estimate when not on CUDA (default {DEFAULT_TFLOPS:g})")
     o = p.add_argument_group("output")
@@ -104,7 +107,7 @@ def options_from(args: argparse.Namespace, argv: list[str] | None = None) -> Ben
         path=args.path, model=model, dtype=parse_dtype(DTYPES.get(args.dtype, args.dtype)), tokens=args.tokens,
         chunk_sizes=_ints(args.chunk_size, "--chunk-size"), codecs=codecs, device=device,
         storage=args.storage or ("gds" if on_gpu else "posix"),
-        o_direct=args.o_direct, threads=args.threads, total_bytes=parse_size(args.total_size, "--total-size") or 0,
+        o_direct=args.o_direct, threads=args.threads, write_mode=args.write_mode, total_bytes=parse_size(args.total_size, "--total-size") or 0,
         cold=not args.warm, warm=not args.cold, latency_chunks=args.latency_chunks, rounds=args.rounds,
         keep=args.keep,
         prefill_tflops=args.prefill_tflops, seed=args.seed, command=shlex.join(["gdscache", *argv]),

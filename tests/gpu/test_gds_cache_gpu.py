@@ -283,3 +283,71 @@ def test_a_store_on_the_callers_stream_waits_for_its_work(cache_dir):
         assert cache.retrieve(tokens, out) == 16 * CHUNK
         side.synchronize()
         assert torch.equal(_bits(out), _bits(kv))
+
+
+def test_async_gpu_store_publishes_behind_and_frees_the_kv_at_once(cache_dir):
+    """In async mode a GPU store hands its group's publishing to a write-behind thread: it returns with the KV
+    already copied out (the caller overwrites it at once), the chunks count and read back while in flight (held
+    there by a publish that cannot finish yet), and after flush() a fresh cache reads the stored KV bit-exact."""
+    import threading
+
+    kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=9, device="cuda")
+    want = kv.clone()
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir, write_mode="async", write_queue_depth=16) as cache:
+        release, publish = threading.Event(), cache._publish
+
+        def held_publish(writing, metas, payloads):
+            release.wait(60)
+            return publish(writing, metas, payloads)
+
+        cache._publish = held_publish
+        assert cache.store(tokens, kv) == 16 * CHUNK
+        kv.fill_(0)  # the caller's buffer is free once store() returns
+        assert cache.stats()["write_queue_depth"] == 16 and not _chunk_files(cache_dir)
+        assert cache.lookup(tokens) == 16 * CHUNK
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 16 * CHUNK  # from the payloads in flight
+        assert torch.equal(_bits(out), _bits(want))
+        release.set()
+        cache.flush()
+        assert cache.stats()["write_queue_depth"] == 0 and len(_chunk_files(cache_dir)) == 16
+        assert cache.stats()["chunks_written"] == 16
+    with _open(cache_dir) as fresh:
+        out = torch.full_like(want, float("nan"))
+        assert fresh.retrieve(tokens, out) == 16 * CHUNK
+        assert torch.equal(_bits(out), _bits(want))
+
+
+def test_async_gpu_stores_wait_for_room_but_not_for_their_own_writes(cache_dir):
+    """With room for one group, the second store's files are started before it waits for the first group's
+    publishing; every chunk of both is then stored bit-exact."""
+    import threading
+
+    kv = make_kv(2, 8 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=10, device="cuda")
+    first, second = list(range(kv.shape[2])), list(range(10**6, 10**6 + kv.shape[2]))
+    with _open(cache_dir, write_mode="async", write_queue_depth=8) as cache:
+        release, publish, start_many = threading.Event(), cache._publish, cache._local.start_many
+        started = []
+
+        def held_publish(writing, metas, payloads):
+            release.wait(60)
+            return publish(writing, metas, payloads)
+
+        def spy_start(namespace, chunks):
+            started.append(len(chunks))
+            return start_many(namespace, chunks)
+
+        cache._publish, cache._local.start_many = held_publish, spy_start
+        assert cache.store(first, kv) == 8 * CHUNK
+        second_store = threading.Thread(target=cache.store, args=(second, kv))
+        second_store.start()
+        second_store.join(2)
+        assert second_store.is_alive() and started == [8, 8]  # its writes are under way, it waits for room
+        release.set()
+        second_store.join(60)
+        cache.flush()
+        assert len(_chunk_files(cache_dir)) == 16
+        for tokens in (first, second):
+            out = torch.full_like(kv, float("nan"))
+            assert cache.retrieve(tokens, out) == 8 * CHUNK and torch.equal(_bits(out), _bits(kv))
