@@ -44,8 +44,8 @@ INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
 decodes in batches holds up to as many again awaiting its decode."""
 STORE_BATCHES = 4
-"""A store of GPU KV that does not go through a GPU backend at once (``GDSCache._store_together``: write-behind, or
-the POSIX backend) encodes its chunks in up to this many batches (more where they exceed ``GROUP_BYTES`` each; one
+"""A store of GPU KV that does not go through a GPU backend at once (``GDSCache._store_together``; the POSIX backend
+does not) encodes its chunks in up to this many batches (more where they exceed ``GROUP_BYTES`` each; one
 for a codec that batches its kernels), so that writing one batch overlaps encoding and checksumming the next."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
@@ -131,8 +131,10 @@ class GDSCache:
         """Persist the whole chunks of ``kv`` not stored yet; returns how many tokens were newly stored.
 
         ``kv`` may be :class:`KVPages` (every page present): the cachegen kernels then read the pages in place.
-        A store that raises (say, cachegen refusing non-finite KV) does so once the writes it started have ended:
-        the chunks before the failing one may stay stored.
+        A store that raises (say, cachegen refusing non-finite KV) does so once the writes it started have ended
+        (in async mode, but for groups already handed to the write-behind threads): the chunks before the failing
+        one may stay stored. In async mode the tokens returned are those accepted; ``flush()`` waits until they are
+        published, and ``stats()["chunk_write_failures"]`` counts those the disk refused.
         """
         arr, spec = self._prepare(tokens, kv, "kv")
         chunk = self.config.chunk_size
@@ -161,8 +163,11 @@ class GDSCache:
             group = self._group_size(spec, kv)
             if todo and group > 1:  # a GPU backend: all at once, checksummed while written
                 together = len(todo)
-                for first in range(0, len(todo), GROUP_CHUNKS):  # each file holds a descriptor until published
-                    new_tokens += self._store_together(todo[first : first + GROUP_CHUNKS], spec)
+                # each file holds a descriptor until published; in async mode a group also holds its payloads while it
+                # waits for room, so it is at most as large as the room
+                most = min(GROUP_CHUNKS, self.config.write_queue_depth) if self._writer is not None else GROUP_CHUNKS
+                for first in range(0, len(todo), most):
+                    new_tokens += self._store_together(todo[first : first + most], spec)
                 todo = []
             # else on the GPU the chunks are encoded in batches (fuller kernel launches) and checksummed (one host
             # sync per batch); each batch goes to the I/O threads in groups (one task each: its files in flight

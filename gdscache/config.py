@@ -65,11 +65,11 @@ class Config(BaseModel):
     max_disk_bytes: int | None = Field(None, description="local tier quota; None = unlimited")
     cpu_cache_bytes: int = Field(0, description="DRAM tier quota; 0 disables it")
     write_mode: Literal["sync", "async"] = Field(
-        "sync", description="sync: store() returns once its chunks are published; async: before (write-behind: "
-                            "GPU KV is encoded into buffers of its own and its files are already being written), "
-                            "flush() waits")
-    write_queue_depth: int = Field(32, gt=0, description="chunks queued or being written in async mode before store() "
-                                                        "blocks")
+        "sync", description="sync: store() returns once its chunks are published; async: before (write-behind; "
+                            "GPU KV through kvikio is encoded into buffers of its own and its files are already "
+                            "being written), flush() waits")
+    write_queue_depth: int = Field(32, gt=0, description="chunks queued or being written in async mode "
+                                                        "before store() blocks")
     io_threads: int = Field(8, gt=0, le=256, description="parallel file operations")
     o_direct: Literal["auto", "on", "off"] = Field("auto", description="POSIX O_DIRECT use")
     durable: bool = Field(True, description="fsync each chunk before publishing it")

@@ -2,9 +2,9 @@
 
 Two kinds of work are queued: single chunks (``submit``: a worker writes each), and batches whose files the caller
 has already started (``submit_batch``: a worker runs the batch's ``publish``, which waits for its writes and
-publishes them). ``submit`` and ``submit_batch`` block while ``depth`` chunks are queued or being written
-(back-pressure); ``flush`` waits until every queued chunk is written. Chunks not written yet are readable through
-:meth:`WriteBehind.pending`.
+publishes them). Both block until their chunks fit in ``depth`` chunks queued or being written (back-pressure; a
+batch larger than ``depth`` waits until nothing is in flight); ``flush`` waits until every queued chunk is written.
+Chunks not written yet are readable through :meth:`WriteBehind.pending`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class WriteBehind:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._in_flight = 0  # chunks queued or being written (under the lock)
+        self._closed = False
         self._threads = [
             threading.Thread(target=self._run, name=f"gdscache-writer-{i}", daemon=True) for i in range(max(1, workers))
         ]
@@ -47,25 +48,31 @@ class WriteBehind:
         if payload.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(payload.device))
-        self._admit([meta], [payload])
-        self._queue.put(((meta,), (payload,), ready, None))
+        self._enqueue(((meta,), (payload,), ready, None))
 
     def submit_batch(self, metas: Sequence[ChunkMeta], payloads: Sequence[torch.Tensor],
                      publish: Callable[[], object]) -> None:
         """Queue chunks whose writes are already under way: a worker calls ``publish()``, which must return once they
-        are published (or failed); until then they stay readable here. Their payloads must not change."""
-        self._admit(metas, payloads)
-        self._queue.put((tuple(metas), tuple(payloads), None, publish))
+        are published (or failed); until then they stay readable here. Their payloads must not change. Raises
+        ``RuntimeError`` (nothing queued) once :meth:`close` has begun."""
+        self._enqueue((tuple(metas), tuple(payloads), None, publish))
 
     def has(self, key: bytes) -> bool:
         with self._lock:
             return key in self._pending
 
     def pending(self, key: bytes) -> tuple[ChunkMeta, torch.Tensor] | None:
-        """A private copy of a queued chunk (the queued buffer is recycled once written)."""
+        """A private copy of a queued chunk (the queued buffer is recycled once written), made on the caller's
+        current stream: a GPU buffer is not reused before that copy has run."""
         with self._lock:
             entry = self._pending.get(key)
-            return None if entry is None else (entry[0], entry[1].clone())
+            if entry is None:
+                return None
+            meta, payload = entry
+            copy = payload.clone()
+            if payload.is_cuda:
+                payload.record_stream(torch.cuda.current_stream(payload.device))
+            return meta, copy
 
     def depth(self) -> int:
         """Chunks queued or being written."""
@@ -76,20 +83,42 @@ class WriteBehind:
         self._queue.join()
 
     def close(self) -> None:
+        with self._room:  # a store still waiting for room gives up rather than queue work no thread would run
+            self._closed = True
+            self._room.notify_all()
         self.flush()
         for _ in self._threads:
             self._queue.put(_STOP)
         for t in self._threads:
             t.join()
 
-    def _admit(self, metas: Sequence[ChunkMeta], payloads: Sequence[torch.Tensor]) -> None:
-        """Wait for room (unless nothing is in flight: a batch larger than ``depth`` goes alone), then hold the
-        chunks as pending."""
+    def _enqueue(self, item: tuple) -> None:
+        """Wait for room for ``item``'s chunks (unless nothing is in flight: a batch larger than ``depth`` goes
+        alone), then hold them as pending and queue ``item``; all or nothing, even when interrupted."""
+        metas, payloads = item[0], item[1]
         with self._room:
-            self._room.wait_for(lambda: not self._in_flight or self._in_flight + len(metas) <= self._depth)
-            self._in_flight += len(metas)
-            for meta, payload in zip(metas, payloads, strict=True):
-                self._pending[meta.key] = (meta, payload)
+            self._room.wait_for(lambda: self._closed or not self._in_flight
+                                or self._in_flight + len(metas) <= self._depth)
+            if self._closed:
+                raise RuntimeError("the write-behind queue is closed")
+            queued = False
+            try:
+                self._in_flight += len(metas)
+                for meta, payload in zip(metas, payloads, strict=True):
+                    self._pending[meta.key] = (meta, payload)
+                self._queue.put(item)  # unbounded: never blocks
+                queued = True
+            finally:
+                if not queued:
+                    self._forget(metas, payloads)
+
+    def _forget(self, metas: Sequence[ChunkMeta], payloads: Sequence[torch.Tensor]) -> None:
+        """Under the lock: these chunks are no longer in flight (a key another batch holds now stays its)."""
+        for meta, payload in zip(metas, payloads, strict=True):
+            if self._pending.get(meta.key, (None, None))[1] is payload:
+                del self._pending[meta.key]
+        self._in_flight -= len(metas)
+        self._room.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -108,10 +137,7 @@ class WriteBehind:
                 except Exception:  # a storage fault must not kill the writer thread
                     log.exception("write-behind of %d chunk(s) from %s failed", len(metas), metas[0].key.hex())
                 with self._room:
-                    for meta in metas:
-                        self._pending.pop(meta.key, None)
-                    self._in_flight -= len(metas)
-                    self._room.notify_all()
+                    self._forget(metas, payloads)
                 if self._release is not None:
                     for payload in payloads:
                         self._release(payload)

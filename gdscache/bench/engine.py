@@ -279,6 +279,7 @@ def _measure_config(opts: BenchOptions, codec: str, chunk: int, kv: torch.Tensor
                     _expect(cache.retrieve(prompts[i], dst), req_tokens, "retrieve")
 
             pairs = _paired(rounds, lambda r, idx: raw.write(raw_paths[r], len(idx), req_bytes), stores, kv.device)
+            _expect_written(cache)
             res["store"], ceiling["write_gbps"] = _paired_op(pairs, rounds, req_bytes, req_tokens)
             res["stored_bytes"] = int(cache.stats().get("bytes_written", 0))
             res["ratio"] = n_req * req_bytes / res["stored_bytes"] if res["stored_bytes"] else None
@@ -323,6 +324,7 @@ def _latencies(opts: BenchOptions, cache: GDSCache, kv: torch.Tensor, out: torch
         cache.flush()
 
     lat = {"store": [_timed(lambda p=p: store(p), kv.device) for p in singles]}
+    _expect_written(cache)
     for temp, wanted in (("cold", opts.cold), ("warm", opts.warm)):
         if wanted:
             if temp == "cold":
@@ -380,6 +382,13 @@ def _prompt(rng: np.random.Generator, tokens: int) -> np.ndarray:
 def _expect(got: int, want: int, op: str) -> None:
     if got != want:
         raise RuntimeError(f"{op} handled {got} of {want} tokens: the cache missed or failed (see warnings above)")
+
+
+def _expect_written(cache: GDSCache) -> None:
+    """Every chunk stored so far was published (in async mode ``store()`` counts the chunks it accepted)."""
+    failed = cache.stats().get("chunk_write_failures", 0)
+    if failed:
+        raise RuntimeError(f"{failed} chunk write(s) failed (see warnings above): the storage path is broken")
 
 
 def _now(device: torch.device) -> float:

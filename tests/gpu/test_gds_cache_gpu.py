@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -287,13 +288,16 @@ def test_a_store_on_the_callers_stream_waits_for_its_work(cache_dir):
 
 def test_async_gpu_store_publishes_behind_and_frees_the_kv_at_once(cache_dir):
     """In async mode a GPU store hands its group's publishing to a write-behind thread: it returns with the KV
-    already copied out (the caller overwrites it at once), the chunks count and read back while in flight (held
-    there by a publish that cannot finish yet), and after flush() a fresh cache reads the stored KV bit-exact."""
+    already copied out (the caller overwrites it at once, from another stream than the store's, whose encode a
+    slow kernel delays), the chunks count and read back while in flight (held there by a publish that cannot
+    finish yet), and after flush() a fresh cache reads the stored KV bit-exact."""
     import threading
 
     kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=9, device="cuda")
     want = kv.clone()
     tokens = list(range(kv.shape[2]))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
     with _open(cache_dir, write_mode="async", write_queue_depth=16) as cache:
         release, publish = threading.Event(), cache._publish
 
@@ -302,8 +306,10 @@ def test_async_gpu_store_publishes_behind_and_frees_the_kv_at_once(cache_dir):
             return publish(writing, metas, payloads)
 
         cache._publish = held_publish
-        assert cache.store(tokens, kv) == 16 * CHUNK
-        kv.fill_(0)  # the caller's buffer is free once store() returns
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # the store's encode queues behind a few hundred ms of GPU time
+            assert cache.store(tokens, kv) == 16 * CHUNK
+        kv.fill_(0)  # on the default stream, not ordered after ``side``: the caller's buffer is free already
         assert cache.stats()["write_queue_depth"] == 16 and not _chunk_files(cache_dir)
         assert cache.lookup(tokens) == 16 * CHUNK
         out = torch.full_like(kv, float("nan"))
@@ -340,12 +346,17 @@ def test_async_gpu_stores_wait_for_room_but_not_for_their_own_writes(cache_dir):
 
         cache._publish, cache._local.start_many = held_publish, spy_start
         assert cache.store(first, kv) == 8 * CHUNK
-        second_store = threading.Thread(target=cache.store, args=(second, kv))
+        returned = []
+        second_store = threading.Thread(target=lambda: returned.append(cache.store(second, kv)))
         second_store.start()
-        second_store.join(2)
+        deadline = time.monotonic() + 60
+        while len(started) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second_store.join(0.5)
         assert second_store.is_alive() and started == [8, 8]  # its writes are under way, it waits for room
         release.set()
         second_store.join(60)
+        assert returned == [8 * CHUNK]
         cache.flush()
         assert len(_chunk_files(cache_dir)) == 16
         for tokens in (first, second):
