@@ -44,9 +44,9 @@ INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
 decodes in batches holds up to as many again awaiting its decode."""
 STORE_BATCHES = 4
-"""A store of GPU KV that does not go through a GPU backend at once (``GDSCache._store_together``; the POSIX backend
-does not) encodes its chunks in up to this many batches (more where they exceed ``GROUP_BYTES`` each; one
-for a codec that batches its kernels), so that writing one batch overlaps encoding and checksumming the next."""
+"""A store of GPU KV through the POSIX backend (a GPU backend takes ``GDSCache._store_together`` instead) encodes its
+chunks in up to this many batches (more where they exceed ``GROUP_BYTES`` each; one for a codec that batches its
+kernels), so that writing one batch overlaps encoding and checksumming the next."""
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""

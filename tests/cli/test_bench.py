@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -45,6 +46,7 @@ def test_bench_json_plot_and_cleanup(tmp_path, capsys):
     assert meta["command"].startswith("gdscache bench --path")
     assert meta["model"]["num_layers"] == 2 and meta["kv_dtype"] == "bfloat16"
     assert meta["rounds"] == 2 and "raw" not in report
+    assert meta["write_mode"] == "async" and "write_mode=async" in out
     results = report["results"]
     assert [(r["codec"], r["chunk_size"]) for r in results] == [("raw", 64), ("lossless", 64), ("raw", 128),
                                                                 ("lossless", 128)]
@@ -73,8 +75,10 @@ def test_bench_json_plot_and_cleanup(tmp_path, capsys):
 
 def test_bench_keep_and_cold_only(tmp_path, capsys):
     report_file = tmp_path / "r.json"
-    assert main(["bench", "--path", str(tmp_path), *TINY, "--cold", "--keep", "--json", str(report_file)]) == 0
+    assert main(["bench", "--path", str(tmp_path), *TINY, "--cold", "--keep", "--write-mode", "sync", "--json",
+                 str(report_file)]) == 0
     report = json.loads(report_file.read_text())
+    assert report["meta"]["write_mode"] == "sync"
     kept = report["meta"]["kept"]
     assert kept and _bench_dirs(tmp_path) == [os.path.basename(kept)]
     assert any(n.endswith(".gdc") for _, _, names in os.walk(kept) for n in names)
@@ -82,6 +86,16 @@ def test_bench_keep_and_cold_only(tmp_path, capsys):
     assert all("read_warm_gbps" not in r["raw"] and r["raw"]["read_cold_gbps"] > 0 for r in report["results"])
     assert not [n for _, _, names in os.walk(kept) for n in names if n.startswith("raw-")]
     assert f"files kept in {kept}" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_bench_fails_when_the_disk_refuses_a_chunk_after_store_returned(tmp_path, monkeypatch):
+    """In async mode store() counts the chunks it accepted; a chunk the disk refuses later still fails the run."""
+    def refuse(self, files, *, durable=True):
+        return [OSError(errno.EIO, f"refused {path}") for path, _ in files]
+
+    monkeypatch.setattr(PosixBackend, "write_files", refuse)
+    with pytest.raises(RuntimeError, match=r"chunk write\(s\) failed"):
+        main(["bench", "--path", str(tmp_path), *TINY, "--codecs", "raw"])
 
 
 def test_paired_rounds_alternate_and_verify_after_each_raw_side():
