@@ -429,9 +429,10 @@ class _KvikioFiles(FilesInFlight):
     from the start; :meth:`finish` waits for them, then writes the last parts (after the first: on ext4 a buffered
     write waits for the file's extending O_DIRECT write in flight), fsyncs every file at once and renames each."""
 
+    _backend: KvikioBackend
+
     def __init__(self, backend: KvikioBackend, files: Sequence[tuple[str, Sequence[Part]]], durable: bool) -> None:
         super().__init__(backend, files, durable)
-        self._kvikio_backend = backend
         self._errors: list[OSError | None] = [None] * len(files)
         self._writings: list[_Writing | None] = [None] * len(files)  # None where the file could not be created
         try:
@@ -480,7 +481,7 @@ class _KvikioFiles(FilesInFlight):
         writing = self._writings[i]
         assert writing is not None
         try:
-            writing.wait = self._kvikio_backend._start_parts(writing.handle, parts)
+            writing.wait = self._backend._start_parts(writing.handle, parts)
         except (OSError, RuntimeError) as exc:
             self._errors[i] = _os_error(exc, f"write of {self._files[i][0]} failed")
 
@@ -505,7 +506,7 @@ class _KvikioFiles(FilesInFlight):
                 path = self._files[writing.index][0]
                 try:
                     os.rename(writing.tmp, path)
-                    self._kvikio_backend.forget(path)
+                    self._backend.forget(path)
                     continue
                 except OSError as exc:
                     self._errors[writing.index] = exc

@@ -88,12 +88,18 @@ def test_write_file_raises_the_files_error(backend, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built (needs nvcc)")
+def _use_native(backend: KvikioBackend) -> None:
+    """Send the fake backend's batches through libgdscache_io.so (skipped where it is not built)."""
+    if not native.available():
+        pytest.skip(f"{native.LIB_NAME} is not built (needs nvcc)")
+    backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+
+
 @pytest.mark.parametrize("durable", [True, False])
 def test_native_writes_publish_each_file_alone(backend, tmp_path, durable):
     """With ``native_writes`` the batch is one call into the library: bytes and host tensors land whole, a file
     that cannot be created fails alone as an OSError, and no temporary is left."""
-    backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+    _use_native(backend)
     files = [_file(str(tmp_path / "a.gdc"), 1), _file(str(tmp_path / "no-such-dir" / "b.gdc"), 2),
              (str(tmp_path / "c.gdc"), [Part(0, b"head"), Part(4096, torch.arange(250, dtype=torch.uint8)),
                                         Part(8192, torch.zeros(0, dtype=torch.uint8))])]
@@ -113,9 +119,7 @@ def test_started_files_take_their_last_parts_at_finish(backend, tmp_path, way):
     """start_files writes the first parts (a payload) at once; finish adds the last (a header) and publishes; an
     abandoned batch leaves nothing; a bad last part is refused and nothing is left."""
     if way == "native":
-        if not native.available():
-            pytest.skip(f"{native.LIB_NAME} is not built (needs nvcc)")
-        backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+        _use_native(backend)
     payload = torch.arange(200, dtype=torch.uint8)
     files = [(str(tmp_path / f"{name}.gdc"), [Part(4096, payload)]) for name in ("a", "b")]
     writing = backend.start_files(files)
@@ -133,9 +137,7 @@ def test_a_batch_dropped_unfinished_leaves_nothing(backend, tmp_path, way, caplo
     """Files started and then dropped (say, an interrupt between start and finish) are removed, the sources held
     until the writes have ended."""
     if way == "native":
-        if not native.available():
-            pytest.skip(f"{native.LIB_NAME} is not built (needs nvcc)")
-        backend.native_writes, backend._threads, backend._task_size, backend._direct_writes = True, 2, 4096, True
+        _use_native(backend)
 
     def start_and_drop() -> None:
         backend.start_files([(str(tmp_path / f"c{i}.gdc"), [Part(4096, torch.full((300_000,), i, dtype=torch.uint8))])

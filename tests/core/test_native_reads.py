@@ -8,10 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
+from kvtestlib import run_threads
 
 from io_backends import native
 
@@ -132,11 +132,7 @@ def test_batches_from_many_threads_share_the_pool(tmp_path):
             if [d.tobytes() for d in dests] != [data for _, data in files[k:] + files[:k]]:
                 failures.append("bytes")
 
-    threads = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(reader, 4)
     for fd, _ in files:
         os.close(fd)
     assert failures == []

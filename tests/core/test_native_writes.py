@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kvtestlib import run_threads
 
 from io_backends import native
 
@@ -141,11 +141,7 @@ def test_writes_and_reads_from_many_threads_share_the_pool(tmp_path):
             if any(d.tobytes() != s.tobytes() for d, s in zip(dests, sources)):
                 failures.append("bytes")
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 4)
     assert failures == []
     assert len(os.listdir(tmp_path)) == 4 * 15 * 3
 

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -286,26 +287,30 @@ def test_a_store_on_the_callers_stream_waits_for_its_work(cache_dir):
         assert torch.equal(_bits(out), _bits(kv))
 
 
+def _hold_publishing(cache: GDSCache) -> threading.Event:
+    """Make the cache's write-behind publishing wait until the returned event is set."""
+    release, publish = threading.Event(), cache._publish
+
+    def held_publish(writing, metas, payloads):
+        release.wait(60)
+        return publish(writing, metas, payloads)
+
+    cache._publish = held_publish
+    return release
+
+
 def test_async_gpu_store_publishes_behind_and_frees_the_kv_at_once(cache_dir):
     """In async mode a GPU store hands its group's publishing to a write-behind thread: it returns with the KV
     already copied out (the caller overwrites it at once, from another stream than the store's, whose encode a
     slow kernel delays), the chunks count and read back while in flight (held there by a publish that cannot
     finish yet), and after flush() a fresh cache reads the stored KV bit-exact."""
-    import threading
-
     kv = make_kv(2, 16 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=9, device="cuda")
     want = kv.clone()
     tokens = list(range(kv.shape[2]))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with _open(cache_dir, write_mode="async", write_queue_depth=16) as cache:
-        release, publish = threading.Event(), cache._publish
-
-        def held_publish(writing, metas, payloads):
-            release.wait(60)
-            return publish(writing, metas, payloads)
-
-        cache._publish = held_publish
+        release = _hold_publishing(cache)
         with torch.cuda.stream(side):
             torch.cuda._sleep(200_000_000)  # the store's encode queues behind a few hundred ms of GPU time
             assert cache.store(tokens, kv) == 16 * CHUNK
@@ -328,23 +333,16 @@ def test_async_gpu_store_publishes_behind_and_frees_the_kv_at_once(cache_dir):
 def test_async_gpu_stores_wait_for_room_but_not_for_their_own_writes(cache_dir):
     """With room for one group, the second store's files are started before it waits for the first group's
     publishing; every chunk of both is then stored bit-exact."""
-    import threading
-
     kv = make_kv(2, 8 * CHUNK, 1, 64, dtype=torch.bfloat16, seed=10, device="cuda")
     first, second = list(range(kv.shape[2])), list(range(10**6, 10**6 + kv.shape[2]))
     with _open(cache_dir, write_mode="async", write_queue_depth=8) as cache:
-        release, publish, start_many = threading.Event(), cache._publish, cache._local.start_many
-        started = []
-
-        def held_publish(writing, metas, payloads):
-            release.wait(60)
-            return publish(writing, metas, payloads)
+        release, start_many, started = _hold_publishing(cache), cache._local.start_many, []
 
         def spy_start(namespace, chunks):
             started.append(len(chunks))
             return start_many(namespace, chunks)
 
-        cache._publish, cache._local.start_many = held_publish, spy_start
+        cache._local.start_many = spy_start
         assert cache.store(first, kv) == 8 * CHUNK
         returned = []
         second_store = threading.Thread(target=lambda: returned.append(cache.store(second, kv)))
