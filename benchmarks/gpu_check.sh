@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
 # read_steps, fetch_groups, warm_files and store_files (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table),
 # udev (~1 min: creates /run/udev where absent, so put it last).
-STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli})
+STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli read_under_store})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
 
@@ -67,7 +67,9 @@ step_codecs() {
 }
 
 step_tests() {
-    python3 -m pytest -m gpu tests --continue-on-collection-errors -q -rs -p no:cacheprovider
+    # the GPU tests, and the native library's host-memory tests (CI runs them only where nvcc built the library)
+    python3 -m pytest -m gpu tests --continue-on-collection-errors -q -rs -p no:cacheprovider &&
+        python3 -m pytest tests/core/test_native_reads.py tests/core/test_native_writes.py -q -rs -p no:cacheprovider
 }
 
 step_read_steps() {
@@ -108,6 +110,11 @@ step_warm_files() {
     # hits against one pinned host copy (issue 3)
     python3 benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8 --json "$OUT/warm_files_llama.json"
     python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64 --json "$OUT/warm_files_small.json"
+}
+
+step_read_under_store() {
+    # a warm retrieve's latency right after an async store of a Llama-8B request, against the same retrieve alone
+    python3 benchmarks/gpu_read_under_store.py --json "$OUT/read_under_store.json"
 }
 
 step_store_files() {

@@ -82,6 +82,7 @@ class GDSCache:
         _check_writable(cfg.path)
         self.metrics = Metrics()
         self._codec: Codec = get_codec(cfg.codec, **_codec_kwargs(cfg))
+        self._codec_params = self._codec.params()  # fixed with the codec; in every chunk written and read
         self._backend = make_file_backend(cfg.storage, cfg.io_threads, cfg.o_direct, cfg.path)
         self._local = LocalTier(cfg.path, self._backend, max_bytes=cfg.max_disk_bytes, durable=cfg.durable)
         self._dram = DramTier(cfg.cpu_cache_bytes) if cfg.cpu_cache_bytes else None
@@ -281,14 +282,15 @@ class GDSCache:
             return found
 
         n_read = next_submit = self._dram_prefix(chunk_keys, out, spec)
+        one_group = len(chunk_keys) - n_read <= group  # read on this thread: no hop to an I/O thread and back
         stopped = False
         try:
             while not stopped and (inflight or next_submit < len(chunk_keys)):
                 while next_submit < len(chunk_keys) and len(inflight) < window:
                     end = min(next_submit + group, len(chunk_keys))
                     views = self._chunk_views(out, next_submit, end - next_submit)
-                    job = self._backend.submit(self._fetch_group, chunk_keys[next_submit:end], views, spec, after,
-                                               decode_here)
+                    task = (self._fetch_group, chunk_keys[next_submit:end], views, spec, after, decode_here)
+                    job = _run_here(*task) if one_group else self._backend.submit(*task)
                     inflight.append((job, views))
                     next_submit = end
                 job, views = inflight.pop(0)
@@ -447,7 +449,7 @@ class GDSCache:
                 cfg = self.config
                 fp = keys.fingerprint(
                     model_id=cfg.model_id, spec=spec, layout=cfg.layout, tp_rank=cfg.tp_rank, tp_size=cfg.tp_size,
-                    chunk_size=cfg.chunk_size, codec=self._codec.name, codec_params=self._codec.params(),
+                    chunk_size=cfg.chunk_size, codec=self._codec.name, codec_params=self._codec_params,
                 )
                 self._namespace = keys.namespace_of(fp)
                 self._local.ensure_namespace(self._namespace, fp)
@@ -476,7 +478,7 @@ class GDSCache:
 
     def _meta(self, key: bytes, spec: KVSpec, payload: torch.Tensor | list[torch.Tensor],
               digest: bytes | None = None) -> ChunkMeta:
-        return make_meta(key, self._namespace, spec, self.config.chunk_size, self._codec.name, self._codec.params(),
+        return make_meta(key, self._namespace, spec, self.config.chunk_size, self._codec.name, self._codec_params,
                          payload, digest)
 
     def _seal(self, key: bytes, spec: KVSpec, runs: list[torch.Tensor]) -> list[bool]:
@@ -695,7 +697,10 @@ class GDSCache:
     def _chunk_views(self, kv: KV, first: int, count: int) -> list[KV]:
         """Views (or pages) of chunks ``first .. first + count - 1`` of ``kv`` along the token axis."""
         chunk = self.config.chunk_size
-        return [token_slice(kv, k * chunk, (k + 1) * chunk) for k in range(first, first + count)]
+        if isinstance(kv, KVPages):
+            return [token_slice(kv, k * chunk, (k + 1) * chunk) for k in range(first, first + count)]
+        # the same views as token_slice's, from one split of the token axis (Python per chunk adds up on a GPU)
+        return list(kv[:, :, first * chunk : (first + count) * chunk].unflatten(2, (count, chunk)).unbind(2))
 
     def _decode_prefix(self, fetched: list[Fetched], spec: KVSpec, outs: list[KV]) -> int:
         """Decode fetched chunks into ``outs`` with one codec call; how many, from the first, are now in place.
@@ -732,7 +737,7 @@ class GDSCache:
         return done
 
     def _same_settings(self, meta: ChunkMeta, spec: KVSpec) -> bool:
-        return (meta.spec == spec and meta.codec == self._codec.name and meta.codec_params == self._codec.params()
+        return (meta.spec == spec and meta.codec == self._codec.name and meta.codec_params == self._codec_params
                 and meta.num_tokens == self.config.chunk_size)
 
     def _matches(self, meta: ChunkMeta, spec: KVSpec) -> bool:
@@ -742,6 +747,16 @@ class GDSCache:
             self.metrics.inc("mismatched_chunks")
             return False
         return True
+
+
+def _run_here(fn: Callable[..., list[Fetched]], *args: Any) -> Future[list[Fetched]]:
+    """``fn(*args)`` called now, on this thread, as a finished future."""
+    job: Future[list[Fetched]] = Future()
+    try:
+        job.set_result(fn(*args))
+    except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as from a pool's future
+        job.set_exception(exc)
+    return job
 
 
 def _distinct_events(events: Iterable[torch.cuda.Event | None]) -> list[torch.cuda.Event]:

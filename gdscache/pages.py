@@ -141,13 +141,18 @@ def stacked_view(views: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None
     first = views[0]
     if len(views) == 1:
         return first.unsqueeze(0)
-    step = views[1].storage_offset() - first.storage_offset()
+    offset = first.storage_offset()
+    step = views[1].storage_offset() - offset
     if step <= 0:
         return None
-    shape, strides, dtype, offset = first.shape, first.stride(), first.dtype, first.storage_offset()
-    storage = first.untyped_storage().data_ptr()
-    for k, view in enumerate(views):
-        if (view.shape != shape or view.stride() != strides or view.dtype != dtype
-                or view.storage_offset() != offset + k * step or view.untyped_storage().data_ptr() != storage):
+    shape, strides, dtype = (len(views), *first.shape), (step, *first.stride()), first.dtype
+    if first.numel():  # the stack must lie in the first view's storage: then a view at its address is its memory
+        last = offset + sum((n - 1) * stride for n, stride in zip(shape, strides, strict=True))
+        if (last + 1) * first.element_size() > first.untyped_storage().nbytes():
             return None
-    return first.as_strided((len(views), *shape), (step, *strides), offset)
+    start, gap = first.data_ptr(), step * first.element_size()
+    for k, view in enumerate(views):  # addresses, not storages: a storage per view would cost more than the rest
+        if view.data_ptr() != start + k * gap or view.shape != shape[1:] or view.stride() != strides[1:] \
+                or view.dtype != dtype:
+            return None
+    return first.as_strided(shape, strides, offset)

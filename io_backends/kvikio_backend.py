@@ -281,9 +281,10 @@ class KvikioBackend(FileBackend):
             fd, at, mine = handle.fileno(), offset, []
             for dest in dests:
                 check_buffer(dest, "dest")
-                if dest.numel():
-                    mine.append((fd, dest.device.index if dest.is_cuda else -1, at, dest.numel(), dest.data_ptr(), 0))
-                at += dest.numel()
+                nbytes = dest.numel()
+                if nbytes:
+                    mine.append((fd, dest.get_device(), at, nbytes, dest.data_ptr(), 0))  # device -1: host memory
+                at += nbytes
             if at > handle.size:
                 errors[i] = OSError(errno.EIO, f"short file: need {at} bytes, file has {handle.size}")
                 continue
@@ -297,7 +298,7 @@ class KvikioBackend(FileBackend):
             log.warning("%s; this batch is read through kvikio", exc)
             return super().read_batch(reads)
         for row, (owner, result) in enumerate(zip(owners, results.tolist(), strict=True)):
-            if errors[owner] is None:
+            if result < 0 and errors[owner] is None:
                 errors[owner] = native_io.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")
         return errors
 

@@ -79,26 +79,41 @@ def halfsum3_digest(runs: Sequence[torch.Tensor]) -> bytes:
 
 
 def digests(payloads: Sequence[torch.Tensor], algorithms: Sequence[int]) -> list[bytes]:
-    """The digest of each 1-D uint8 payload under its algorithm; GPU ``halfsum3`` payloads share one host sync, and
+    """The digest of each 1-D uint8 payload under its algorithm. GPU ``halfsum3`` payloads share one host sync, and
     one kernel launch where they are slices of one buffer of one length, evenly spaced (a batched read's)."""
+    rows = _halfsum3_rows(payloads, algorithms)
+    if rows is not None:
+        totals = torch.zeros(rows.shape[0], 3, dtype=torch.int64, device=rows.device)
+        _cuda.halfsum3_rows(rows, totals)
+        return [struct.pack("<3q", *sums) for sums in totals.tolist()]
     out = [b""] * len(payloads)
     together = [i for i, (p, alg) in enumerate(zip(payloads, algorithms, strict=True))
                 if alg == HALFSUM3 and p.is_cuda and p.data_ptr() % 2 == 0 and p.numel() % 2 == 0
                 and p.numel() < _MAX_HALFSUM_BYTES]
     if len(together) > 1 and _cuda.available():
         totals = torch.zeros(len(together), 3, dtype=torch.int64, device=payloads[together[0]].device)
-        rows = stacked_view([payloads[i].view(torch.int16) for i in together])
-        if rows is not None and len(together) <= _MAX_ROWS:  # evenly spaced in one buffer: one launch
-            _cuda.halfsum3_rows(rows, totals)
-        else:
-            for row, i in enumerate(together):
-                _cuda.halfsum3(payloads[i].view(torch.int16), 0, totals[row])
+        for row, i in enumerate(together):
+            _cuda.halfsum3(payloads[i].view(torch.int16), 0, totals[row])
         for i, sums in zip(together, totals.tolist(), strict=True):
             out[i] = struct.pack("<3q", *sums)
     for i, (payload, alg) in enumerate(zip(payloads, algorithms, strict=True)):
         if not out[i]:
             out[i] = digest(payload, alg)
     return out
+
+
+def _halfsum3_rows(payloads: Sequence[torch.Tensor], algorithms: Sequence[int]) -> torch.Tensor | None:
+    """The payloads as one ``[n, words]`` int16 view for one halfsum3 launch, checked as a whole (a check per payload
+    costs more than the kernel): all ``halfsum3``, on a GPU, of one even length, evenly spaced in one buffer; else
+    None."""
+    if not 1 < len(payloads) <= _MAX_ROWS or any(alg != HALFSUM3 for alg in algorithms) or not _cuda.available():
+        return None
+    stacked = stacked_view(payloads)
+    if stacked is None or not stacked.is_cuda or stacked.dim() != 2 or stacked.dtype != torch.uint8 or \
+            stacked.shape[1] % 2 or stacked.shape[1] >= _MAX_HALFSUM_BYTES or stacked.stride(0) % 2 or \
+            stacked.stride(1) != 1 or stacked.data_ptr() % 2:
+        return None
+    return stacked.view(torch.int16)
 
 
 def digest_runs(runs: Sequence[torch.Tensor], algorithm: int) -> bytes:

@@ -437,18 +437,16 @@ class LocalTier:
         for i, length in enumerate(lengths):
             if length >= MAX_PAYLOAD:  # no chunk is that large: do not let a stray file claim the memory
                 outcome[i], lengths[i] = CorruptChunk(f"file of {length} payload bytes"), 0
-        starts = [0] * len(keys)
-        total = 0
-        for i, length in enumerate(lengths):  # payload slots 4 KiB apart, as GPUDirect likes them
-            starts[i], total = total, total + align_up(max(length, 0))
+        lengths = [max(length, 0) for length in lengths]
+        sizes = []  # payload slots 4 KiB apart, as GPUDirect likes them: each payload, then its padding
+        for length in lengths:
+            sizes += (length, align_up(length) - length)
         headers = host_pool.acquire(HEADER_SIZE * len(keys))
-        payloads = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        payloads = torch.empty(max(sum(sizes), 1), dtype=torch.uint8, device=device)
+        header_views = headers.view(len(keys), HEADER_SIZE).unbind()
+        slots = payloads[: sum(sizes)].split(sizes)[0::2]  # views in one call: Python per chunk is the cost here
         reading = [i for i, handle in enumerate(handles) if handle is not None and outcome[i] is None]
-        reads = []
-        for i in reading:
-            header = headers[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]
-            runs = [header] if lengths[i] <= 0 else [header, payloads[starts[i] : starts[i] + lengths[i]]]
-            reads.append((handles[i], runs, 0))
+        reads = [(handles[i], [header_views[i], slots[i]] if lengths[i] else [header_views[i]], 0) for i in reading]
         for i, error in zip(reading, self.backend.read_batch(reads), strict=True):
             if error is not None:
                 outcome[i] = error
@@ -467,7 +465,7 @@ class LocalTier:
             except CorruptChunk as exc:
                 outcome[i] = exc
                 continue
-            checked.append((i, meta, payloads[starts[i] : starts[i] + meta.payload_len]))
+            checked.append((i, meta, slots[i] if meta.payload_len == lengths[i] else slots[i][: meta.payload_len]))
         sums = digests([p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
         for (i, meta, payload), got in zip(checked, sums, strict=True):
             try:

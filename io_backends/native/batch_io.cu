@@ -22,6 +22,9 @@
 // Once every file of the batch is written, each is fsynced (all at once, so a journaling filesystem commits them
 // together), closed and renamed to its final name; a file that failed anywhere is unlinked instead.
 //
+// Reads and writes have pools of their own, so a retrieve never waits for workers busy with a store's files (a
+// serving engine loads one request's KV while it saves another's; a 32 MiB file takes a worker ~100 ms).
+//
 // Results, per range or file: the bytes read (0 for a published file), or -errno (an OS error), or -kShortFile (the
 // file ends before the range does), or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name
 // names it). No C++ exception leaves the library: a pool that cannot start a thread makes a call return -EAGAIN.
@@ -573,19 +576,21 @@ class Pool {
   int started_ = 0;
 };
 
+using Pools = std::unordered_map<int64_t, std::unique_ptr<Pool>>;  // by piece size
 std::mutex pools_mutex;
-std::unordered_map<int64_t, std::unique_ptr<Pool>>* pools = nullptr;  // by piece size
+Pools* pools[2] = {nullptr, nullptr};  // reads', writes': a read never waits for a worker busy with a store's files
 // The lock is held across fork(), so a child never inherits it taken by a thread that does not exist there; the
 // child drops its parent's pools (their workers did not come along) without touching them.
 const int fork_guard = pthread_atfork([] { pools_mutex.lock(); }, [] { pools_mutex.unlock(); }, [] {
-  pools = nullptr;
+  pools[0] = pools[1] = nullptr;
   pools_mutex.unlock();
 });
 
-Pool* pool_for(int64_t piece_bytes, int threads) {
+Pool* pool_for(int64_t piece_bytes, int threads, bool writes) {
   std::lock_guard<std::mutex> lock(pools_mutex);
-  if (pools == nullptr) pools = new std::unordered_map<int64_t, std::unique_ptr<Pool>>();
-  auto& pool = (*pools)[piece_bytes];
+  Pools*& kind = pools[writes ? 1 : 0];
+  if (kind == nullptr) kind = new Pools();
+  auto& pool = (*kind)[piece_bytes];
   if (!pool) pool.reset(new Pool(piece_bytes));
   return pool->grow(threads) ? pool.get() : nullptr;
 }
@@ -604,8 +609,8 @@ extern "C" {
 
 int gio_range_size() { return (int)sizeof(Range); }
 
-// Read every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the process's pool
-// for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps 2 x piece_bytes
+// Read every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the process's read
+// pool for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps 2 x piece_bytes
 // of pinned staging); returns when all have landed (or failed), results in each range's `result`. 0; -EINVAL for
 // bad arguments, -EAGAIN where no worker thread can start, -ENOMEM where the batch cannot be queued (nothing read).
 int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
@@ -615,7 +620,7 @@ int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
   }
   if (n == 0) return 0;
   try {
-    Pool* pool = pool_for(piece_bytes, threads);
+    Pool* pool = pool_for(piece_bytes, threads, false);
     if (pool == nullptr) return -EAGAIN;
     pool->run_batch(ranges, n);
   } catch (const std::exception&) {
@@ -629,7 +634,7 @@ int gio_file_size() { return (int)sizeof(gio_file); }
 int gio_wrange_size() { return (int)sizeof(gio_wrange); }
 
 // Start writing the files `files[0, nfiles)`: each is created at `tmp` (which must not exist) and gets the ranges of
-// `ranges[0, nranges)` that name it, in the order given. GPU ranges go through the pool's pinned staging in pieces of
+// `ranges[0, nranges)` that name it, in the order given. GPU ranges go through the write pool's pinned staging in pieces of
 // `piece_bytes`, through O_DIRECT where `direct` and aligned. Returns at once a batch for gio_write_finish, which
 // must be called exactly once; until it returns, `files`, `ranges` and every source stay valid and unchanged. Null
 // with *error = -EINVAL for bad arguments, -EAGAIN where no worker can start, -ENOMEM where the batch cannot be
@@ -645,7 +650,7 @@ void* gio_write_begin(gio_file* files, int nfiles, const gio_wrange* ranges, int
   WriteBatch* batch = nullptr;
   try {
     batch = new WriteBatch(files, nfiles, ranges, nranges, durable != 0, direct != 0);
-    batch->pool = pool_for(piece_bytes, threads);
+    batch->pool = pool_for(piece_bytes, threads, true);
     if (batch->pool == nullptr) {
       delete batch;
       *error = -EAGAIN;

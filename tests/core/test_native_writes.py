@@ -162,6 +162,34 @@ def test_ranges_given_at_finish_land_after_the_first(tmp_path):
         writing.finish()
 
 
+def test_a_read_does_not_wait_for_the_files_a_store_has_queued(tmp_path):
+    """One worker, 40 files of a store queued: a read begun meanwhile runs after the file being written, not after
+    all 40 (phase-1 jobs wait behind reads). Which files the worker had begun shows under their temporary names."""
+    piece = 4096 * 37  # a pool of its own: exactly one worker
+    source = tmp_path / "source"
+    source.mkdir()
+    data = _bytes(8192, 5)
+    (source / "chunk").write_bytes(data.tobytes())
+    fd = os.open(source / "chunk", os.O_RDONLY)
+    out = tmp_path / "store"
+    out.mkdir()
+    src = _bytes(4 << 20, 6)
+    files = _pairs(out, [f"f{i}.gdc" for i in range(40)])
+    try:
+        writing = native.begin_write(files, _rows([(i, 0, src) for i in range(40)]), threads=1, piece_bytes=piece,
+                                     durable=False, direct=False)
+        dest = np.zeros(8192, np.uint8)
+        rows = np.array([(fd, -1, 0, dest.size, dest.ctypes.data, 0)], dtype=native.RANGE)
+        assert native.read(rows, threads=1, piece_bytes=piece).tolist() == [8192]
+        begun = len(os.listdir(out))
+        assert writing.finish() == [0] * 40
+    finally:
+        os.close(fd)
+    assert dest.tobytes() == data.tobytes()
+    assert begun < 20, f"the read waited for {begun} of the store's 40 files"
+    assert sorted(os.listdir(out)) == sorted(Path(path).name for _, path in files)
+
+
 def test_an_abandoned_batch_leaves_nothing(tmp_path, caplog):
     files = _pairs(tmp_path, ["a.gdc", "b.gdc"])
     src = _bytes(50_000, 3)

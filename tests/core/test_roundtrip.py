@@ -49,6 +49,39 @@ def test_hit_stops_at_first_missing_chunk(cache_dir):
         assert torch.equal(out[:, :, :32], kv[:, :, :32])
 
 
+def test_a_request_of_one_read_task_runs_it_on_the_callers_thread(cache_dir, monkeypatch):
+    """A retrieve whose chunks make one I/O task reads them on the caller's thread (no hop to a pool thread and
+    back); several tasks go to the pool. An error raised by the task reaches the caller either way."""
+    import threading
+
+    kv = make_kv(2, 24, 2, 8)
+    tokens = list(range(24))
+    with GDSCache(path=cache_dir, chunk_size=8, model_id="m") as cache:  # on the CPU, a task per chunk
+        assert cache.store(tokens, kv) == 24
+        real, threads = cache._fetch_group, []
+
+        def fetch_group(*args):
+            threads.append(threading.get_ident())
+            return real(*args)
+
+        monkeypatch.setattr(cache, "_fetch_group", fetch_group)
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens[:8], out) == 8
+        assert threads == [threading.get_ident()]
+        threads.clear()
+        assert cache.retrieve(tokens, out) == 24
+        assert len(threads) == 3 and threading.get_ident() not in threads
+        assert torch.equal(out, kv)
+
+        def broken(*args):
+            raise RuntimeError("task failed")
+
+        monkeypatch.setattr(cache, "_fetch_group", broken)
+        for n in (8, 24):
+            with pytest.raises(RuntimeError, match="task failed"):
+                cache.retrieve(tokens[:n], out)
+
+
 @pytest.mark.parametrize("changed_chunk", [0, 1, 2, 3])
 def test_changed_token_invalidates_its_chunk_and_all_later(cache_dir, changed_chunk):
     kv = make_kv(2, 64, 2, 8)
