@@ -5,7 +5,8 @@ Each round times one page-cache-warm GPU retrieve alone, then starts an async st
 (16 chunk files of 32 MiB: ``store()`` returns with the files being written), times the same kind of retrieve right
 after it, and flushes the store. The retrieves read requests of ``--shape`` (by default 16 chunks of 1 MiB) from a
 second cache in the same process, so both share the native I/O library. The ratio of the two medians is the cost of
-the store in flight. Reported: median and max per side, and the store's time until published.
+the store in flight. Reported: median and max per side, and the store's time until published. The stores take
+``--rounds`` x 512 MiB of disk until the end.
 
     python benchmarks/gpu_read_under_store.py --json out.json
 
@@ -65,8 +66,7 @@ def main() -> None:
             behind.append(retrieve(k + 1))
             writer.flush()
             stores.append(time.perf_counter() - start)
-            shutil.rmtree(os.path.join(args.dir, "write", writer.namespace.hex()))  # the disk need not fill up
-        if writer.stats()["chunk_write_failures"]:
+        if writer.stats().get("chunk_write_failures", 0):
             raise SystemExit("the disk refused chunks of the store")
         exact = torch.equal(out.view(torch.int16), kv.view(torch.int16))
         io_mode, batch_reads = reader.io_mode, reader.stats()["batch_reads"]
