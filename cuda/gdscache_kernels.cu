@@ -643,6 +643,11 @@ int launch_cachegen_decode(const uint16_t* words, const int64_t* word_end, const
 }  // namespace
 
 extern "C" {
+// The SHA-256 of this file as CMake read it (CMakeLists.txt), or "" when built some other way.
+#ifndef GDSCACHE_SOURCE_SHA256
+#define GDSCACHE_SOURCE_SHA256 ""
+#endif
+const char* gdscache_source_sha256() { return GDSCACHE_SOURCE_SHA256; }
 
 int gdc_rans_encode(const int16_t* sym, int R, int T, int C, int G, const int32_t* tab, const uint16_t* tables,
                     int lut_off, int end, int count, int A, const int8_t* mu, int offset, uint16_t* scratch,

@@ -3,7 +3,8 @@ GPU payload checksum's.
 
 The library takes raw device pointers and the current CUDA stream, so it does not depend on the
 torch C++ ABI. It is looked up at ``$GDSCACHE_CUDA_LIB``, then next to this module (where
-``pip install`` puts it when nvcc exists), then in ``build/cuda`` (:class:`io_backends.native.SharedLibrary`).
+``pip install`` puts it when nvcc exists), then in ``build/cuda``; a build from other source than
+``cuda/gdscache_kernels.cu`` is passed over unless the variable names it (:class:`io_backends.native.SharedLibrary`).
 Without it, or with ``GDSCACHE_NO_KERNELS=1``, every codec runs its torch/numpy reference.
 """
 
@@ -51,7 +52,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn.restype = ctypes.c_int
 
 
-_library = SharedLibrary(LIB_NAME, Path(__file__).resolve().parent, "GDSCACHE_CUDA_LIB", "GDSCACHE_NO_KERNELS", _bind)
+_library = SharedLibrary(LIB_NAME, Path(__file__).resolve().parent, "GDSCACHE_CUDA_LIB", "GDSCACHE_NO_KERNELS", _bind,
+                         Path(__file__).resolve().parents[2] / "cuda" / "gdscache_kernels.cu")
 _load = _library.get
 
 

@@ -1,16 +1,18 @@
-"""ctypes binding to ``libgdscache_io.so`` (``batch_io.cu`` here), on a pool of native threads with the GIL
-released: many reads of open files into host or GPU memory in one call (:func:`read`), and many files written from
-host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
+"""ctypes binding to ``libgdscache_io.so`` (``batch_io.cu`` here), on native threads with the GIL released (reads
+and writes on pools of their own): many reads of open files into host or GPU memory in one call (:func:`read`), and
+many files written from host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
 
 The library is looked up at ``$GDSCACHE_IO_LIB``, then next to this module (where ``pip install`` puts it when
-nvcc exists), then in ``build/cuda`` of a source checkout. Without it, or with ``GDSCACHE_NO_NATIVE_IO=1``, :func:`available` is
-False and the backends read and write file by file.
+nvcc exists), then in ``build/cuda`` of a source checkout; a build from other source than this ``batch_io.cu`` is
+passed over unless the variable names it (:class:`SharedLibrary`). Without it, or with ``GDSCACHE_NO_NATIVE_IO=1``,
+:func:`available` is False and the backends read and write file by file.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -40,12 +42,17 @@ class SharedLibrary:
     ``folder`` (where ``pip install`` puts it), then in ``build/cuda`` of the source checkout above ``folder``; the
     first that loads and that ``bind`` accepts (it declares the signatures, raising ``AttributeError`` for a symbol
     the file lacks or ``ValueError`` for a file built from other sources). None without one, or with
-    ``$<off_variable>=1``."""
+    ``$<off_variable>=1``.
+
+    Where ``source`` (the file it is built from) exists, a library found beside ``folder`` or in ``build/cuda`` must
+    have been built from that very file (its ``gdscache_source_sha256``, which CMake sets): a stale build is passed
+    over with a warning. One that ``$<path_variable>`` names is used whatever it was built from (with a warning
+    where that is other source), so that two builds can be compared."""
 
     def __init__(self, name: str, folder: Path, path_variable: str, off_variable: str,
-                 bind: Callable[[ctypes.CDLL], None]) -> None:
+                 bind: Callable[[ctypes.CDLL], None], source: Path) -> None:
         self._candidates = (name, folder, path_variable)
-        self._off_variable, self._bind = off_variable, bind
+        self._off_variable, self._bind, self._source = off_variable, bind, source
         self._lib: ctypes.CDLL | None = None
         self._tried = False
         self._lock = ForkSafeLock()  # I/O threads may make their first calls at once
@@ -60,17 +67,37 @@ class SharedLibrary:
 
     def _open(self) -> ctypes.CDLL | None:
         name, folder, path_variable = self._candidates
-        for path in (os.environ.get(path_variable), folder / name, folder.parents[1] / "build" / "cuda" / name):
+        named = os.environ.get(path_variable)
+        for path in (named, folder / name, folder.parents[1] / "build" / "cuda" / name):
             if not path or not Path(path).is_file():
                 continue
             try:
                 lib = ctypes.CDLL(str(path))
                 self._bind(lib)
+                self._check_source(lib, path, chosen=path == named)
             except (OSError, AttributeError, ValueError) as exc:  # not loadable, a stale build, another library's
                 log.warning("%s is not used: %s", path, exc)
                 continue
             return lib
         return None
+
+    def _check_source(self, lib: ctypes.CDLL, path: str | Path, *, chosen: bool) -> None:
+        """Raise ``ValueError`` for a library built from other source than ``source`` (unless ``chosen``: then warn)."""
+        if not self._source.is_file():  # an install without the sources: nothing to compare with
+            return
+        want = hashlib.sha256(self._source.read_bytes()).hexdigest()
+        report = getattr(lib, "gdscache_source_sha256", None)  # None: a build from before the digest was kept
+        built_from = ""
+        if report is not None:
+            report.restype = ctypes.c_char_p
+            built_from = (report() or b"").decode()
+        if built_from == want:
+            return
+        what = f"built from another {self._source.name} than {self._source}" if built_from else \
+            f"not known to be built from {self._source} (no digest of its source)"
+        if not chosen:
+            raise ValueError(f"{what}: a stale build; rebuild it (pip install -e . or cmake --build build/cuda)")
+        log.warning("%s is %s; used because $%s names it", path, what, self._candidates[2])
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -91,7 +118,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.gio_cuda_error_name.restype = ctypes.c_char_p
 
 
-_library = SharedLibrary(LIB_NAME, Path(__file__).resolve().parent, "GDSCACHE_IO_LIB", "GDSCACHE_NO_NATIVE_IO", _bind)
+_library = SharedLibrary(LIB_NAME, Path(__file__).resolve().parent, "GDSCACHE_IO_LIB", "GDSCACHE_NO_NATIVE_IO", _bind,
+                         Path(__file__).resolve().parent / "batch_io.cu")
 
 
 def available() -> bool:

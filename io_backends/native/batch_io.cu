@@ -606,6 +606,11 @@ bool valid_wranges(const gio_wrange* ranges, int nranges, int nfiles) {
 }  // namespace
 
 extern "C" {
+// The SHA-256 of this file as CMake read it (CMakeLists.txt), or "" when built some other way.
+#ifndef GDSCACHE_SOURCE_SHA256
+#define GDSCACHE_SOURCE_SHA256 ""
+#endif
+const char* gdscache_source_sha256() { return GDSCACHE_SOURCE_SHA256; }
 
 int gio_range_size() { return (int)sizeof(Range); }
 

@@ -168,7 +168,32 @@ def test_a_library_file_without_the_expected_symbols_is_skipped(tmp_path, caplog
     def bind(lib) -> None:
         lib.gdc_no_such_symbol  # noqa: B018 - looked up as a binding would: AttributeError
 
-    library = native.SharedLibrary("libother.so", folder, "GDSCACHE_TEST_LIB", "GDSCACHE_TEST_OFF", bind)
+    library = native.SharedLibrary("libother.so", folder, "GDSCACHE_TEST_LIB", "GDSCACHE_TEST_OFF", bind,
+                                   tmp_path / "no-source.cu")
     with caplog.at_level("WARNING", logger="gdscache"):
         assert library.get() is None
     assert "is not used" in caplog.text and "gdc_no_such_symbol" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["same source", "source edited", "source edited, named"])
+def test_a_build_from_other_source_is_used_only_when_named(tmp_path, caplog, monkeypatch, case):
+    """The library reports the SHA-256 of the batch_io.cu it was built from: found beside the bindings (a stale
+    editable install) it is passed over unless that is this checkout's file; named by the variable, it is used with
+    a warning (to compare two builds)."""
+    folder = tmp_path / "pkg" / "mod"
+    folder.mkdir(parents=True)
+    shutil.copy(native._library.get()._name, folder / native.LIB_NAME)
+    source = tmp_path / "batch_io.cu"
+    source.write_bytes(native._library._source.read_bytes() + (b"" if case == "same source" else b"// edited\n"))
+    if case.endswith("named"):
+        monkeypatch.setenv("GDSCACHE_TEST_LIB", str(folder / native.LIB_NAME))
+    library = native.SharedLibrary(native.LIB_NAME, folder, "GDSCACHE_TEST_LIB", "GDSCACHE_TEST_OFF", native._bind,
+                                   source)
+    with caplog.at_level("WARNING", logger="gdscache"):
+        lib = library.get()
+    if case == "source edited":
+        assert lib is None
+        assert "is not used" in caplog.text and "a stale build" in caplog.text
+    else:
+        assert lib is not None
+        assert ("used because $GDSCACHE_TEST_LIB names it" in caplog.text) == case.endswith("named")
