@@ -58,7 +58,8 @@ EOF
 }
 
 step_build() {
-    # the codec kernels, as `pip install` builds them where nvcc exists
+    # the codec kernels, as `pip install` builds them where nvcc exists (a failed build fails the step)
+    set -o pipefail
     cmake -S . -B build/cuda -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build/cuda -j 16 | tail -3
 }
 
@@ -68,8 +69,10 @@ step_codecs() {
 
 step_tests() {
     # the GPU tests, and the native library's host-memory tests (CI runs them only where nvcc built the library)
-    python3 -m pytest -m gpu tests --continue-on-collection-errors -q -rs -p no:cacheprovider &&
-        python3 -m pytest tests/core/test_native_reads.py tests/core/test_native_writes.py -q -rs -p no:cacheprovider
+    local rc=0
+    python3 -m pytest -m gpu tests --continue-on-collection-errors -q -rs -p no:cacheprovider || rc=1
+    python3 -m pytest tests/core/test_native_reads.py tests/core/test_native_writes.py -q -rs -p no:cacheprovider || rc=1
+    return $rc
 }
 
 step_read_steps() {

@@ -94,6 +94,9 @@ class GDSCache:
             if cfg.write_mode == "async" else None
         )
         self._spec_lock = threading.Lock()
+        # a one-task retrieve runs on its caller's thread: at most io_threads at once (beyond, on the pool), as each
+        # may hold a group's payloads on the GPU
+        self._inline_slots = threading.BoundedSemaphore(cfg.io_threads)
         self._spec: KVSpec | None = None
         self._namespace = b""
         self._closed = False
@@ -290,7 +293,13 @@ class GDSCache:
                     end = min(next_submit + group, len(chunk_keys))
                     views = self._chunk_views(out, next_submit, end - next_submit)
                     task = (self._fetch_group, chunk_keys[next_submit:end], views, spec, after, decode_here)
-                    job = _run_here(*task) if one_group else self._backend.submit(*task)
+                    if one_group and self._inline_slots.acquire(blocking=False):
+                        try:
+                            job = _run_here(*task)
+                        finally:
+                            self._inline_slots.release()
+                    else:
+                        job = self._backend.submit(*task)
                     inflight.append((job, views))
                     next_submit = end
                 job, views = inflight.pop(0)
@@ -656,10 +665,10 @@ class GDSCache:
 
     def _decode_here(self, found: list[Fetched], targets: list[KV], spec: KVSpec,
                      after: torch.cuda.Event | None) -> list[Fetched]:
-        """Decode, on this I/O thread, the fetched chunks whose payloads are already on their target's device (on a
-        GPU, with one codec call on the thread's own stream, after ``after``: the caller's work on ``out``). Host
-        payloads for a GPU (DRAM or remote hits) and chunks that do not decode go back as fetched, for the caller
-        to copy in batches or to report."""
+        """Decode, on this thread (an I/O thread, or the caller's for a one-task retrieve), the fetched chunks whose
+        payloads are already on their target's device (on a GPU, with one codec call on the thread's own stream, after
+        ``after``: the caller's work on ``out``). Host payloads for a GPU (DRAM or remote hits) and chunks that do not
+        decode go back as fetched, for the caller to copy in batches or to report."""
         todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
                 and fetched.payload.device == targets[i].device and self._same_settings(fetched.meta, spec)]
         if not todo:

@@ -17,11 +17,14 @@ def cuda_usable() -> bool:
 def aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     """An uninitialised 1-D uint8 host tensor of ``nbytes`` whose address is a multiple of ``ALIGN``.
 
-    ``pin`` asks for page-locked memory and is ignored where CUDA is absent.
+    ``pin`` asks for page-locked memory and is ignored where CUDA is absent. The tensor is an ordinary one on the
+    host whatever the calling thread's torch modes (``inference_mode``, a default device): buffers are pooled and
+    reused by other threads, which could not write into an inference tensor.
     """
-    if pin and cuda_usable():
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)[:nbytes]
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    with torch.inference_mode(False):
+        if pin and cuda_usable():
+            return torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cpu", pin_memory=True)[:nbytes]
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, device="cpu")
     shift = (-raw.data_ptr()) % ALIGN
     return raw[shift : shift + nbytes]
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from gdscache.format.chunkfile import ChunkMeta
+from io_backends.buffers import aligned_empty
 
 
 class DramTier:
@@ -52,7 +53,7 @@ class DramTier:
         size = payload.numel()
         if size > self.max_bytes or key in self:
             return
-        host = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+        host = aligned_empty(size, pin=self.pinned)  # an ordinary tensor even when the caller is in inference_mode
         host.copy_(payload)
         with self._lock:
             if key in self._entries:

@@ -253,7 +253,7 @@ class Staging {
   // Write one GPU range to the file: pieces copied to the staging halves in turn, each piece's pwrite overlapping
   // the next one's copy. 0 or a negative code; no copy of this range is in flight when it returns.
   int64_t write(const gio_wrange& r, int fd, int direct_fd, int64_t capacity) {
-    drain();  // the halves may hold reads' copies
+    drain();  // the halves may hold read copies (none in the write pool, but a Pool takes either kind of job)
     cudaStream_t stream = nullptr;
     int64_t code = stream_for(r.device, &stream);
     if (code == 0) code = reserve(capacity);
@@ -419,7 +419,7 @@ class Pool {
         queue_.pop_front();
       }
       if (job.write != nullptr) {
-        staging.drain();  // reads' copies finish their pieces now, not after this job's disk I/O
+        staging.drain();  // read copies (none in the write pool) finish their pieces now, not after disk I/O
         if (job.publish) {
           complete_file(*job.write, job.file, staging);
         } else {

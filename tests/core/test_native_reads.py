@@ -180,6 +180,8 @@ def test_a_build_from_other_source_is_used_only_when_named(tmp_path, caplog, mon
     """The library reports the SHA-256 of the batch_io.cu it was built from: found beside the bindings (a stale
     editable install) it is passed over unless that is this checkout's file; named by the variable, it is used with
     a warning (to compare two builds)."""
+    if os.environ.get("GDSCACHE_IO_LIB"):
+        pytest.skip("$GDSCACHE_IO_LIB names the library: it need not be built from this checkout's batch_io.cu")
     folder = tmp_path / "pkg" / "mod"
     folder.mkdir(parents=True)
     shutil.copy(native._library.get()._name, folder / native.LIB_NAME)

@@ -82,6 +82,32 @@ def test_a_request_of_one_read_task_runs_it_on_the_callers_thread(cache_dir, mon
                 cache.retrieve(tokens[:n], out)
 
 
+def test_reads_under_inference_mode_leave_pooled_buffers_writable(cache_dir):
+    """An engine retrieves under ``torch.inference_mode()`` (vLLM's model runner), and a one-task request is read on
+    its thread: the host buffers it takes from the shared pool must stay ordinary tensors, or the next read or store
+    on another thread could not write into them."""
+    import threading
+
+    torch.manual_seed(0)
+    kv = torch.randn(2, 2, 128, 4, 64, dtype=torch.float16)
+    other = torch.randn(2, 2, 64, 4, 64, dtype=torch.float16)
+    with GDSCache(path=cache_dir, chunk_size=64, model_id="m", codec="lossless") as cache:
+        assert cache.store(list(range(128)), kv) == 128
+    with GDSCache(path=cache_dir, chunk_size=64, model_id="m", codec="lossless",
+                  cpu_cache_bytes=1 << 30) as cache:  # a fresh process: nothing pooled yet; DRAM copies made too
+        out = torch.zeros_like(kv)
+        for n in (64, 128):
+            with torch.inference_mode():
+                assert cache.retrieve(list(range(n)), out) == n
+        assert torch.equal(out, kv)
+        stored: list[int] = []
+        saver = threading.Thread(target=lambda: stored.append(cache.store(list(range(1000, 1064)), other)))
+        saver.start()
+        saver.join()
+        assert stored == [64]
+        assert cache.stats()["local_write_errors"] == 0
+
+
 @pytest.mark.parametrize("changed_chunk", [0, 1, 2, 3])
 def test_changed_token_invalidates_its_chunk_and_all_later(cache_dir, changed_chunk):
     kv = make_kv(2, 64, 2, 8)
