@@ -299,7 +299,7 @@ class GDSCache:
                         finally:
                             self._inline_slots.release()
                     else:
-                        job = self._backend.submit(*task)
+                        job = self._backend.submit_read(*task)
                     inflight.append((job, views))
                     next_submit = end
                 job, views = inflight.pop(0)

@@ -176,7 +176,8 @@ class FilesInFlight:
 
 
 class FileBackend(abc.ABC):
-    """Moves bytes between buffers and files. Thread-safe; owns a thread pool for parallel I/O."""
+    """Moves bytes between buffers and files. Thread-safe; owns two thread pools for parallel I/O: one for reads, one
+    for the rest (writes), so that a read never queues behind a store's tasks."""
 
     name: str
     gpu_native: bool = False
@@ -184,6 +185,7 @@ class FileBackend(abc.ABC):
 
     def __init__(self, threads: int = 8) -> None:
         self._pool = cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"io-{self.name}")
+        self._read_pool = cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"io-{self.name}-read")
 
     @property
     @abc.abstractmethod
@@ -269,10 +271,16 @@ class FileBackend(abc.ABC):
             os.close(fd)
 
     def submit(self, fn: Callable[..., T], *args: object) -> cf.Future[T]:
-        """Run ``fn(*args)`` on the backend's I/O thread pool."""
+        """Run ``fn(*args)`` on the backend's I/O thread pool (writes, and work no caller waits for at once)."""
         return self._pool.submit(fn, *args)
 
+    def submit_read(self, fn: Callable[..., T], *args: object) -> cf.Future[T]:
+        """Run ``fn(*args)``, a read a caller waits for, on the backend's read pool: it does not queue behind
+        :meth:`submit`'s tasks (a serving engine loads one request's KV while it saves another's)."""
+        return self._read_pool.submit(fn, *args)
+
     def close(self) -> None:
+        self._read_pool.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
 

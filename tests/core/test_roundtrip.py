@@ -82,6 +82,30 @@ def test_a_request_of_one_read_task_runs_it_on_the_callers_thread(cache_dir, mon
                 cache.retrieve(tokens[:n], out)
 
 
+def test_a_retrieve_does_not_queue_behind_a_stores_tasks(cache_dir):
+    """Reads have a pool of their own: with every write worker busy (a large store on a saver thread), a retrieve of
+    several tasks still completes."""
+    import threading
+
+    kv = make_kv(2, 24, 2, 8)
+    tokens = list(range(24))
+    with GDSCache(path=cache_dir, chunk_size=8, model_id="m", io_threads=2) as cache:  # on the CPU, a task per chunk
+        assert cache.store(tokens, kv) == 24
+        held = threading.Event()
+        busy = [cache._backend.submit(held.wait) for _ in range(4)]  # both write workers, and two queued behind
+        out, got = torch.zeros_like(kv), []
+        reader = threading.Thread(target=lambda: got.append(cache.retrieve(tokens, out)))
+        reader.start()
+        reader.join(timeout=60)  # a hang, not a time: the old shared pool never ran the reads while held
+        finished = not reader.is_alive()
+        held.set()
+        reader.join()
+        for job in busy:
+            job.result()
+    assert finished, "the retrieve waited for the write pool"
+    assert got == [24] and torch.equal(out, kv)
+
+
 def test_reads_under_inference_mode_leave_pooled_buffers_writable(cache_dir):
     """An engine retrieves under ``torch.inference_mode()`` (vLLM's model runner), and a one-task request is read on
     its thread: the host buffers it takes from the shared pool must stay ordinary tensors, or the next read or store
