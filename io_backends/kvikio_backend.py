@@ -389,7 +389,7 @@ def _write_rows(files: Sequence[Sequence[Part]], held: list[np.ndarray]) -> np.n
                 rows.append((i, -1, part.offset, part.nbytes, held[-1].ctypes.data))
                 continue
             buf = part.data
-            rows.append((i, buf.device.index if buf.is_cuda else -1, part.offset, part.nbytes, buf.data_ptr()))
+            rows.append((i, buf.get_device(), part.offset, part.nbytes, buf.data_ptr()))  # -1: host memory
     _ready_devices(part.data for parts in files for part in parts if isinstance(part.data, torch.Tensor))
     return np.array(rows, dtype=native_io.WRANGE)
 
