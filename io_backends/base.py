@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
+import contextlib
+import errno
 import os
 import threading
 import weakref
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 ALIGN = 4096
@@ -158,6 +161,45 @@ class ReadHandle(abc.ABC):
         self.close()
 
 
+@dataclass(frozen=True)
+class FilesRead:
+    """What :meth:`FileBackend.read_files` read of ``n`` files. ``errors[i]`` is None where file ``i`` was read whole:
+    its first ``head_bytes`` are ``heads[i]``, the rest is ``bodies[i]``."""
+
+    heads: np.ndarray
+    """``[n, head_bytes]`` uint8, in host memory."""
+    bodies: list[torch.Tensor]
+    """Slices of one buffer on the device asked for, each 4 KiB-aligned (empty for a file not read)."""
+    sizes: list[int]
+    """Each file's size when it was opened, or -1 where it could not be."""
+    errors: list[OSError | None]
+
+
+def body_layout(sizes: np.ndarray, head_bytes: int, max_body: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Where :meth:`FileBackend.read_files` puts the files' bodies in one buffer: each body's length (what follows
+    the head; 0 for a file shorter than its head, unopened (size < 0) or whose body is ``max_body`` or more), each
+    body's offset (4 KiB apart, as GPUDirect likes them), and the buffer's length."""
+    lengths = np.clip(sizes - head_bytes, 0, None)
+    lengths[lengths >= max_body] = 0
+    aligned = (lengths + ALIGN - 1) // ALIGN * ALIGN
+    offsets = np.concatenate(([0], np.cumsum(aligned)[:-1])) if len(aligned) else aligned
+    return lengths, offsets, int(aligned.sum())
+
+
+def too_large(path: str, size: int) -> OSError:
+    """The error of a file that :meth:`FileBackend.read_files` does not read: its body is ``max_body`` or more."""
+    return OSError(errno.EFBIG, f"{path}: {size} bytes, more than a file to read whole")
+
+
+def split_body(body: torch.Tensor, lengths: np.ndarray, offsets: np.ndarray) -> list[torch.Tensor]:
+    """The slices of ``body`` that :func:`body_layout` gives, by one ``split`` (Python per file is the cost here)."""
+    if not len(lengths):
+        return []
+    gaps = np.diff(np.append(offsets, offsets[-1] + lengths[-1])) - lengths  # each body's padding
+    sizes = np.stack([lengths, gaps], axis=1).reshape(-1).tolist()
+    return list(body[: sum(sizes)].split(sizes)[0::2])
+
+
 class FilesInFlight:
     """Files started by :meth:`FileBackend.start_files`: :meth:`finish` or :meth:`abandon` must follow, once. This
     one writes nothing before ``finish``, which hands everything to :meth:`FileBackend.write_files`."""
@@ -257,6 +299,46 @@ class FileBackend(abc.ABC):
                     except OSError as exc:
                         errors[i] = exc
         return errors
+
+    def read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
+                   touch: bool = False) -> FilesRead:
+        """Read each file whole, every read in flight at once where the backend can: its first ``head_bytes`` into
+        host memory, the rest into one new buffer on ``device`` (:func:`body_layout`). A file whose body would be
+        ``max_body`` bytes or more is not read (``EFBIG``; its size is reported). With ``touch``, the times of each
+        file read whole are set to now. This default opens each file with :meth:`open_read` and reads them with
+        :meth:`read_batch`."""
+        n = len(paths)
+        handles: list[ReadHandle | None] = [None] * n
+        errors: list[OSError | None] = [None] * n
+        heads = np.zeros((n, head_bytes), dtype=np.uint8)
+        try:
+            for i, path in enumerate(paths):
+                try:
+                    handles[i] = self.open_read(path)
+                except OSError as exc:
+                    errors[i] = exc
+            sizes = np.array([-1 if h is None else h.size for h in handles], dtype=np.int64)
+            lengths, offsets, total = body_layout(sizes, head_bytes, max_body)
+            bodies = split_body(torch.empty(max(total, 1), dtype=torch.uint8, device=device), lengths, offsets)
+            reading = []
+            for i, handle in enumerate(handles):
+                if handle is not None and sizes[i] - head_bytes >= max_body:
+                    errors[i] = too_large(paths[i], int(sizes[i]))
+                elif handle is not None:
+                    reading.append(i)
+            reads = [(handles[i], [torch.from_numpy(heads[i]), bodies[i]] if lengths[i] else [torch.from_numpy(heads[i])],
+                      0) for i in reading]
+            for i, error in zip(reading, self.read_batch(reads), strict=True):
+                errors[i] = error
+        finally:
+            for handle in handles:
+                if handle is not None:
+                    handle.close()
+        for i, path in enumerate(paths):
+            if touch and errors[i] is None:
+                with contextlib.suppress(OSError):
+                    os.utime(path)
+        return FilesRead(heads, bodies, sizes.tolist(), errors)
 
     def forget(self, path: str) -> None:
         """``path`` was removed or replaced: let go of anything kept open for it (nothing here)."""

@@ -33,7 +33,7 @@ from gdscache.format.chunkfile import (
     pack_header,
     unpack_header,
 )
-from io_backends.base import ALIGN, FileBackend, FilesInFlight, Part, ReadHandle, align_up
+from io_backends.base import ALIGN, FileBackend, FilesInFlight, FilesRead, Part, ReadHandle, align_up
 from io_backends.buffers import host_pool
 
 log = logging.getLogger(__name__)
@@ -391,34 +391,23 @@ class LocalTier:
     def read_many(self, namespace: bytes, keys: Sequence[bytes],
                   device: torch.device) -> list[tuple[ChunkMeta, torch.Tensor] | None]:
         """:meth:`read` of several chunks into one new buffer on ``device``: every file's header and payload reads
-        in flight at once (where the backend can), payloads on a GPU verified with one host sync. Each chunk is a
-        hit or a miss on its own. Host payloads here are not from ``host_pool``: never release them there.
+        in flight at once (:meth:`FileBackend.read_files`), payloads on a GPU verified with one host sync. Each chunk
+        is a hit or a miss on its own. Host payloads here are not from ``host_pool``: never release them there.
 
         A CUDA ``device`` needs a backend that reads into GPU memory (``gpu_native``).
         """
-        paths = [self.path_of(namespace, key) for key in keys]
-        outcome: list[tuple[ChunkMeta, torch.Tensor] | Exception | None] = [None] * len(keys)
-        handles: list[ReadHandle | None] = [None] * len(keys)
+        paths = self._paths_of(namespace, keys)
         self._pin(keys)
         try:
-            for i, path in enumerate(paths):
-                try:
-                    handles[i] = self.backend.open_read(path)
-                except OSError as exc:
-                    outcome[i] = exc
             # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
             # threads' GPU work (the caller must record_stream a payload where it uses it)
             with torch.cuda.stream(thread_stream(device)) if device.type == "cuda" else nullcontext():
                 try:
-                    self._read_open_files(keys, handles, outcome, device)
+                    outcome = self._verified(keys, self.backend.read_files(paths, HEADER_SIZE, device,
+                                                                           max_body=MAX_PAYLOAD, touch=True))
                 except torch.cuda.OutOfMemoryError as exc:  # no room for the payloads now: misses, not a crash
-                    for i, got in enumerate(outcome):
-                        if not isinstance(got, Exception):
-                            outcome[i] = OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")
+                    outcome = [OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")] * len(keys)
         finally:
-            for handle in handles:
-                if handle is not None:
-                    handle.close()
             self._unpin(keys)
         results: list[tuple[ChunkMeta, torch.Tensor] | None] = []
         for key, path, got in zip(keys, paths, outcome, strict=True):
@@ -426,46 +415,39 @@ class LocalTier:
                 self._missed(path, key, got)
                 results.append(None)
             else:
-                self._hit(path, key)
                 results.append(got)
+        self._hits([key for key, got in zip(keys, results, strict=True) if got is not None])
         return results
 
-    def _read_open_files(self, keys: Sequence[bytes], handles: Sequence[ReadHandle | None],
-                         outcome: list, device: torch.device) -> None:
-        """Fill ``outcome[i]`` with ``(meta, payload)`` or the exception that makes chunk ``i`` a miss."""
-        lengths = [h.size - PAYLOAD_OFFSET if h is not None else 0 for h in handles]
-        for i, length in enumerate(lengths):
-            if length >= MAX_PAYLOAD:  # no chunk is that large: do not let a stray file claim the memory
-                outcome[i], lengths[i] = CorruptChunk(f"file of {length} payload bytes"), 0
-        lengths = [max(length, 0) for length in lengths]
-        sizes = []  # payload slots 4 KiB apart, as GPUDirect likes them: each payload, then its padding
-        for length in lengths:
-            sizes += (length, align_up(length) - length)
-        headers = host_pool.acquire(HEADER_SIZE * len(keys))
-        payloads = torch.empty(max(sum(sizes), 1), dtype=torch.uint8, device=device)
-        header_views = headers.view(len(keys), HEADER_SIZE).unbind()
-        slots = payloads[: sum(sizes)].split(sizes)[0::2]  # views in one call: Python per chunk is the cost here
-        reading = [i for i, handle in enumerate(handles) if handle is not None and outcome[i] is None]
-        reads = [(handles[i], [header_views[i], slots[i]] if lengths[i] else [header_views[i]], 0) for i in reading]
-        for i, error in zip(reading, self.backend.read_batch(reads), strict=True):
-            if error is not None:
-                outcome[i] = error
-        header_bytes = headers.numpy().tobytes()
-        host_pool.release(headers)
+    def _paths_of(self, namespace: bytes, keys: Sequence[bytes]) -> list[str]:
+        """Each key's file: as indexed (one look under the lock), else :meth:`path_of`."""
+        with self._lock:
+            known = [self._index.get(key) for key in keys]
+        return [entry[0] if entry is not None else self.path_of(namespace, key) for key, entry in zip(keys, known)]
+
+    @staticmethod
+    def _verified(keys: Sequence[bytes], read: FilesRead) -> list[tuple[ChunkMeta, torch.Tensor] | Exception]:
+        """Per chunk of :meth:`read_many`: ``(meta, payload)`` once its header and checksum hold, or the exception
+        that makes it a miss (a :class:`CorruptChunk` quarantines its file)."""
+        outcome: list[tuple[ChunkMeta, torch.Tensor] | Exception] = list(read.errors)
+        header_bytes = read.heads.tobytes()
         checked: list[tuple[int, ChunkMeta, torch.Tensor]] = []
-        for i, handle in enumerate(handles):
-            if handle is None or outcome[i] is not None:
+        for i, size in enumerate(read.sizes):
+            if size - PAYLOAD_OFFSET >= MAX_PAYLOAD:  # no chunk is that large: a stray file, never read
+                outcome[i] = CorruptChunk(f"file of {size - PAYLOAD_OFFSET} payload bytes")
+            if outcome[i] is not None:
                 continue
             try:
-                meta = unpack_header(header_bytes[i * HEADER_SIZE : (i + 1) * HEADER_SIZE], handle.size)
+                meta = unpack_header(header_bytes[i * HEADER_SIZE : (i + 1) * HEADER_SIZE], size)
                 if meta.key != keys[i]:
                     raise CorruptChunk("file holds another key")
-                if not 0 <= lengths[i] - meta.payload_len < ALIGN:  # a payload, maybe padded to a 4 KiB boundary
-                    raise CorruptChunk(f"file of {handle.size} bytes holds no {meta.payload_len}-byte payload")
+                body = read.bodies[i]
+                if not 0 <= body.numel() - meta.payload_len < ALIGN:  # a payload, maybe padded to a 4 KiB boundary
+                    raise CorruptChunk(f"file of {size} bytes holds no {meta.payload_len}-byte payload")
             except CorruptChunk as exc:
                 outcome[i] = exc
                 continue
-            checked.append((i, meta, slots[i] if meta.payload_len == lengths[i] else slots[i][: meta.payload_len]))
+            checked.append((i, meta, body if meta.payload_len == body.numel() else body[: meta.payload_len]))
         sums = digests([p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
         for (i, meta, payload), got in zip(checked, sums, strict=True):
             try:
@@ -473,6 +455,7 @@ class LocalTier:
                 outcome[i] = (meta, payload)
             except CorruptChunk as exc:
                 outcome[i] = exc
+        return outcome
 
     @staticmethod
     def _header(handle: ReadHandle, key: bytes) -> ChunkMeta:
@@ -524,14 +507,19 @@ class LocalTier:
 
     def _hit(self, path: str, key: bytes) -> None:
         """Account a verified read: most recently used here, and by mtime for the next process's scan."""
-        self.stats.reads += 1
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+        self._hits([key])
         try:
             os.utime(path)
         except OSError:
             pass
+
+    def _hits(self, keys: Sequence[bytes]) -> None:
+        """Account verified reads whose files were touched as they were read: most recently used here."""
+        with self._lock:
+            self.stats.reads += len(keys)
+            for key in keys:
+                if key in self._index:
+                    self._index.move_to_end(key)
 
     def quarantine(self, path: str, why: str) -> None:
         """Move a bad chunk file aside (or delete it if that fails) and log why."""

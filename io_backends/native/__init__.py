@@ -1,6 +1,7 @@
 """ctypes binding to ``libgdscache_io.so`` (``batch_io.cu`` here), on native threads with the GIL released (reads
-and writes on pools of their own): many reads of open files into host or GPU memory in one call (:func:`read`), and
-many files written from host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
+and writes on pools of their own): many reads of open files into host or GPU memory in one call (:func:`read`; a
+batch of files is opened and closed by one call each: :func:`open_files`, :func:`close_files`), and many files
+written from host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
 
 The library is looked up at ``$GDSCACHE_IO_LIB``, then next to this module (where ``pip install`` puts it when
 nvcc exists), then in ``build/cuda`` of a source checkout; a build from other source than this ``batch_io.cu`` is
@@ -109,6 +110,10 @@ def _bind(lib: ctypes.CDLL) -> None:
         raise ValueError("built from another version of batch_io.cu")
     lib.gio_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     lib.gio_read.restype = ctypes.c_int
+    lib.gio_open.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.gio_open.restype = ctypes.c_int
+    lib.gio_close.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.gio_close.restype = ctypes.c_int
     lib.gio_write_begin.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.gio_write_begin.restype = ctypes.c_void_p
@@ -160,6 +165,32 @@ def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
         raise _refused(code, "gio_read", f"threads={threads}, piece_bytes={piece_bytes} (a multiple of 4096), "
                                          "offsets and sizes >= 0, destinations set")
     return ranges["result"]
+
+
+def open_files(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Open every path read-only in one call: each one's descriptor (int32) and size (int64), both ``-errno`` where
+    it cannot be opened (:func:`error_of`). Pass the descriptors to :func:`close_files`."""
+    fds, sizes = np.zeros(len(paths), dtype=np.int32), np.zeros(len(paths), dtype=np.int64)
+    if not paths:
+        return fds, sizes
+    blob = np.frombuffer(os.fsencode("\0".join(paths)) + b"\0", dtype=np.uint8)
+    if np.count_nonzero(blob == 0) != len(paths):
+        raise ValueError("a path holds a NUL byte")
+    starts = np.concatenate(([0], np.flatnonzero(blob == 0)[:-1] + 1)).astype(np.uint64) + np.uint64(blob.ctypes.data)
+    code = _lib().gio_open(starts.ctypes.data, len(paths), fds.ctypes.data, sizes.ctypes.data)
+    if code != 0:
+        raise _refused(code, "gio_open", "paths set")
+    return fds, sizes
+
+
+def close_files(fds: np.ndarray, touch: np.ndarray) -> None:
+    """Close the descriptors :func:`open_files` gave (negative ones are skipped), in one call; where ``touch`` (a bool
+    per descriptor) holds, the file's times are first set to now."""
+    fds = np.ascontiguousarray(fds, dtype=np.int32)
+    flags = np.ascontiguousarray(touch, dtype=np.uint8)
+    if flags.shape != fds.shape:
+        raise ValueError(f"touch has {flags.size} flags for {fds.size} descriptors")
+    _lib().gio_close(fds.ctypes.data, len(fds), flags.ctypes.data)
 
 
 class FilesInFlight:

@@ -3,8 +3,9 @@
 //
 // One call reads every range of a batch (many files, header and payload each), or writes and publishes every file
 // of a batch, on a pool of worker threads and returns when all are done, so the Python caller pays one call per
-// batch instead of several per file. GPU memory goes piece by piece through the worker's pinned staging buffer and
-// the worker's own stream: the POSIX path kvikio takes without GPUDirect, minus its per-file Python.
+// batch instead of several per file (gio_open and gio_close open and close a batch's files, one call each). GPU
+// memory goes piece by piece through the worker's pinned staging buffer and the worker's own stream: the POSIX path
+// kvikio takes without GPUDirect, minus its per-file Python.
 //
 // Reads (gio_read)
 //
@@ -35,6 +36,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -630,6 +632,41 @@ int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
     pool->run_batch(ranges, n);
   } catch (const std::exception&) {
     return -ENOMEM;
+  }
+  return 0;
+}
+
+// Open each of `n` NUL-terminated `paths` read-only: `fds[i]` is its descriptor, `sizes[i]` its size (fstat), or
+// both -errno where it cannot be opened. The caller closes them with gio_close (one call for a batch of files, with
+// no Python per file). 0, or -EINVAL for bad arguments.
+int gio_open(const uint64_t* paths, int n, int32_t* fds, int64_t* sizes) {
+  if (n < 0) return -EINVAL;
+  for (int i = 0; i < n; ++i) {
+    if (paths[i] == 0) return -EINVAL;
+  }
+  for (int i = 0; i < n; ++i) {
+    const int fd = open(reinterpret_cast<const char*>(paths[i]), O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0) {
+      fds[i] = sizes[i] = -errno;
+    } else if (fstat(fd, &st) != 0) {
+      fds[i] = sizes[i] = -errno;
+      close(fd);
+    } else {
+      fds[i] = fd;
+      sizes[i] = (int64_t)st.st_size;
+    }
+  }
+  return 0;
+}
+
+// Close the `n` descriptors of `fds` (negative ones are skipped); where `touch[i]`, the file's access and
+// modification times are first set to now (an LRU by mtime for the next process to scan the files). 0.
+int gio_close(const int32_t* fds, int n, const uint8_t* touch) {
+  for (int i = 0; i < n; ++i) {
+    if (fds[i] < 0) continue;
+    if (touch[i]) futimens(fds[i], nullptr);  // best effort: a file on a read-only mount is still read
+    close(fds[i]);
   }
   return 0;
 }

@@ -1,0 +1,122 @@
+"""FileBackend.read_files: whole files read at once, heads to host memory and bodies to one buffer, each file a
+success or a failure of its own; the same answers from the default (POSIX, file by file) and from
+libgdscache_io.so's three calls (kvikio_backend.read_files_natively, here into host memory; on a GPU in
+tests/gpu/test_kvikio_gpu.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from io_backends import PosixBackend, native
+from io_backends.base import ALIGN, FilesRead, body_layout
+from io_backends.kvikio_backend import read_files_natively
+
+HEAD = 64
+Reader = Callable[..., FilesRead]
+
+
+def _posix(paths, head, device, *, max_body, touch=False):
+    backend = PosixBackend(threads=2, o_direct="off")
+    try:
+        return backend.read_files(paths, head, device, max_body=max_body, touch=touch)
+    finally:
+        backend.close()
+
+
+def _native(paths, head, device, *, max_body, touch=False):
+    return read_files_natively(paths, head, device, max_body=max_body, touch=touch, threads=3, piece_bytes=4096)
+
+
+READERS = [pytest.param(_posix, id="posix"),
+           pytest.param(_native, id="native", marks=pytest.mark.skipif(not native.available(),
+                                                                      reason=f"{native.LIB_NAME} is not built"))]
+
+
+def _write(tmp_path, name: str, nbytes: int, seed: int) -> tuple[str, bytes]:
+    data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path), data
+
+
+@pytest.mark.parametrize("read", READERS)
+def test_each_file_lands_whole_or_fails_on_its_own(tmp_path, read: Reader):
+    sizes = [HEAD, HEAD + 1, HEAD + 4096, HEAD + 3 * 4096 + 17, HEAD + 70_000]
+    files = [_write(tmp_path, f"f{i}", n, i) for i, n in enumerate(sizes)]
+    short, _ = _write(tmp_path, "short", HEAD - 1, 9)
+    big, big_data = _write(tmp_path, "big", HEAD + 100_000, 10)
+    paths = [p for p, _ in files] + [short, str(tmp_path / "absent"), big, str(tmp_path)]
+    got = read(paths, HEAD, torch.device("cpu"), max_body=80_000)
+    assert got.sizes == sizes + [HEAD - 1, -1, len(big_data), got.sizes[-1]]
+    for i, (_, data) in enumerate(files):
+        assert got.errors[i] is None
+        assert got.heads[i].tobytes() == data[:HEAD]
+        assert got.bodies[i].numpy().tobytes() == data[HEAD:]
+        if i:  # one buffer, bodies 4 KiB apart
+            assert (got.bodies[i].data_ptr() - got.bodies[1].data_ptr()) % ALIGN == 0
+    short_error, absent_error, big_error, dir_error = got.errors[len(files) :]
+    assert isinstance(short_error, OSError) and short_error.errno == errno.EIO  # ends inside its head
+    assert isinstance(absent_error, FileNotFoundError)
+    assert big_error.errno == errno.EFBIG and got.bodies[len(files) + 2].numel() == 0  # not read, its size told
+    assert isinstance(dir_error, OSError)  # a directory opens, but it reads as an error
+
+
+@pytest.mark.parametrize("read", READERS)
+def test_touch_sets_the_times_of_files_read_whole_only(tmp_path, read: Reader):
+    good, _ = _write(tmp_path, "good", HEAD + 10, 1)
+    short, _ = _write(tmp_path, "short", HEAD - 1, 2)
+    for path in (good, short):
+        os.utime(path, (1_000_000, 1_000_000))
+    got = read([good, short], HEAD, torch.device("cpu"), max_body=1 << 20, touch=True)
+    assert got.errors[0] is None and got.errors[1] is not None
+    assert os.stat(good).st_mtime > 1_000_000 and os.stat(short).st_mtime == 1_000_000
+    read([good], HEAD, torch.device("cpu"), max_body=1 << 20)
+    os.utime(good, (1_000_000, 1_000_000))
+    read([good], HEAD, torch.device("cpu"), max_body=1 << 20)  # touch=False leaves the times alone
+    assert os.stat(good).st_mtime == 1_000_000
+
+
+@pytest.mark.parametrize("read", READERS)
+def test_no_file_is_left_open(tmp_path, read: Reader):
+    paths = [_write(tmp_path, f"f{i}", HEAD + 5000, i)[0] for i in range(20)] + [str(tmp_path / "absent")]
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        read(paths, HEAD, torch.device("cpu"), max_body=1 << 20)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_empty_batch_reads_nothing(tmp_path):
+    for read in (_posix, _native) if native.available() else (_posix,):
+        got = read([], HEAD, torch.device("cpu"), max_body=1 << 20)
+        assert got.sizes == [] and got.errors == [] and got.bodies == [] and got.heads.shape == (0, HEAD)
+
+
+def test_body_layout_pads_each_body_to_4_kib_and_leaves_out_what_is_not_read():
+    sizes = np.array([HEAD + 1, -2, HEAD - 5, HEAD + 4096, HEAD + 10_000, HEAD + 4097], dtype=np.int64)
+    lengths, offsets, total = body_layout(sizes, HEAD, max_body=10_000)
+    assert lengths.tolist() == [1, 0, 0, 4096, 0, 4097]
+    assert offsets.tolist() == [0, 4096, 4096, 4096, 8192, 8192]
+    assert total == 8192 + 8192
+
+
+@pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built")
+def test_open_files_reports_each_failure_and_close_files_checks_its_flags(tmp_path):
+    path, data = _write(tmp_path, "f", 1234, 0)
+    fds, sizes = native.open_files([path, str(tmp_path / "absent"), path])
+    try:
+        assert sizes.tolist() == [1234, -errno.ENOENT, 1234] and fds[1] == -errno.ENOENT
+        assert os.pread(int(fds[0]), 10, 0) == data[:10]
+        with pytest.raises(ValueError, match="2 flags for 3 descriptors"):
+            native.close_files(fds, np.zeros(2, dtype=bool))
+    finally:
+        native.close_files(fds, np.zeros(3, dtype=bool))
+    with pytest.raises(OSError):
+        os.fstat(int(fds[0]))
+    with pytest.raises(ValueError, match="NUL"):
+        native.open_files(["a\0b"])
