@@ -113,6 +113,7 @@ step_warm_files() {
     # hits against one pinned host copy (issue 3)
     python3 benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8 --json "$OUT/warm_files_llama.json"
     python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64 --json "$OUT/warm_files_small.json"
+    python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 8 --tokens 32768 --json "$OUT/warm_files_small_32k.json"
 }
 
 step_read_under_store() {

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 TOKENS, CHUNK = 4096, 256
-"""Every request is 4096 tokens in chunks of 256: 16 chunk files."""
+"""A request is 4096 tokens in chunks of 256 (16 chunk files) unless a benchmark's ``--tokens`` says otherwise."""
 
 
 def parse_args(doc: str | None, default_dir: str, default_shape: str, default_requests: int,
@@ -28,10 +28,10 @@ def parse_args(doc: str | None, default_dir: str, default_shape: str, default_re
     return parser.parse_args()
 
 
-def request_kv(shape: str) -> torch.Tensor:
-    """One request's KV on the GPU: ``[layers, 2, TOKENS, kv_heads, head_dim]`` bf16 for ``shape`` "layers,heads,dim"."""
+def request_kv(shape: str, tokens: int = TOKENS) -> torch.Tensor:
+    """One request's KV on the GPU: ``[layers, 2, tokens, kv_heads, head_dim]`` bf16 for ``shape`` "layers,heads,dim"."""
     layers, heads, dim = (int(x) for x in shape.split(","))
-    return torch.randn(layers, 2, TOKENS, heads, dim, dtype=torch.bfloat16, device="cuda")
+    return torch.randn(layers, 2, tokens, heads, dim, dtype=torch.bfloat16, device="cuda")
 
 
 def timed(fn: Callable[[], None]) -> float:

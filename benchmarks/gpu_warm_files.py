@@ -1,7 +1,7 @@
 """Page-cache-warm GPU retrieve against raw kvikio reads of the same bytes, on one page cache, and DRAM-tier hits
 against one pinned host copy (issue 3).
 
-Requests of 4096 tokens (16 chunks of 256) are stored through GDSCache, the page cache is dropped, and everything
+Requests of 4096 tokens (16 chunks of 256; ``--tokens`` for longer prompts) are stored through GDSCache, the page cache is dropped, and everything
 is read once cold and once more (the slow first re-read: benchmarks/RESULTS.md). Then, in passes that alternate
 their order, the same bytes are read warm three ways, each into the GPU:
 
@@ -21,6 +21,7 @@ and two ways from host memory, where no file is read:
 
     python benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8    # Llama-8B: 32 MiB chunks, 4 GiB
     python benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64    # 1 MiB chunks, 1 GiB
+    python benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 8 --tokens 32768   # 32k-token prompts, 1 GiB
 
 To compare two versions of the code on one host, run it from each version's tree in turn.
 """
@@ -44,12 +45,15 @@ from io_backends.base import Part
 
 
 def main() -> None:
-    args = parse_args(__doc__, ".bench/warm_files", "32,8,128", 8)
-
-    kv = request_kv(args.shape)
+    args = parse_args(__doc__, ".bench/warm_files", "32,8,128", 8, lambda parser: parser.add_argument(
+        "--tokens", type=int, default=TOKENS, help="tokens per request, a multiple of 256 (default %(default)s)"))
+    tokens = args.tokens
+    if tokens <= 0 or tokens % CHUNK:
+        raise SystemExit(f"--tokens must be a positive multiple of {CHUNK}, got {tokens}")
+    kv = request_kv(args.shape, tokens)
     out = torch.empty_like(kv)
     src = kv.reshape(-1).view(torch.uint8)
-    req_bytes, chunks = src.numel(), TOKENS // CHUNK
+    req_bytes, chunks = src.numel(), tokens // CHUNK
     total = args.requests * req_bytes
     dest = torch.empty(req_bytes, dtype=torch.uint8, device="cuda")
     dest_chunks = dest.view(chunks, -1).unbind()
@@ -59,10 +63,10 @@ def main() -> None:
     raw_path = os.path.join(args.dir, "raw.bin")
     backend.write_file(raw_path, [Part(i * req_bytes, src) for i in range(args.requests)], durable=True)
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, 1 << 30, TOKENS) for _ in range(args.requests)]
+    prompts = [rng.integers(0, 1 << 30, tokens) for _ in range(args.requests)]
     cache = GDSCache(path=os.path.join(args.dir, "cache"), chunk_size=CHUNK, model_id="warm-files", storage="gds")
     for prompt in prompts:
-        assert cache.store(prompt, kv) == TOKENS, "store failed"
+        assert cache.store(prompt, kv) == tokens, "store failed"
     files = [[cache._local.path_of(cache.namespace, key) for key in cache.chunk_keys(p)] for p in prompts]
     pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     for i in range(args.requests):
@@ -70,7 +74,7 @@ def main() -> None:
     dram = GDSCache(path=os.path.join(args.dir, "dram"), chunk_size=CHUNK, model_id="warm-files", storage="gds",
                     cpu_cache_bytes=total)
     for prompt in prompts:
-        assert dram.store(prompt, kv) == TOKENS, "store failed"
+        assert dram.store(prompt, kv) == tokens, "store failed"
 
     def raw_file() -> None:
         with backend.open_read(raw_path) as handle:
@@ -87,7 +91,7 @@ def main() -> None:
 
     def retrieve(source: GDSCache = cache) -> None:
         for prompt in prompts:
-            assert source.retrieve(prompt, out) == TOKENS, "a stored chunk was not retrieved"
+            assert source.retrieve(prompt, out) == tokens, "a stored chunk was not retrieved"
 
     def retrieve_through_kvikio() -> None:
         cache_backend = cache._backend

@@ -32,14 +32,20 @@ from io_backends import make_file_backend
 from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
-GROUP_CHUNKS = 128
+GROUP_CHUNKS = 64
 GROUP_BYTES = 128 << 20
 """On a GPU, chunks are fetched up to ``GROUP_BYTES`` (at most ``GROUP_CHUNKS``, at least one chunk) per I/O task:
 one batched local-tier read (every file's reads in flight), one checksum sync and one decode call per group (the
 size also bounds a store's encode batches: ``STORE_BATCHES``). One task per chunk spent most of its time in CUDA
 and Python calls contending across the I/O threads: with 8 threads, warm reads of 1 MiB chunks ran at 0.8 GB/s one
 per task and 5.1 in groups of 128, of 32 MiB chunks at 19.9 and 27.4 in groups of 4
-(benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md)."""
+(benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md). Since groups are pipelined (``PIPELINE_GROUPS``), a warm
+retrieve of 128 x 1 MiB chunks ran at 15.7-18.5 GB/s in groups of 64 against 13.5-14.6 in one group of 128."""
+PIPELINE_GROUPS = 3
+"""On a GPU, a retrieve whose backend reads into GPU memory runs its fetch tasks on its own thread, up to this many
+groups' reads in flight: while the I/O threads read the next groups, this one verifies and decodes the last. Tasks
+on a pool of Python threads instead took turns for the GIL: there, 128 x 1 MiB chunks in groups of 32 read at
+10.4 GB/s, in one group at 13.3 (benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that
 decodes in batches holds up to as many again awaiting its decode."""
@@ -50,6 +56,8 @@ kernels), so that writing one batch overlaps encoding and checksumming the next.
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 KV = torch.Tensor | KVPages
 """A ``[num_layers, kv_planes, num_tokens, num_kv_heads, head_dim]`` tensor, or an engine's pages standing in for one."""
+FetchJob = "Future[list[Fetched]] | _Started"
+"""A fetch task: on a pool (a future) or begun on the caller's thread."""
 Payload = torch.Tensor | list[torch.Tensor]
 """An encoded chunk: one buffer, or consecutive runs of one (a raw host chunk straight from the caller's tensor)."""
 
@@ -94,8 +102,8 @@ class GDSCache:
             if cfg.write_mode == "async" else None
         )
         self._spec_lock = threading.Lock()
-        # a one-task retrieve runs on its caller's thread: at most io_threads at once (beyond, on the pool), as each
-        # may hold a group's payloads on the GPU
+        # a retrieve into a GPU runs its fetch tasks on its caller's thread: at most io_threads such retrieves at once
+        # (beyond, on the pool), as each holds up to PIPELINE_GROUPS groups' payloads on the GPU
         self._inline_slots = threading.BoundedSemaphore(cfg.io_threads)
         self._spec: KVSpec | None = None
         self._namespace = b""
@@ -264,10 +272,7 @@ class GDSCache:
         started = time.perf_counter()
         chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
         group = self._group_size(spec, out)
-        window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
-        if out.is_cuda:
-            window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
-        inflight: list[tuple[Future[list[Fetched]], list[KV]]] = []  # each: its chunks' views of ``out``
+        inflight: list[tuple[FetchJob, list[KV]]] = []  # each: its chunks' views of ``out``
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
         batch_outs: list[KV] = []  # where they go
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
@@ -279,27 +284,32 @@ class GDSCache:
             after.record(caller)
         written: list[torch.cuda.Event] = []  # I/O threads' writes into ``out``: the caller's stream waits for all
 
-        def take(job: Future[list[Fetched]]) -> list[Fetched]:
+        def take(job: FetchJob) -> list[Fetched]:
             found = job.result()
             written.extend(_distinct_events(fetched.ready for fetched in found))
             return found
 
         n_read = next_submit = self._dram_prefix(chunk_keys, out, spec)
-        one_group = len(chunk_keys) - n_read <= group  # read on this thread: no hop to an I/O thread and back
+        # fetch tasks run on this thread (no hop to an I/O thread and back, no other Python thread to take turns with
+        # for the GIL) where there is one, or where the backend reads into the GPU: then a few groups are in flight,
+        # the next ones read while this thread verifies and decodes the last (PIPELINE_GROUPS)
+        left = len(chunk_keys) - n_read
+        here = 0 < left and (left <= group or (out.is_cuda and self._backend.gpu_native)) and \
+            self._inline_slots.acquire(blocking=False)
+        window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
+        if here:
+            window = PIPELINE_GROUPS
+        elif out.is_cuda:
+            window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
         stopped = False
         try:
             while not stopped and (inflight or next_submit < len(chunk_keys)):
                 while next_submit < len(chunk_keys) and len(inflight) < window:
                     end = min(next_submit + group, len(chunk_keys))
                     views = self._chunk_views(out, next_submit, end - next_submit)
-                    task = (self._fetch_group, chunk_keys[next_submit:end], views, spec, after, decode_here)
-                    if one_group and self._inline_slots.acquire(blocking=False):
-                        try:
-                            job = _run_here(*task)
-                        finally:
-                            self._inline_slots.release()
-                    else:
-                        job = self._backend.submit_read(*task)
+                    task = (chunk_keys[next_submit:end], views, spec, after, decode_here)
+                    job = _Started(self._start_fetch_group, *task) if here else \
+                        self._backend.submit_read(self._fetch_group, *task)
                     inflight.append((job, views))
                     next_submit = end
                 job, views = inflight.pop(0)
@@ -315,6 +325,8 @@ class GDSCache:
                     n_read, stopped, batch, batch_outs = n_read + done, stopped or done < len(batch), [], []
         finally:
             self._drain([job for job, _ in inflight], take, recycle=not out.is_cuda)
+            if here:
+                self._inline_slots.release()
             for event in written:
                 caller.wait_event(event)
         misses = len(chunk_keys) - n_read
@@ -547,13 +559,28 @@ class GDSCache:
                      decode_here: bool) -> list[Fetched]:
         """Fetch consecutive chunks up to the first miss (local-tier reads into a GPU batched); with ``decode_here``,
         decode them on this thread (:meth:`_decode_here`)."""
-        batched = len(chunk_keys) > 1 and targets[0].is_cuda and self._backend.gpu_native
-        found = self._fetch_batched(chunk_keys, targets) if batched else self._fetch_each(chunk_keys, targets)
-        return self._decode_here(found, targets, spec, after) if decode_here else found
+        return self._start_fetch_group(chunk_keys, targets, spec, after, decode_here)()
 
-    def _fetch_batched(self, chunk_keys: list[bytes], targets: list[KV]) -> list[Fetched]:
-        """:meth:`_fetch` of consecutive chunks for a GPU up to the first miss: those the local tier holds, up to
-        the first it does not, are read together; the rest as :meth:`_fetch_each` does."""
+    def _start_fetch_group(self, chunk_keys: list[bytes], targets: list[KV], spec: KVSpec,
+                           after: torch.cuda.Event | None, decode_here: bool) -> Callable[[], list[Fetched]]:
+        """Begin :meth:`_fetch_group`: the local-tier reads into a GPU start now; the returned function (to call once,
+        on this thread) waits for them and does the rest."""
+        if len(chunk_keys) > 1 and targets[0].is_cuda and self._backend.gpu_native:
+            fetch = self._start_fetch_batched(chunk_keys, targets)
+        else:
+            found = self._fetch_each(chunk_keys, targets)
+            fetch = lambda: found  # noqa: E731 - already fetched
+
+        def finish() -> list[Fetched]:
+            found = fetch()
+            return self._decode_here(found, targets, spec, after) if decode_here else found
+
+        return finish
+
+    def _start_fetch_batched(self, chunk_keys: list[bytes], targets: list[KV]) -> Callable[[], list[Fetched]]:
+        """Begin :meth:`_fetch` of consecutive chunks for a GPU up to the first miss: those the local tier holds, up
+        to the first it does not, are read together (started now); the rest as :meth:`_fetch_each` does, when the
+        returned function (to call once, on this thread) has the local tier's answers."""
         plan: list[Fetched | None] = []  # a chunk held nearer (write queue, DRAM), or None: in the local tier
         for key in chunk_keys:
             near = self._fetch_near(key)
@@ -561,20 +588,25 @@ class GDSCache:
                 break
             plan.append(near)
         local_keys = [key for key, near in zip(chunk_keys, plan) if near is None]
-        local = iter(self._local.read_many(self._namespace, local_keys, targets[0].device) if local_keys else ())
-        found: list[Fetched] = []
-        for key, fetched in zip(chunk_keys, plan):
-            if fetched is None:
-                hit = next(local)
-                if hit is not None:
-                    self.metrics.inc("local_hits")
-                    fetched = self._promoted(key, hit, owned=True)
-                else:  # the file went bad or away since ``contains``
-                    fetched = self._fetch_remote(key)
-            if fetched is None:
-                return found
-            found.append(fetched)
-        return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :])
+        reading = self._local.start_read_many(self._namespace, local_keys, targets[0].device) if local_keys else None
+
+        def finish() -> list[Fetched]:
+            local = iter(reading() if reading is not None else ())
+            found: list[Fetched] = []
+            for key, fetched in zip(chunk_keys, plan):
+                if fetched is None:
+                    hit = next(local)
+                    if hit is not None:
+                        self.metrics.inc("local_hits")
+                        fetched = self._promoted(key, hit, owned=True)
+                    else:  # the file went bad or away since ``contains``
+                        fetched = self._fetch_remote(key)
+                if fetched is None:
+                    return found
+                found.append(fetched)
+            return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :])
+
+        return finish
 
     def _fetch_each(self, chunk_keys: list[bytes], targets: list[KV]) -> list[Fetched]:
         """:meth:`_fetch` of consecutive chunks up to the first miss; with a remote tier, several at once on its
@@ -648,8 +680,7 @@ class GDSCache:
             self._dram.put(key, *hit)
         return Fetched(*hit, owned)
 
-    def _drain(self, jobs: list[Future[list[Fetched]]], take: Callable[[Future[list[Fetched]]], list[Fetched]],
-               recycle: bool) -> None:
+    def _drain(self, jobs: list[FetchJob], take: Callable[[FetchJob], list[Fetched]], recycle: bool) -> None:
         """Cancel the reads not started; wait for the running ones (they may write into the caller's ``out``)."""
         for job in jobs:
             if job.cancel():
@@ -758,14 +789,33 @@ class GDSCache:
         return True
 
 
-def _run_here(fn: Callable[..., list[Fetched]], *args: Any) -> Future[list[Fetched]]:
-    """``fn(*args)`` called now, on this thread, as a finished future."""
-    job: Future[list[Fetched]] = Future()
-    try:
-        job.set_result(fn(*args))
-    except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as from a pool's future
-        job.set_exception(exc)
-    return job
+class _Started:
+    """A fetch task begun on this thread (``start(*args)`` returns the function that ends it), standing in for a pool's
+    future: :meth:`result` ends it, once, on this thread, and gives what it fetched or raises what it raised (also
+    what beginning it raised). It cannot be cancelled: its reads are under way."""
+
+    def __init__(self, start: Callable[..., Callable[[], list[Fetched]]], *args: Any) -> None:
+        self._end: Callable[[], list[Fetched]] | None = None
+        self._outcome: list[Fetched] | None = None
+        self._error: Exception | None = None
+        try:
+            self._end = start(*args)
+        except Exception as exc:  # noqa: BLE001 - raised where the result is taken, as from a pool's future
+            self._error = exc
+
+    def result(self) -> list[Fetched]:
+        if self._end is not None:
+            end, self._end = self._end, None
+            try:
+                self._outcome = end()
+            except Exception as exc:  # noqa: BLE001 - kept for a second call, as a future keeps it
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._outcome
+
+    def cancel(self) -> bool:
+        return False
 
 
 def _distinct_events(events: Iterable[torch.cuda.Event | None]) -> list[torch.cuda.Event]:

@@ -84,9 +84,13 @@ def chunk_keys(namespace: bytes, tokens: np.ndarray, chunk_size: int) -> list[by
     """Keys of the whole chunks of ``tokens``: key[i] = blake2b(key[i-1] || tokens of chunk i)."""
     keys: list[bytes] = []
     prev = namespace
-    for start in range(0, len(tokens) - chunk_size + 1, chunk_size):
-        h = hashlib.blake2b(prev, digest_size=KEY_SIZE, person=b"gdscache-kv")
-        h.update(tokens[start : start + chunk_size].tobytes())
+    data = memoryview(tokens.tobytes())  # one copy, sliced per chunk
+    step = chunk_size * tokens.itemsize
+    empty = hashlib.blake2b(digest_size=KEY_SIZE, person=b"gdscache-kv")  # copied per chunk, not rebuilt
+    for start in range(0, len(tokens) // chunk_size * step, step):
+        h = empty.copy()
+        h.update(prev)
+        h.update(data[start : start + step])
         prev = h.digest()
         keys.append(prev)
     return keys

@@ -305,8 +305,15 @@ class FileBackend(abc.ABC):
         """Read each file whole, every read in flight at once where the backend can: its first ``head_bytes`` into
         host memory, the rest into one new buffer on ``device`` (:func:`body_layout`). A file whose body would be
         ``max_body`` bytes or more is not read (``EFBIG``; its size is reported). With ``touch``, the times of each
-        file read whole are set to now. This default opens each file with :meth:`open_read` and reads them with
-        :meth:`read_batch`."""
+        file read whole are set to now."""
+        return self.start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch)()
+
+    def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
+                         touch: bool = False) -> Callable[[], FilesRead]:
+        """Begin :meth:`read_files`; the returned function waits for the reads and gives what was read. It must be
+        called, once: the files stay open until then. Lets one thread check what one batch read while the next is
+        read. This default opens each file with :meth:`open_read` and reads them all with :meth:`read_batch` at
+        once."""
         n = len(paths)
         handles: list[ReadHandle | None] = [None] * n
         errors: list[OSError | None] = [None] * n
@@ -338,7 +345,8 @@ class FileBackend(abc.ABC):
             if touch and errors[i] is None:
                 with contextlib.suppress(OSError):
                     os.utime(path)
-        return FilesRead(heads, bodies, sizes.tolist(), errors)
+        done = FilesRead(heads, bodies, sizes.tolist(), errors)
+        return lambda: done
 
     def forget(self, path: str) -> None:
         """``path`` was removed or replaced: let go of anything kept open for it (nothing here)."""

@@ -314,14 +314,14 @@ class KvikioBackend(FileBackend):
                 errors[owner] = native_io.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")
         return errors
 
-    def read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
-                   touch: bool = False) -> FilesRead:
-        """With :attr:`native_reads`, :func:`read_files_natively`; else kvikio's, file by file
-        (:meth:`FileBackend.read_files`)."""
+    def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
+                         touch: bool = False) -> Callable[[], FilesRead]:
+        """With :attr:`native_reads`, :class:`NativeFilesRead`; else kvikio's, file by file
+        (:meth:`FileBackend.start_read_files`)."""
         if not self.native_reads:
-            return super().read_files(paths, head_bytes, device, max_body=max_body, touch=touch)
-        return read_files_natively(paths, head_bytes, device, max_body=max_body, touch=touch, threads=self._threads,
-                                   piece_bytes=self._task_size)
+            return super().start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch)
+        return NativeFilesRead(paths, head_bytes, device, max_body=max_body, touch=touch, threads=self._threads,
+                               piece_bytes=self._task_size)
 
     def _open_handle(self, path: str) -> Any:
         try:
@@ -345,44 +345,65 @@ _NOWAIT_READS = hasattr(os, "RWF_NOWAIT")
 """Whether ``preadv(RWF_NOWAIT)`` may work here; cleared for the process where the kernel or filesystem refuses it."""
 
 
-def read_files_natively(paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int, touch: bool,
-                        threads: int, piece_bytes: int) -> FilesRead:
-    """:meth:`FileBackend.read_files` in three calls into ``libgdscache_io.so`` whatever the number of files: open
-    them all, read every head and body (:func:`native_io.read`), close them all (touching those read whole). No
-    Python runs per file, and no file stays open after the call."""
-    n = len(paths)
-    fds, sizes = native_io.open_files(paths)
-    whole = np.zeros(n, dtype=bool)
-    try:
-        lengths, offsets, total = body_layout(sizes, head_bytes, max_body)
-        body = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
-        heads = np.zeros((n, head_bytes), dtype=np.uint8)
-        too_big = sizes - head_bytes >= max_body
-        reading = np.flatnonzero((fds >= 0) & ~too_big)
-        with_body = reading[lengths[reading] > 0]
-        rows = np.zeros(len(reading) + len(with_body), dtype=native_io.RANGE)
-        heads_at, bodies_at = rows[: len(reading)], rows[len(reading) :]
-        heads_at["fd"], heads_at["device"], heads_at["nbytes"] = fds[reading], -1, head_bytes
-        heads_at["dst"] = np.uint64(heads.ctypes.data) + (reading * head_bytes).astype(np.uint64)
-        bodies_at["fd"], bodies_at["device"] = fds[with_body], body.get_device()
-        bodies_at["offset"], bodies_at["nbytes"] = head_bytes, lengths[with_body]
-        bodies_at["dst"] = np.uint64(body.data_ptr()) + offsets[with_body].astype(np.uint64)
-        _ready(body)
-        results = native_io.read(rows, threads=threads, piece_bytes=piece_bytes)
+class NativeFilesRead:
+    """:meth:`FileBackend.start_read_files` in three calls into ``libgdscache_io.so`` whatever the number of files:
+    open them all and start reading every head and body (:func:`native_io.begin_read`); calling it waits for the
+    reads, then closes every file (touching those read whole). No Python runs per file. Collected uncalled, it is
+    called (its files must be closed)."""
+
+    def __init__(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int, touch: bool,
+                 threads: int, piece_bytes: int) -> None:
+        self._paths, self._touch, self._head_bytes = paths, touch, head_bytes
+        self._fds, self._sizes = native_io.open_files(paths)
+        self._reads: native_io.ReadsInFlight | None = None
+        try:
+            lengths, offsets, total = body_layout(self._sizes, head_bytes, max_body)
+            body = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+            self._heads = np.zeros((len(paths), head_bytes), dtype=np.uint8)
+            self._too_big = self._sizes - head_bytes >= max_body
+            self._reading = np.flatnonzero((self._fds >= 0) & ~self._too_big)
+            self._with_body = self._reading[lengths[self._reading] > 0]
+            rows = np.zeros(len(self._reading) + len(self._with_body), dtype=native_io.RANGE)
+            heads_at, bodies_at = rows[: len(self._reading)], rows[len(self._reading) :]
+            heads_at["fd"], heads_at["device"], heads_at["nbytes"] = self._fds[self._reading], -1, head_bytes
+            heads_at["dst"] = np.uint64(self._heads.ctypes.data) + (self._reading * head_bytes).astype(np.uint64)
+            bodies_at["fd"], bodies_at["device"] = self._fds[self._with_body], body.get_device()
+            bodies_at["offset"], bodies_at["nbytes"] = head_bytes, lengths[self._with_body]
+            bodies_at["dst"] = np.uint64(body.data_ptr()) + offsets[self._with_body].astype(np.uint64)
+            self._bodies = split_body(body, lengths, offsets)
+            _ready(body)
+            self._reads = native_io.begin_read(rows, threads=threads, piece_bytes=piece_bytes, keep=(body, self._heads))
+        except BaseException:
+            native_io.close_files(self._fds, np.zeros(len(paths), dtype=bool))
+            self._fds = None
+            raise
+
+    def __call__(self) -> FilesRead:
+        if self._fds is None:
+            raise RuntimeError("these reads were already finished")
+        n, fds = len(self._paths), self._fds
+        whole = np.zeros(n, dtype=bool)
         failed = np.zeros(n, dtype=np.int64)
-        np.minimum.at(failed, np.concatenate((reading, with_body)), np.minimum(results, 0))
-        whole[reading] = failed[reading] == 0
-    finally:
-        native_io.close_files(fds, whole & touch)
-    errors: list[OSError | None] = [None] * n
-    for i in np.flatnonzero(~whole).tolist():
-        if fds[i] < 0:
-            errors[i] = native_io.error_of(int(fds[i]), f"open of {paths[i]}")
-        elif too_big[i]:
-            errors[i] = too_large(paths[i], int(sizes[i]))
-        else:
-            errors[i] = native_io.error_of(int(failed[i]), f"read of {paths[i]}")
-    return FilesRead(heads, split_body(body, lengths, offsets), np.where(fds >= 0, sizes, -1).tolist(), errors)
+        try:
+            results = self._reads.finish()
+            np.minimum.at(failed, np.concatenate((self._reading, self._with_body)), np.minimum(results, 0))
+            whole[self._reading] = failed[self._reading] == 0
+        finally:
+            self._fds = None
+            native_io.close_files(fds, whole & self._touch)
+        errors: list[OSError | None] = [None] * n
+        for i in np.flatnonzero(~whole).tolist():
+            if fds[i] < 0:
+                errors[i] = native_io.error_of(int(fds[i]), f"open of {self._paths[i]}")
+            elif self._too_big[i]:
+                errors[i] = too_large(self._paths[i], int(self._sizes[i]))
+            else:
+                errors[i] = native_io.error_of(int(failed[i]), f"read of {self._paths[i]}")
+        return FilesRead(self._heads, self._bodies, np.where(fds >= 0, self._sizes, -1).tolist(), errors)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None) is not None:
+            self()
 
 
 def _read_if_cached(fd: int, dest: torch.Tensor, offset: int) -> bool:

@@ -396,19 +396,42 @@ class LocalTier:
 
         A CUDA ``device`` needs a backend that reads into GPU memory (``gpu_native``).
         """
+        return self.start_read_many(namespace, keys, device)()
+
+    def start_read_many(self, namespace: bytes, keys: Sequence[bytes],
+                        device: torch.device) -> Callable[[], list[tuple[ChunkMeta, torch.Tensor] | None]]:
+        """Begin :meth:`read_many`; the returned function waits for the reads, verifies the chunks and gives them. It
+        must be called, once, on this thread (the keys stay pinned, the files open, until then)."""
         paths = self._paths_of(namespace, keys)
         self._pin(keys)
+        # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
+        # threads' GPU work (the caller must record_stream a payload where it uses it)
+        stream = thread_stream(device) if device.type == "cuda" else None
         try:
-            # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
-            # threads' GPU work (the caller must record_stream a payload where it uses it)
-            with torch.cuda.stream(thread_stream(device)) if device.type == "cuda" else nullcontext():
-                try:
-                    outcome = self._verified(keys, self.backend.read_files(paths, HEADER_SIZE, device,
-                                                                           max_body=MAX_PAYLOAD, touch=True))
-                except torch.cuda.OutOfMemoryError as exc:  # no room for the payloads now: misses, not a crash
-                    outcome = [OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")] * len(keys)
-        finally:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                reading = self.backend.start_read_files(paths, HEADER_SIZE, device, max_body=MAX_PAYLOAD, touch=True)
+        except torch.cuda.OutOfMemoryError as exc:  # no room for the payloads now: misses, not a crash
             self._unpin(keys)
+            error = OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")
+            return lambda: self._account(keys, paths, [error] * len(keys))
+        except BaseException:
+            self._unpin(keys)
+            raise
+
+        def finish() -> list[tuple[ChunkMeta, torch.Tensor] | None]:
+            try:
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    outcome = self._verified(keys, reading())
+            finally:
+                self._unpin(keys)
+            return self._account(keys, paths, outcome)
+
+        return finish
+
+    def _account(self, keys: Sequence[bytes], paths: Sequence[str],
+                 outcome: Sequence[object]) -> list[tuple[ChunkMeta, torch.Tensor] | None]:
+        """The hits of a :meth:`read_many` (``outcome`` per chunk: ``(meta, payload)`` or an exception), misses
+        accounted (:meth:`_missed`) and hits too."""
         results: list[tuple[ChunkMeta, torch.Tensor] | None] = []
         for key, path, got in zip(keys, paths, outcome, strict=True):
             if isinstance(got, Exception):

@@ -110,6 +110,11 @@ def _bind(lib: ctypes.CDLL) -> None:
         raise ValueError("built from another version of batch_io.cu")
     lib.gio_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     lib.gio_read.restype = ctypes.c_int
+    lib.gio_read_begin.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                   ctypes.POINTER(ctypes.c_int)]
+    lib.gio_read_begin.restype = ctypes.c_void_p
+    lib.gio_read_finish.argtypes = [ctypes.c_void_p]
+    lib.gio_read_finish.restype = ctypes.c_int
     lib.gio_open.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.gio_open.restype = ctypes.c_int
     lib.gio_close.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
@@ -159,12 +164,42 @@ def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
     returns. The destinations must stay valid and untouched until then. Raises ``ValueError`` for bad arguments and
     ``OSError`` where the library could start no worker or queue nothing (then nothing was read).
     """
-    _check(ranges, RANGE, "range")
-    code = _lib().gio_read(ranges.ctypes.data, len(ranges), threads, piece_bytes)
-    if code != 0:
-        raise _refused(code, "gio_read", f"threads={threads}, piece_bytes={piece_bytes} (a multiple of 4096), "
-                                         "offsets and sizes >= 0, destinations set")
-    return ranges["result"]
+    return begin_read(ranges, threads=threads, piece_bytes=piece_bytes).finish()
+
+
+class ReadsInFlight:
+    """Reads started by :func:`begin_read`: :meth:`finish` waits for them, once (a batch dropped unfinished is
+    waited for when collected: its destinations are in use until then)."""
+
+    def __init__(self, ranges: np.ndarray, *, threads: int, piece_bytes: int, keep: object = None) -> None:
+        _check(ranges, RANGE, "range")
+        self._ranges, self._keep = ranges, keep  # alive until the batch has ended
+        error = ctypes.c_int(0)
+        self._batch = _lib().gio_read_begin(ranges.ctypes.data, len(ranges), threads, piece_bytes, ctypes.byref(error))
+        if error.value != 0:
+            raise _refused(error.value, "gio_read_begin", f"threads={threads}, piece_bytes={piece_bytes} (a multiple "
+                                                          "of 4096), offsets and sizes >= 0, destinations set")
+
+    def finish(self) -> np.ndarray:
+        """Wait until every row has landed (or failed); the ``result`` column, as :func:`read` gives it."""
+        if self._ranges is None:
+            raise RuntimeError("these reads were already finished")
+        batch, self._batch = self._batch, None
+        if batch:
+            _lib().gio_read_finish(batch)
+        ranges, self._ranges, self._keep = self._ranges, None, None
+        return ranges["result"]
+
+    def __del__(self) -> None:
+        if getattr(self, "_batch", None):
+            self.finish()
+
+
+def begin_read(ranges: np.ndarray, *, threads: int, piece_bytes: int, keep: object = None) -> ReadsInFlight:
+    """Start :func:`read` of ``ranges`` and return at once; :meth:`ReadsInFlight.finish` waits for the rows and gives
+    their results. The rows and destinations must stay valid and untouched until then: ``keep`` (what owns the
+    destinations) is held until then. Raises as :func:`read` does (then nothing was read)."""
+    return ReadsInFlight(ranges, threads=threads, piece_bytes=piece_bytes, keep=keep)
 
 
 def open_files(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -101,6 +101,7 @@ struct Countdown {
 
 struct Batch {
   Range* ranges;
+  pid_t pid = getpid();  // a forked child has none of the pool's workers
   std::vector<std::atomic<int64_t>> errors;  // per range: 0, or the first failure of its pieces
   Countdown pieces;  // a GPU range's pieces finish one by one, as their copies end
   Batch(Range* r, int n, int64_t count) : ranges(r), errors(n) { pieces.reset(count); }
@@ -379,29 +380,36 @@ class Pool {
     return started_ > 0;
   }
 
-  void run_batch(Range* ranges, int n) {
+  // Queue every range of a batch of reads (allocated by the caller, who waits for it with end_batch).
+  Batch* start_batch(Range* ranges, int n) {
     int64_t pieces = 0;  // a GPU range is finished piece by piece (as its copies end), a host range at once
     for (int i = 0; i < n; ++i) pieces += ranges[i].device < 0 ? 1 : pieces_of(ranges[i].nbytes);
-    Batch batch(ranges, n, pieces);
+    auto batch = std::make_unique<Batch>(ranges, n, pieces);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       try {
         for (int pass = 0; pass < 2; ++pass) {  // GPU ranges first: their copies overlap the host ranges' reads
           for (int i = 0; i < n; ++i) {
-            if ((ranges[i].device >= 0) == (pass == 0)) queue_.push_back(Piece{&batch, i, 0, ranges[i].nbytes});
+            if ((ranges[i].device >= 0) == (pass == 0)) queue_.push_back(Piece{batch.get(), i, 0, ranges[i].nbytes});
           }
         }
       } catch (...) {  // no worker has seen this batch (the lock is held): take its pieces back
-        while (!queue_.empty() && queue_.back().piece.batch == &batch) queue_.pop_back();
+        while (!queue_.empty() && queue_.back().piece.batch == batch.get()) queue_.pop_back();
         throw;
       }
     }
     work_.notify_all();
-    batch.pieces.wait();
-    for (int i = 0; i < n; ++i) {
-      const int64_t err = batch.errors[i].load();
-      ranges[i].result = err != 0 ? err : ranges[i].nbytes;
+    return batch.release();
+  }
+
+  // Wait for every piece of a batch from start_batch, set each range's result and free the batch.
+  static void end_batch(Batch* batch) {
+    batch->pieces.wait();
+    for (int i = 0; i < (int)batch->errors.size(); ++i) {
+      const int64_t err = batch->errors[i].load();
+      batch->ranges[i].result = err != 0 ? err : batch->ranges[i].nbytes;
     }
+    delete batch;
   }
 
  private:
@@ -616,23 +624,53 @@ const char* gdscache_source_sha256() { return GDSCACHE_SOURCE_SHA256; }
 
 int gio_range_size() { return (int)sizeof(Range); }
 
+void* gio_read_begin(Range* ranges, int n, int threads, int64_t piece_bytes, int* error);
+int gio_read_finish(void* handle);
+
 // Read every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the process's read
 // pool for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps 2 x piece_bytes
 // of pinned staging); returns when all have landed (or failed), results in each range's `result`. 0; -EINVAL for
 // bad arguments, -EAGAIN where no worker thread can start, -ENOMEM where the batch cannot be queued (nothing read).
 int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
-  if (n < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return -EINVAL;
+  int error = 0;
+  void* batch = gio_read_begin(ranges, n, threads, piece_bytes, &error);
+  return batch != nullptr ? gio_read_finish(batch) : error;
+}
+
+// gio_read in two calls: start reading the ranges and return at once a batch that gio_read_finish must be given,
+// exactly once; until it returns, `ranges` and every destination stay valid and untouched. Null with *error = 0 for
+// an empty batch (nothing to finish), or the code gio_read would return (then nothing was read).
+void* gio_read_begin(Range* ranges, int n, int threads, int64_t piece_bytes, int* error) {
+  *error = -EINVAL;
+  if (n < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return nullptr;
   for (int i = 0; i < n; ++i) {
-    if (ranges[i].nbytes < 0 || ranges[i].offset < 0 || (ranges[i].nbytes > 0 && ranges[i].dst == 0)) return -EINVAL;
+    if (ranges[i].nbytes < 0 || ranges[i].offset < 0 || (ranges[i].nbytes > 0 && ranges[i].dst == 0)) return nullptr;
   }
-  if (n == 0) return 0;
+  *error = 0;
+  if (n == 0) return nullptr;
   try {
     Pool* pool = pool_for(piece_bytes, threads, false);
-    if (pool == nullptr) return -EAGAIN;
-    pool->run_batch(ranges, n);
+    if (pool == nullptr) {
+      *error = -EAGAIN;
+      return nullptr;
+    }
+    return pool->start_batch(ranges, n);
   } catch (const std::exception&) {
-    return -ENOMEM;
+    *error = -ENOMEM;
+    return nullptr;
   }
+}
+
+// Wait until every range of a gio_read_begin batch has landed (or failed), set their results and free the batch. 0.
+// In a process forked after gio_read_begin, the batch is the parent's: nothing is waited for, results -ECANCELED.
+int gio_read_finish(void* handle) {
+  Batch* batch = static_cast<Batch*>(handle);
+  if (batch->pid != getpid()) {
+    for (int i = 0; i < (int)batch->errors.size(); ++i) batch->ranges[i].result = -ECANCELED;
+    delete batch;
+    return 0;
+  }
+  Pool::end_batch(batch);
   return 0;
 }
 

@@ -1,11 +1,12 @@
 """FileBackend.read_files: whole files read at once, heads to host memory and bodies to one buffer, each file a
 success or a failure of its own; the same answers from the default (POSIX, file by file) and from
-libgdscache_io.so's three calls (kvikio_backend.read_files_natively, here into host memory; on a GPU in
+libgdscache_io.so's three calls (kvikio_backend.NativeFilesRead, here into host memory; on a GPU in
 tests/gpu/test_kvikio_gpu.py)."""
 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import torch
 
 from io_backends import PosixBackend, native
 from io_backends.base import ALIGN, FilesRead, body_layout
-from io_backends.kvikio_backend import read_files_natively
+from io_backends.kvikio_backend import NativeFilesRead
 
 HEAD = 64
 Reader = Callable[..., FilesRead]
@@ -30,7 +31,7 @@ def _posix(paths, head, device, *, max_body, touch=False):
 
 
 def _native(paths, head, device, *, max_body, touch=False):
-    return read_files_natively(paths, head, device, max_body=max_body, touch=touch, threads=3, piece_bytes=4096)
+    return NativeFilesRead(paths, head, device, max_body=max_body, touch=touch, threads=3, piece_bytes=4096)()
 
 
 READERS = [pytest.param(_posix, id="posix"),
@@ -120,3 +121,47 @@ def test_open_files_reports_each_failure_and_close_files_checks_its_flags(tmp_pa
         os.fstat(int(fds[0]))
     with pytest.raises(ValueError, match="NUL"):
         native.open_files(["a\0b"])
+
+
+native_only = pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built")
+
+
+@native_only
+def test_batches_started_together_each_land_whole(tmp_path):
+    files = [_write(tmp_path, f"f{i}", HEAD + 9000 + i, i) for i in range(10)]
+    paths = [p for p, _ in files]
+    first = NativeFilesRead(paths[:6], HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                            piece_bytes=4096)
+    second = NativeFilesRead(paths[6:], HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                             piece_bytes=4096)
+    got = second().bodies + first().bodies
+    assert [b.numpy().tobytes() for b in got] == [d[HEAD:] for _, d in files[6:] + files[:6]]
+    with pytest.raises(RuntimeError, match="already finished"):
+        first()
+
+
+@native_only
+def test_a_batch_dropped_uncalled_still_closes_its_files(tmp_path):
+    paths = [_write(tmp_path, f"f{i}", HEAD + 5000, i)[0] for i in range(8)]
+    before = len(os.listdir("/proc/self/fd"))
+    reading = NativeFilesRead(paths, HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                              piece_bytes=4096)
+    assert len(os.listdir("/proc/self/fd")) == before + len(paths)
+    del reading
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@native_only
+def test_reads_in_flight_finish_once():
+    dest = np.zeros(10, dtype=np.uint8)
+    fd = os.open("/proc/self/exe", os.O_RDONLY)
+    try:
+        rows = np.array([(fd, -1, 0, 10, dest.ctypes.data, 0)], dtype=native.RANGE)
+        reads = native.begin_read(rows, threads=1, piece_bytes=4096)
+        assert reads.finish().tolist() == [10] and dest[:4].tobytes() == b"\x7fELF"
+        with pytest.raises(RuntimeError, match="already finished"):
+            reads.finish()
+        assert native.begin_read(rows[:0], threads=1, piece_bytes=4096).finish().tolist() == []
+    finally:
+        os.close(fd)

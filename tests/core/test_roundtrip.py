@@ -51,20 +51,21 @@ def test_hit_stops_at_first_missing_chunk(cache_dir):
 
 def test_a_request_of_one_read_task_runs_it_on_the_callers_thread(cache_dir, monkeypatch):
     """A retrieve whose chunks make one I/O task reads them on the caller's thread (no hop to a pool thread and
-    back); several tasks go to the pool. An error raised by the task reaches the caller either way."""
+    back); several tasks go to the pool (on the CPU; into a GPU they all run on the caller's thread:
+    tests/gpu/test_gds_cache_gpu.py). An error raised by the task reaches the caller either way."""
     import threading
 
     kv = make_kv(2, 24, 2, 8)
     tokens = list(range(24))
     with GDSCache(path=cache_dir, chunk_size=8, model_id="m") as cache:  # on the CPU, a task per chunk
         assert cache.store(tokens, kv) == 24
-        real, threads = cache._fetch_group, []
+        real, threads = cache._start_fetch_group, []
 
         def fetch_group(*args):
             threads.append(threading.get_ident())
             return real(*args)
 
-        monkeypatch.setattr(cache, "_fetch_group", fetch_group)
+        monkeypatch.setattr(cache, "_start_fetch_group", fetch_group)
         out = torch.zeros_like(kv)
         assert cache.retrieve(tokens[:8], out) == 8
         assert threads == [threading.get_ident()]
@@ -76,7 +77,7 @@ def test_a_request_of_one_read_task_runs_it_on_the_callers_thread(cache_dir, mon
         def broken(*args):
             raise RuntimeError("task failed")
 
-        monkeypatch.setattr(cache, "_fetch_group", broken)
+        monkeypatch.setattr(cache, "_start_fetch_group", broken)
         for n in (8, 24):
             with pytest.raises(RuntimeError, match="task failed"):
                 cache.retrieve(tokens[:n], out)

@@ -104,6 +104,48 @@ def test_corrupt_chunk_is_a_miss(cache_dir, where):
         assert cache.retrieve(tokens, out) == CHUNK  # still a miss on the second try
 
 
+def test_groups_are_read_on_the_callers_thread_a_few_in_flight(cache_dir, monkeypatch):
+    """Into a GPU, every fetch task runs on the caller's thread, PIPELINE_GROUPS begun before the first is ended;
+    a corrupt chunk in a later group still ends the prefix there, and what comes before it is exact."""
+    import gdscache.api as api
+
+    monkeypatch.setattr(api, "GROUP_CHUNKS", 2)
+    kv = make_kv(2, 12 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=8, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir) as cache:
+        assert cache.store(tokens, kv) == 12 * CHUNK
+        real, threads, open_groups, most = cache._start_fetch_group, [], [0], [0]
+
+        def start(*args):
+            threads.append(threading.get_ident())
+            end = real(*args)
+            open_groups[0] += 1
+            most[0] = max(most[0], open_groups[0])
+
+            def finish():
+                open_groups[0] -= 1
+                return end()
+
+            return finish
+
+        monkeypatch.setattr(cache, "_start_fetch_group", start)
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 12 * CHUNK
+        assert torch.equal(_bits(out), _bits(kv))
+        assert threads == [threading.get_ident()] * 6 and most[0] == api.PIPELINE_GROUPS and open_groups[0] == 0
+        path = cache._local.path_of(cache.namespace, cache.chunk_keys(tokens)[7])
+    with open(path, "r+b") as f:
+        f.seek(4096 + 100)
+        byte = f.read(1)
+        f.seek(4096 + 100)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    with _open(cache_dir) as cache:
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 7 * CHUNK
+        assert torch.equal(_bits(out[:, :, : 7 * CHUNK]), _bits(kv[:, :, : 7 * CHUNK]))
+        assert cache.stats()["local_corrupt"] == 1
+
+
 @pytest.mark.parametrize("codec", ["raw", "lossless"])
 def test_chunks_decoded_on_io_threads_follow_the_callers_stream(cache_dir, codec):
     # raw and lossless chunks are decoded on the I/O thread that read them: after what the caller queued on
