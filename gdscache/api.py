@@ -569,7 +569,7 @@ class GDSCache:
             fetch = self._start_fetch_batched(chunk_keys, targets)
         else:
             found = self._fetch_each(chunk_keys, targets)
-            fetch = lambda: found  # noqa: E731 - already fetched
+            fetch = lambda: found
 
         def finish() -> list[Fetched]:
             found = fetch()

@@ -107,7 +107,7 @@ def test_corrupt_chunk_is_a_miss(cache_dir, where):
 def test_groups_are_read_on_the_callers_thread_a_few_in_flight(cache_dir, monkeypatch):
     """Into a GPU, every fetch task runs on the caller's thread, PIPELINE_GROUPS begun before the first is ended;
     a corrupt chunk in a later group still ends the prefix there, and what comes before it is exact."""
-    import gdscache.api as api
+    from gdscache import api
 
     monkeypatch.setattr(api, "GROUP_CHUNKS", 2)
     kv = make_kv(2, 12 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=8, device="cuda")
