@@ -710,8 +710,8 @@ class GDSCache:
             stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
             if after is not None:
                 stream.wait_event(after)
-            for i in todo:
-                found[i].payload.record_stream(stream)
+            for buffer in _buffers(found[i].payload for i in todo):
+                buffer.record_stream(stream)
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             errors = self._codec.decode_many([found[i].payload for i in todo], spec, self.config.chunk_size,
                                              [targets[i] for i in todo])
@@ -816,6 +816,12 @@ class _Started:
 
     def cancel(self) -> bool:
         return False
+
+
+def _buffers(payloads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors that ``payloads`` are views of, each once (a batched read's payloads share one): a stream recorded
+    on a view is recorded on its whole allocation."""
+    return list({id(base): base for base in (p if p._base is None else p._base for p in payloads)}.values())
 
 
 def _distinct_events(events: Iterable[torch.cuda.Event | None]) -> list[torch.cuda.Event]:

@@ -165,3 +165,12 @@ def test_reads_in_flight_finish_once():
         assert native.begin_read(rows[:0], threads=1, piece_bytes=4096).finish().tolist() == []
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("read", READERS)
+def test_bodies_of_one_length_come_as_evenly_spaced_slices(tmp_path, read: Reader):
+    files = [_write(tmp_path, f"f{i}", HEAD + 5000, i) for i in range(5)]
+    got = read([p for p, _ in files], HEAD, torch.device("cpu"), max_body=1 << 20)
+    assert [b.numpy().tobytes() for b in got.bodies] == [d[HEAD:] for _, d in files]
+    starts = [b.data_ptr() for b in got.bodies]
+    assert {b - a for a, b in zip(starts, starts[1:])} == {8192}  # 5000 bytes, each 4 KiB-padded
