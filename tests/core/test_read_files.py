@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import os
 from collections.abc import Callable
 
@@ -173,4 +174,4 @@ def test_bodies_of_one_length_come_as_evenly_spaced_slices(tmp_path, read: Reade
     got = read([p for p, _ in files], HEAD, torch.device("cpu"), max_body=1 << 20)
     assert [b.numpy().tobytes() for b in got.bodies] == [d[HEAD:] for _, d in files]
     starts = [b.data_ptr() for b in got.bodies]
-    assert {b - a for a, b in zip(starts, starts[1:])} == {8192}  # 5000 bytes, each 4 KiB-padded
+    assert {b - a for a, b in itertools.pairwise(starts)} == {8192}  # 5000 bytes, each 4 KiB-padded
