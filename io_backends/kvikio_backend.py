@@ -16,9 +16,11 @@ on every chunk file and reporting a cuFile mode it does not run; the backend set
 ``ON`` instead, so every file takes the POSIX path at once and ``kvikio-posix`` is reported. kvikio's settings
 are process-wide: so is that choice.
 
-In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of reads
-(:meth:`KvikioBackend.read_batch`: a request's chunk files) and a batch of files to publish
-(:meth:`KvikioBackend.write_files`) each go to that library in one call instead of to kvikio file by file: what
+In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of files to read
+whole (:meth:`KvikioBackend.start_read_files`: a group of a request's chunk files, opened, read and closed by the
+library: :class:`NativeFilesRead`), a batch of reads of open files (:meth:`KvikioBackend.read_batch`) and a batch of
+files to publish (:meth:`KvikioBackend.write_files`) each go to that library in one call (three for files to read:
+open, read, close) instead of to kvikio file by file: what
 kvikio's POSIX path does (pinned staging, buffered preads unless ``o_direct: on``, O_DIRECT writes where aligned
 unless ``o_direct: off``), without a Python call per file. Reads with ``o_direct: on``, and all I/O under cuFile,
 stay with kvikio.

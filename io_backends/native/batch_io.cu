@@ -7,7 +7,8 @@
 // memory goes piece by piece through the worker's pinned staging buffer and the worker's own stream: the POSIX path
 // kvikio takes without GPUDirect, minus its per-file Python.
 //
-// Reads (gio_read)
+// Reads (gio_read, or gio_read_begin then gio_read_finish, so that the caller can check one batch while the next is
+// read)
 //
 // Who reads which piece: the worker that takes a range asks the page cache for its first piece (RWF_NOWAIT). If it
 // is there, the range's other pieces go to every idle worker at once (memory copies: the more threads the faster).
