@@ -42,8 +42,9 @@ per task and 5.1 in groups of 128, of 32 MiB chunks at 19.9 and 27.4 in groups o
 (benchmarks/gpu_fetch_groups.py, benchmarks/RESULTS.md). Since groups are pipelined (``PIPELINE_GROUPS``), a warm
 retrieve of 128 x 1 MiB chunks ran at 15.7-18.5 GB/s in groups of 64 against 13.5-14.6 in one group of 128."""
 PIPELINE_GROUPS = 3
-"""On a GPU, a retrieve whose backend reads into GPU memory runs its fetch tasks on its own thread, up to this many
-groups' reads in flight: while the I/O threads read the next groups, this one verifies and decodes the last. Tasks
+"""On a GPU, a retrieve whose backend reads into GPU memory in the background (``FileBackend.reads_in_background``)
+runs its fetch tasks on its own thread, at least this many groups' reads in flight (more where that keeps fewer than
+``io_threads`` files in flight): while the I/O threads read the next groups, this one verifies and decodes the last. Tasks
 on a pool of Python threads instead took turns for the GIL: there, 128 x 1 MiB chunks in groups of 32 read at
 10.4 GB/s, in one group at 13.3 (benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
@@ -291,16 +292,16 @@ class GDSCache:
 
         n_read = next_submit = self._dram_prefix(chunk_keys, out, spec)
         # fetch tasks run on this thread (no hop to an I/O thread and back, no other Python thread to take turns with
-        # for the GIL) where there is one, or where the backend reads into the GPU: then a few groups are in flight,
-        # the next ones read while this thread verifies and decodes the last (PIPELINE_GROUPS)
+        # for the GIL) where there is one, or where the backend reads into the GPU in the background: then a few
+        # groups are in flight, the next ones read while this thread verifies and decodes the last (PIPELINE_GROUPS)
         left = len(chunk_keys) - n_read
-        here = 0 < left and (left <= group or (out.is_cuda and self._backend.gpu_native)) and \
-            self._inline_slots.acquire(blocking=False)
+        pipelined = out.is_cuda and self._backend.reads_in_background
+        here = 0 < left and (left <= group or pipelined) and self._inline_slots.acquire(blocking=False)
         window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
-        if here:
-            window = PIPELINE_GROUPS
-        elif out.is_cuda:
+        if out.is_cuda:
             window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
+        if here:  # at least io_threads files in flight where memory allows (a cold file is read by one I/O thread)
+            window = max(PIPELINE_GROUPS, min(window, -(-self.config.io_threads // group)))
         stopped = False
         try:
             while not stopped and (inflight or next_submit < len(chunk_keys)):
@@ -565,7 +566,7 @@ class GDSCache:
                            after: torch.cuda.Event | None, decode_here: bool) -> Callable[[], list[Fetched]]:
         """Begin :meth:`_fetch_group`: the local-tier reads into a GPU start now; the returned function (to call once,
         on this thread) waits for them and does the rest."""
-        if len(chunk_keys) > 1 and targets[0].is_cuda and self._backend.gpu_native:
+        if targets[0].is_cuda and self._backend.gpu_native:
             fetch = self._start_fetch_batched(chunk_keys, targets)
         else:
             found = self._fetch_each(chunk_keys, targets)
@@ -681,7 +682,10 @@ class GDSCache:
         return Fetched(*hit, owned)
 
     def _drain(self, jobs: list[FetchJob], take: Callable[[FetchJob], list[Fetched]], recycle: bool) -> None:
-        """Cancel the reads not started; wait for the running ones (they may write into the caller's ``out``)."""
+        """Cancel the reads not started; end the others (they may write into the caller's ``out``, and a task begun on
+        this thread holds its files and keys until it is ended), every one even if one is interrupted (that is
+        raised once all have ended)."""
+        interrupted: BaseException | None = None
         for job in jobs:
             if job.cancel():
                 continue
@@ -690,13 +694,18 @@ class GDSCache:
             except Exception:  # the caller already has its answer, or its own error
                 log.exception("a chunk read that was no longer needed failed")
                 continue
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the other tasks have ended
+                interrupted = interrupted or exc
+                continue
             for fetched in left if recycle else ():
                 if fetched.owned and fetched.payload is not None:
                     self._recycle(fetched.payload)
+        if interrupted is not None:
+            raise interrupted
 
     def _decode_here(self, found: list[Fetched], targets: list[KV], spec: KVSpec,
                      after: torch.cuda.Event | None) -> list[Fetched]:
-        """Decode, on this thread (an I/O thread, or the caller's for a one-task retrieve), the fetched chunks whose
+        """Decode, on this thread (an I/O thread, or the caller's where it fetches), the fetched chunks whose
         payloads are already on their target's device (on a GPU, with one codec call on the thread's own stream, after
         ``after``: the caller's work on ``out``). Host payloads for a GPU (DRAM or remote hits) and chunks that do not
         decode go back as fetched, for the caller to copy in batches or to report."""

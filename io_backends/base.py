@@ -228,6 +228,9 @@ class FileBackend(abc.ABC):
     name: str
     gpu_native: bool = False
     """True when reads land in GPU buffers without a host copy (GDS or cuFile compat)."""
+    reads_in_background: bool = False
+    """True when :meth:`start_read_files` returns before the reads have landed (so the caller can work meanwhile);
+    this default reads them at once."""
 
     def __init__(self, threads: int = 8) -> None:
         self._pool = cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"io-{self.name}")
@@ -315,9 +318,9 @@ class FileBackend(abc.ABC):
     def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
                          touch: bool = False) -> Callable[[], FilesRead]:
         """Begin :meth:`read_files`; the returned function waits for the reads and gives what was read. It must be
-        called, once: the files stay open until then. Lets one thread check what one batch read while the next is
-        read. This default opens each file with :meth:`open_read` and reads them all with :meth:`read_batch` at
-        once."""
+        called, once (a backend that reads in the background holds the files open until then). Lets one thread check
+        what one batch read while the next is read (:attr:`reads_in_background`). This default opens each file with
+        :meth:`open_read` and reads them all with :meth:`read_batch` before it returns."""
         n = len(paths)
         handles: list[ReadHandle | None] = [None] * n
         errors: list[OSError | None] = [None] * n

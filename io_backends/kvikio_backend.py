@@ -218,6 +218,11 @@ class KvikioBackend(FileBackend):
         return native_io.LIB_NAME.removesuffix(".so") if self.native_reads else "per file"
 
     @property
+    def reads_in_background(self) -> bool:  # type: ignore[override]
+        """With :attr:`native_reads`: ``libgdscache_io.so`` reads while the caller works (:class:`NativeFilesRead`)."""
+        return self.native_reads
+
+    @property
     def batch_writes(self) -> str:
         return native_io.LIB_NAME.removesuffix(".so") if self.native_writes else "per file"
 
@@ -320,10 +325,13 @@ class KvikioBackend(FileBackend):
                          touch: bool = False) -> Callable[[], FilesRead]:
         """With :attr:`native_reads`, :class:`NativeFilesRead`; else kvikio's, file by file
         (:meth:`FileBackend.start_read_files`)."""
-        if not self.native_reads:
-            return super().start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch)
-        return NativeFilesRead(paths, head_bytes, device, max_body=max_body, touch=touch, threads=self._threads,
-                               piece_bytes=self._task_size)
+        if self.native_reads:
+            try:
+                return NativeFilesRead(paths, head_bytes, device, max_body=max_body, touch=touch,
+                                       threads=self._threads, piece_bytes=self._task_size)
+            except OSError as exc:  # the library could not start the reads (no worker, no memory): kvikio reads them
+                log.warning("%s; this batch is read through kvikio", exc)
+        return super().start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch)
 
     def _open_handle(self, path: str) -> Any:
         try:

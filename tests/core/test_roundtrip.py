@@ -83,6 +83,29 @@ def test_a_request_of_one_read_task_runs_it_on_the_callers_thread(cache_dir, mon
                 cache.retrieve(tokens[:n], out)
 
 
+def test_an_interrupted_drain_still_ends_every_task(cache_dir):
+    """Tasks begun on the caller's thread hold files and pinned keys until ended: _drain ends each of them even when
+    one is interrupted (KeyboardInterrupt), and raises that once they all have ended."""
+    from gdscache.api import _Started
+
+    ended = []
+
+    def start(name, error=None):
+        def end():
+            ended.append(name)
+            if error is not None:
+                raise error
+            return []
+
+        return end
+
+    with GDSCache(path=cache_dir, chunk_size=8, model_id="m") as cache:
+        jobs = [_Started(start, "a", KeyboardInterrupt()), _Started(start, "b"), _Started(start, "c", OSError("x"))]
+        with pytest.raises(KeyboardInterrupt):
+            cache._drain(jobs, lambda job: job.result(), recycle=False)
+        assert ended == ["a", "b", "c"]
+
+
 def test_a_retrieve_does_not_queue_behind_a_stores_tasks(cache_dir):
     """Reads have a pool of their own: with every write worker busy (a large store on a saver thread), a retrieve of
     several tasks still completes."""

@@ -114,6 +114,8 @@ def test_groups_are_read_on_the_callers_thread_a_few_in_flight(cache_dir, monkey
     tokens = list(range(kv.shape[2]))
     with _open(cache_dir) as cache:
         assert cache.store(tokens, kv) == 12 * CHUNK
+        if not cache._backend.reads_in_background:
+            pytest.skip("the backend reads at once here")
         real, threads, open_groups, most = cache._start_fetch_group, [], [0], [0]
 
         def start(*args):
@@ -144,6 +146,43 @@ def test_groups_are_read_on_the_callers_thread_a_few_in_flight(cache_dir, monkey
         assert cache.retrieve(tokens, out) == 7 * CHUNK
         assert torch.equal(_bits(out[:, :, : 7 * CHUNK]), _bits(kv[:, :, : 7 * CHUNK]))
         assert cache.stats()["local_corrupt"] == 1
+
+
+def test_groups_of_one_chunk_keep_io_threads_files_in_flight_and_kvikio_reads_go_to_the_pool(cache_dir, monkeypatch):
+    """Chunks too large to share a group are still read io_threads at a time on the caller's thread; where the
+    backend reads at once (kvikio file by file), the groups go to the read pool instead."""
+    from gdscache import api
+
+    kv = make_kv(2, 10 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=9, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    monkeypatch.setattr(api, "GROUP_BYTES", kv[:, :, :CHUNK].numel() * 2)  # one chunk per group
+    with _open(cache_dir) as cache:  # io_threads=4
+        assert cache.store(tokens, kv) == 10 * CHUNK
+        if not cache._backend.reads_in_background:
+            pytest.skip("the backend reads at once here")
+        real, threads, open_groups, most = cache._start_fetch_group, [], [0], [0]
+
+        def start(*args):
+            threads.append(threading.get_ident())
+            end = real(*args)
+            open_groups[0] += 1
+            most[0] = max(most[0], open_groups[0])
+
+            def finish():
+                open_groups[0] -= 1
+                return end()
+
+            return finish
+
+        monkeypatch.setattr(cache, "_start_fetch_group", start)
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 10 * CHUNK and torch.equal(_bits(out), _bits(kv))
+        assert threads == [threading.get_ident()] * 10 and most[0] == 4
+        threads.clear()
+        cache._backend.native_reads = False  # kvikio reads each group before start returns
+        out = torch.full_like(kv, float("nan"))
+        assert cache.retrieve(tokens, out) == 10 * CHUNK and torch.equal(_bits(out), _bits(kv))
+        assert len(threads) == 10 and threading.get_ident() not in threads
 
 
 @pytest.mark.parametrize("codec", ["raw", "lossless"])

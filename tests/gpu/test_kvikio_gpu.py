@@ -267,6 +267,46 @@ def test_native_reads_land_after_queued_work_on_the_destination(kvikio_backend, 
     assert torch.equal(dest, payload)
 
 
+@pytest.mark.parametrize("native_reads", [True, False])
+def test_files_read_whole_into_the_gpu(kvikio_backend, tmp_path, native_reads):
+    """read_files: heads to the host, bodies into one GPU buffer, a missing file a miss of its own; through the
+    library (in the background) or through kvikio (at once)."""
+    if native_reads and not kvikio_backend.native_reads:
+        pytest.skip("batched native reads are off here")
+    kvikio_backend.native_reads = native_reads
+    files = [(str(tmp_path / f"f{i}"), _random_bytes(4096 + n)) for i, n in enumerate((MiB, 5000, 3 * MiB + 1))]
+    for path, data in files:
+        kvikio_backend.write_file(path, [Part(0, data)])
+    got = kvikio_backend.read_files([p for p, _ in files] + [str(tmp_path / "absent")], 4096, torch.device("cuda"),
+                                    max_body=1 << 30, touch=True)
+    assert kvikio_backend.reads_in_background == native_reads
+    assert got.errors[:3] == [None] * 3 and isinstance(got.errors[3], FileNotFoundError)
+    for i, (_, data) in enumerate(files):
+        assert got.heads[i].tobytes() == data[:4096].cpu().numpy().tobytes()
+        assert got.bodies[i].is_cuda and torch.equal(got.bodies[i], data[4096:])
+
+
+def test_files_are_read_through_kvikio_where_the_library_cannot_start(kvikio_backend, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from io_backends import native
+
+    if not kvikio_backend.native_reads:
+        pytest.skip("batched native reads are off here")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EAGAIN, "libgdscache_io.so could not start a worker thread")
+
+    monkeypatch.setattr(native, "begin_read", refuse)
+    path, data = str(tmp_path / "f"), _random_bytes(4096 + MiB)
+    kvikio_backend.write_file(path, [Part(0, data)])
+    before = len(os.listdir("/proc/self/fd"))
+    got = kvikio_backend.read_files([path], 4096, torch.device("cuda"), max_body=1 << 30)
+    assert got.errors == [None] and torch.equal(got.bodies[0], data[4096:])
+    assert "read through kvikio" in caplog.text
+    assert len(os.listdir("/proc/self/fd")) <= before  # the library's descriptors were closed
+
+
 def test_native_reads_are_on_where_kvikio_takes_its_posix_path(kvikio_backend):
     from io_backends import native
 
