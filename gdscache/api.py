@@ -44,8 +44,8 @@ retrieve of 128 x 1 MiB chunks ran at 15.7-18.5 GB/s in groups of 64 against 13.
 PIPELINE_GROUPS = 3
 """On a GPU, a retrieve whose backend reads into GPU memory in the background (``FileBackend.reads_in_background``)
 runs its fetch tasks on its own thread, at least this many groups' reads in flight (more where that keeps fewer than
-``io_threads`` files in flight): while the I/O threads read the next groups, this one verifies and decodes the last. Tasks
-on a pool of Python threads instead took turns for the GIL: there, 128 x 1 MiB chunks in groups of 32 read at
+``io_threads`` files in flight): while the I/O threads read the next groups, this one verifies and decodes the last.
+Tasks on a pool of Python threads instead took turns for the GIL: there, 128 x 1 MiB chunks in groups of 32 read at
 10.4 GB/s, in one group at 13.3 (benchmarks/RESULTS.md)."""
 INFLIGHT_BYTES = 512 << 20
 """On a GPU, fetch tasks in flight cover at most about this many bytes of KV (at least two tasks); a codec that

@@ -340,8 +340,8 @@ class FileBackend(abc.ABC):
                     errors[i] = too_large(paths[i], int(sizes[i]))
                 elif handle is not None:
                     reading.append(i)
-            reads = [(handles[i], [torch.from_numpy(heads[i]), bodies[i]] if lengths[i] else [torch.from_numpy(heads[i])],
-                      0) for i in reading]
+            reads = [(handles[i], [torch.from_numpy(heads[i]), *([bodies[i]] if lengths[i] else [])], 0)
+                     for i in reading]
             for i, error in zip(reading, self.read_batch(reads), strict=True):
                 errors[i] = error
         finally:
