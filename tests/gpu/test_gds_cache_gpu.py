@@ -104,6 +104,29 @@ def test_corrupt_chunk_is_a_miss(cache_dir, where):
         assert cache.retrieve(tokens, out) == CHUNK  # still a miss on the second try
 
 
+class _GroupsSeen:
+    """Which threads begin a cache's fetch tasks, and how many are begun and not yet ended at most."""
+
+    def __init__(self, cache: GDSCache, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.threads: list[int] = []
+        self.open = self.most = 0
+        real = cache._start_fetch_group
+
+        def start(*args):
+            self.threads.append(threading.get_ident())
+            end = real(*args)
+            self.open += 1
+            self.most = max(self.most, self.open)
+
+            def finish():
+                self.open -= 1
+                return end()
+
+            return finish
+
+        monkeypatch.setattr(cache, "_start_fetch_group", start)
+
+
 def test_groups_are_read_on_the_callers_thread_a_few_in_flight(cache_dir, monkeypatch):
     """Into a GPU, every fetch task runs on the caller's thread, PIPELINE_GROUPS begun before the first is ended;
     a corrupt chunk in a later group still ends the prefix there, and what comes before it is exact."""
@@ -116,25 +139,12 @@ def test_groups_are_read_on_the_callers_thread_a_few_in_flight(cache_dir, monkey
         assert cache.store(tokens, kv) == 12 * CHUNK
         if not cache._backend.reads_in_background:
             pytest.skip("the backend reads at once here")
-        real, threads, open_groups, most = cache._start_fetch_group, [], [0], [0]
-
-        def start(*args):
-            threads.append(threading.get_ident())
-            end = real(*args)
-            open_groups[0] += 1
-            most[0] = max(most[0], open_groups[0])
-
-            def finish():
-                open_groups[0] -= 1
-                return end()
-
-            return finish
-
-        monkeypatch.setattr(cache, "_start_fetch_group", start)
+        groups = _GroupsSeen(cache, monkeypatch)
         out = torch.full_like(kv, float("nan"))
         assert cache.retrieve(tokens, out) == 12 * CHUNK
         assert torch.equal(_bits(out), _bits(kv))
-        assert threads == [threading.get_ident()] * 6 and most[0] == api.PIPELINE_GROUPS and open_groups[0] == 0
+        assert groups.threads == [threading.get_ident()] * 6 and groups.most == api.PIPELINE_GROUPS
+        assert groups.open == 0
         path = cache._local.path_of(cache.namespace, cache.chunk_keys(tokens)[7])
     with open(path, "r+b") as f:
         f.seek(4096 + 100)
@@ -160,29 +170,15 @@ def test_groups_of_one_chunk_keep_io_threads_files_in_flight_and_kvikio_reads_go
         assert cache.store(tokens, kv) == 10 * CHUNK
         if not cache._backend.reads_in_background:
             pytest.skip("the backend reads at once here")
-        real, threads, open_groups, most = cache._start_fetch_group, [], [0], [0]
-
-        def start(*args):
-            threads.append(threading.get_ident())
-            end = real(*args)
-            open_groups[0] += 1
-            most[0] = max(most[0], open_groups[0])
-
-            def finish():
-                open_groups[0] -= 1
-                return end()
-
-            return finish
-
-        monkeypatch.setattr(cache, "_start_fetch_group", start)
+        groups = _GroupsSeen(cache, monkeypatch)
         out = torch.full_like(kv, float("nan"))
         assert cache.retrieve(tokens, out) == 10 * CHUNK and torch.equal(_bits(out), _bits(kv))
-        assert threads == [threading.get_ident()] * 10 and most[0] == 4
-        threads.clear()
+        assert groups.threads == [threading.get_ident()] * 10 and groups.most == 4
+        groups.threads.clear()
         cache._backend.native_reads = False  # kvikio reads each group before start returns
         out = torch.full_like(kv, float("nan"))
         assert cache.retrieve(tokens, out) == 10 * CHUNK and torch.equal(_bits(out), _bits(kv))
-        assert len(threads) == 10 and threading.get_ident() not in threads
+        assert len(groups.threads) == 10 and threading.get_ident() not in groups.threads
 
 
 @pytest.mark.parametrize("codec", ["raw", "lossless"])
