@@ -363,7 +363,7 @@ class NativeFilesRead:
 
     def __init__(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int, touch: bool,
                  threads: int, piece_bytes: int) -> None:
-        self._paths, self._touch, self._head_bytes = paths, touch, head_bytes
+        self._paths, self._touch = paths, touch
         self._fds, self._sizes = native_io.open_files(paths)
         self._reads: native_io.ReadsInFlight | None = None
         try:
