@@ -175,15 +175,18 @@ class FilesRead:
     errors: list[OSError | None]
 
 
-def body_layout(sizes: np.ndarray, head_bytes: int, max_body: int) -> tuple[np.ndarray, np.ndarray, int]:
+def body_layout(sizes: np.ndarray, head_bytes: int,
+                max_body: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
     """Where :meth:`FileBackend.read_files` puts the files' bodies in one buffer: each body's length (what follows
     the head; 0 for a file shorter than its head, unopened (size < 0) or whose body is ``max_body`` or more), each
-    body's offset (4 KiB apart, as GPUDirect likes them), and the buffer's length."""
+    body's offset (4 KiB apart, as GPUDirect likes them), the buffer's length, and which files are not read for
+    their size (:func:`too_large`)."""
     lengths = np.clip(sizes - head_bytes, 0, None)
-    lengths[lengths >= max_body] = 0
+    too_big = lengths >= max_body
+    lengths[too_big] = 0
     aligned = (lengths + ALIGN - 1) // ALIGN * ALIGN
     offsets = np.concatenate(([0], np.cumsum(aligned)[:-1])) if len(aligned) else aligned
-    return lengths, offsets, int(aligned.sum())
+    return lengths, offsets, int(aligned.sum()), too_big
 
 
 def too_large(path: str, size: int) -> OSError:
@@ -332,11 +335,11 @@ class FileBackend(abc.ABC):
                 except OSError as exc:
                     errors[i] = exc
             sizes = np.array([-1 if h is None else h.size for h in handles], dtype=np.int64)
-            lengths, offsets, total = body_layout(sizes, head_bytes, max_body)
+            lengths, offsets, total, too_big = body_layout(sizes, head_bytes, max_body)
             bodies = split_body(torch.empty(max(total, 1), dtype=torch.uint8, device=device), lengths, offsets)
             reading = []
             for i, handle in enumerate(handles):
-                if handle is not None and sizes[i] - head_bytes >= max_body:
+                if handle is not None and too_big[i]:
                     errors[i] = too_large(paths[i], int(sizes[i]))
                 elif handle is not None:
                     reading.append(i)

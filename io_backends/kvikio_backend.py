@@ -367,10 +367,9 @@ class NativeFilesRead:
         self._fds, self._sizes = native_io.open_files(paths)
         self._reads: native_io.ReadsInFlight | None = None
         try:
-            lengths, offsets, total = body_layout(self._sizes, head_bytes, max_body)
+            lengths, offsets, total, self._too_big = body_layout(self._sizes, head_bytes, max_body)
             body = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
             self._heads = np.zeros((len(paths), head_bytes), dtype=np.uint8)
-            self._too_big = self._sizes - head_bytes >= max_body
             self._reading = np.flatnonzero((self._fds >= 0) & ~self._too_big)
             self._with_body = self._reading[lengths[self._reading] > 0]
             rows = np.zeros(len(self._reading) + len(self._with_body), dtype=native_io.RANGE)

@@ -101,8 +101,9 @@ def test_an_empty_batch_reads_nothing(tmp_path):
 
 def test_body_layout_pads_each_body_to_4_kib_and_leaves_out_what_is_not_read():
     sizes = np.array([HEAD + 1, -2, HEAD - 5, HEAD + 4096, HEAD + 10_000, HEAD + 4097], dtype=np.int64)
-    lengths, offsets, total = body_layout(sizes, HEAD, max_body=10_000)
+    lengths, offsets, total, too_big = body_layout(sizes, HEAD, max_body=10_000)
     assert lengths.tolist() == [1, 0, 0, 4096, 0, 4097]
+    assert too_big.tolist() == [False, False, False, False, True, False]
     assert offsets.tolist() == [0, 4096, 4096, 4096, 8192, 8192]
     assert total == 8192 + 8192
 
