@@ -26,7 +26,7 @@ class RawCodec(Codec):
         if stacked is None or not stacked.is_cuda:
             return super().encode_many(chunks)
         out = torch.empty(stacked.shape, dtype=stacked.dtype, device=stacked.device)
-        out.copy_(stacked)
+        _copy_wide(out, stacked)
         return list(out.view(len(chunks), -1).view(torch.uint8).unbind())
 
     def decode_many(self, payloads: Sequence[torch.Tensor], spec: KVSpec, num_tokens: int,
@@ -40,7 +40,7 @@ class RawCodec(Codec):
             src = stacked_view(payloads) if payloads[0].is_cuda else None
             if src is not None and dst is not None and src.is_cuda and src.device == dst.device and \
                     src.stride(0) % spec.dtype.itemsize == 0 and src.data_ptr() % spec.dtype.itemsize == 0:
-                dst.copy_(src.view(spec.dtype).view(dst.shape), non_blocking=True)
+                _copy_wide(dst, src.view(spec.dtype).view(dst.shape))
                 return [None] * len(payloads)
             if self._copy_rows_from_host(payloads, outs, spec, same_strides=dst is not None):
                 return [None] * len(payloads)
@@ -140,3 +140,17 @@ def _rows(out: torch.Tensor | KVPages) -> tuple[int, int, int] | None:
     if pitch < width:  # rows that overlap
         return None
     return layers * planes, width * out.element_size(), pitch * out.element_size()
+
+
+def _copy_wide(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (same shape and dtype) through 8- or 4-byte views of both where their layouts allow: a strided
+    copy of 2-byte elements ran at half the speed on an H200 (0.085 against 0.039 ms for 64 MiB, RESULTS.md)."""
+    for wide in (torch.int64, torch.int32):
+        if dst.element_size() < wide.itemsize:
+            try:
+                dst, src = dst.view(wide), src.view(wide)
+                break
+            except RuntimeError:  # a dimension, stride or offset that does not divide: try narrower
+                continue
+    dst.copy_(src, non_blocking=True)
+
