@@ -583,28 +583,35 @@ class GDSCache:
         to the first it does not, are read together (started now); the rest as :meth:`_fetch_each` does, when the
         returned function (to call once, on this thread) has the local tier's answers."""
         plan: list[Fetched | None] = []  # a chunk held nearer (write queue, DRAM), or None: in the local tier
-        for key in chunk_keys:
-            near = self._fetch_near(key)
-            if near is None and not self._local.contains(self._namespace, key):
-                break
-            plan.append(near)
+        if self._writer is None and self._dram is None:  # only the local tier: one look at its index for all
+            plan += [None] * sum(self._local.contains_many(self._namespace, chunk_keys, leading=True))
+        else:
+            for key in chunk_keys:
+                near = self._fetch_near(key)
+                if near is None and not self._local.contains(self._namespace, key):
+                    break
+                plan.append(near)
         local_keys = [key for key, near in zip(chunk_keys, plan) if near is None]
         reading = self._local.start_read_many(self._namespace, local_keys, targets[0].device) if local_keys else None
 
         def finish() -> list[Fetched]:
             local = iter(reading() if reading is not None else ())
             found: list[Fetched] = []
-            for key, fetched in zip(chunk_keys, plan):
-                if fetched is None:
-                    hit = next(local)
-                    if hit is not None:
-                        self.metrics.inc("local_hits")
-                        fetched = self._promoted(key, hit, owned=True)
-                    else:  # the file went bad or away since ``contains``
-                        fetched = self._fetch_remote(key)
-                if fetched is None:
-                    return found
-                found.append(fetched)
+            hits = 0
+            try:
+                for key, fetched in zip(chunk_keys, plan):
+                    if fetched is None:
+                        hit = next(local)
+                        if hit is not None:
+                            hits += 1
+                            fetched = self._promoted(key, hit, owned=True)
+                        else:  # the file went bad or away since ``contains``
+                            fetched = self._fetch_remote(key)
+                    if fetched is None:
+                        return found
+                    found.append(fetched)
+            finally:
+                self.metrics.inc("local_hits", hits)
             return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :])
 
         return finish

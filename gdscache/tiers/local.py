@@ -154,8 +154,10 @@ class LocalTier:
         """True if the chunk is indexed or another process has published it."""
         return self.contains_many(namespace, [key])[0]
 
-    def contains_many(self, namespace: bytes, keys: Sequence[bytes]) -> list[bool]:
-        """:meth:`contains` for each of ``keys`` (one look at the index, then a ``stat`` for each key not in it)."""
+    def contains_many(self, namespace: bytes, keys: Sequence[bytes], *, leading: bool = False) -> list[bool]:
+        """:meth:`contains` for each of ``keys`` (one look at the index, then a ``stat`` for each key not in it); with
+        ``leading``, only for those up to the first the tier does not hold (then the last answer is False, or every
+        key is held)."""
         with self._lock:
             found = [key in self._index for key in keys]
         for i, key in enumerate(keys):
@@ -164,6 +166,8 @@ class LocalTier:
                 try:
                     size = os.stat(path).st_size
                 except OSError:
+                    if leading:
+                        return found[: i + 1]
                     continue
                 self._add(key, path, size)
                 found[i] = True

@@ -203,6 +203,24 @@ def test_group_write_honours_the_quota(tmp_path):
         assert torch.equal(tier.read(NS, meta.key, torch.device("cpu"))[1], payload)
 
 
+def test_leading_lookups_stop_at_the_first_chunk_not_held(tmp_path):
+    """contains_many(leading=True) answers up to the first key the tier does not hold: a later chunk that another
+    process published (not yet in this tier's index) is not looked for; without it, every key is."""
+    from gdscache.tiers.local import LocalTier
+
+    tier = LocalTier(str(tmp_path), PosixBackend(threads=2))
+    mine, theirs = _chunks(2, 30), _chunks(1, 40)
+    assert tier.write_many(NS, mine) == [True, True]
+    other = LocalTier(str(tmp_path), PosixBackend(threads=2))  # another process: its chunk is unknown to ``tier``
+    assert other.write_many(NS, theirs) == [True]
+    keys = [mine[0][0].key, mine[1][0].key, b"\0" * 16, theirs[0][0].key]
+    assert tier.contains_many(NS, keys, leading=True) == [True, True, False]
+    assert len(tier) == 2  # the chunk after the miss was not looked for
+    assert tier.contains_many(NS, keys[:2], leading=True) == [True, True]
+    assert tier.contains_many(NS, keys) == [True, True, False, True]
+    assert len(tier) == 3  # found by its file, now indexed
+
+
 def test_a_store_that_fails_midway_returns_after_the_writes_it_started(cache_dir, monkeypatch):
     """cachegen refuses the fourth chunk (a nan): store raises, but only once the three chunks before it, handed to
     the I/O threads already (and slowed down here), are on disk."""
