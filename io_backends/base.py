@@ -246,7 +246,7 @@ class FileBackend(abc.ABC):
 
     @property
     def batch_reads(self) -> str:
-        """What carries :meth:`read_batch`: ``per file`` here, ``libgdscache_io`` where one native call takes a
+        """What carries :meth:`read_files`: ``per file`` here, ``libgdscache_io`` where one native call takes a
         whole batch (:mod:`io_backends.native`)."""
         return "per file"
 

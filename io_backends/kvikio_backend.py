@@ -18,9 +18,8 @@ are process-wide: so is that choice.
 
 In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of files to read
 whole (:meth:`KvikioBackend.start_read_files`: a group of a request's chunk files, opened, read and closed by the
-library: :class:`NativeFilesRead`), a batch of reads of open files (:meth:`KvikioBackend.read_batch`) and a batch of
-files to publish (:meth:`KvikioBackend.write_files`) each go to that library in one call (three for files to read:
-open, read, close) instead of to kvikio file by file: what
+library: :class:`NativeFilesRead`) and a batch of files to publish (:meth:`KvikioBackend.write_files`) each go to that
+library in one call (three for files to read: open, read, close) instead of to kvikio file by file: what
 kvikio's POSIX path does (pinned staging, buffered preads unless ``o_direct: on``, O_DIRECT writes where aligned
 unless ``o_direct: off``), without a Python call per file. Reads with ``o_direct: on``, and all I/O under cuFile,
 stay with kvikio.
@@ -285,41 +284,6 @@ class KvikioBackend(FileBackend):
     def open_read(self, path: str) -> ReadHandle:
         """A handle on ``path``, kept open for later reads while the path names the same file (:class:`OpenFiles`)."""
         return _KvikioReadHandle(self._open_files, self._open_files.acquire(path))
-
-    def read_batch(self, reads: Sequence[tuple[ReadHandle, Sequence[torch.Tensor], int]]) -> list[OSError | None]:
-        """With :attr:`native_reads`, every run of every read in one call into ``libgdscache_io.so``, which returns
-        once all have landed; else kvikio's, file by file (:meth:`FileBackend.read_batch`)."""
-        if not self.native_reads:
-            return super().read_batch(reads)
-        errors: list[OSError | None] = [None] * len(reads)
-        rows: list[tuple[int, int, int, int, int, int]] = []
-        owners: list[int] = []  # the read of each row
-        for i, (handle, dests, offset) in enumerate(reads):
-            if not isinstance(handle, _KvikioReadHandle):
-                raise TypeError(f"read_batch takes this backend's read handles, got {type(handle).__name__}")
-            fd, at, mine = handle.fileno(), offset, []
-            for dest in dests:
-                check_buffer(dest, "dest")
-                nbytes = dest.numel()
-                if nbytes:
-                    mine.append((fd, dest.get_device(), at, nbytes, dest.data_ptr(), 0))  # device -1: host memory
-                at += nbytes
-            if at > handle.size:
-                errors[i] = OSError(errno.EIO, f"short file: need {at} bytes, file has {handle.size}")
-                continue
-            rows += mine
-            owners += [i] * len(mine)
-        _ready_devices(dest for _, dests, _ in reads for dest in dests)
-        try:
-            results = native_io.read(np.array(rows, dtype=native_io.RANGE), threads=self._threads,
-                                  piece_bytes=self._task_size)
-        except OSError as exc:  # nothing was read: kvikio reads them instead
-            log.warning("%s; this batch is read through kvikio", exc)
-            return super().read_batch(reads)
-        for row, (owner, result) in enumerate(zip(owners, results.tolist(), strict=True)):
-            if result < 0 and errors[owner] is None:
-                errors[owner] = native_io.error_of(result, f"read of {rows[row][3]} bytes at offset {rows[row][2]}")
-        return errors
 
     def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
                          touch: bool = False) -> Callable[[], FilesRead]:
@@ -728,9 +692,6 @@ class _KvikioReadHandle(ReadHandle):
         self._handle = entry.handle
         self.size = entry.size
         self._closed = False
-
-    def fileno(self) -> int:
-        return self._handle.fileno()
 
     def read_bytes(self, offset: int, nbytes: int) -> bytes:
         data = os.pread(self._handle.fileno(), nbytes, offset)
