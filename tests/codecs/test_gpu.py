@@ -150,10 +150,11 @@ def _halfsum3_reference(data: torch.Tensor) -> list[int]:
 
 
 @pytest.mark.parametrize("count", [7, 1000])  # 1000 rows: more than 4 blocks per SM, so one block per row
-def test_halfsum3_rows_sums_each_row_as_a_payload_of_its_own(count):
+@pytest.mark.parametrize("spacing", [12288, 10004])  # rows 16-byte aligned (8 words per load), or not
+def test_halfsum3_rows_sums_each_row_as_a_payload_of_its_own(count, spacing):
     """One launch over payloads evenly spaced in one buffer (a batched read) == each payload's own definition."""
-    buf = torch.randint(0, 256, (count * 12288,), dtype=torch.uint8, device="cuda")
-    payloads = [buf[r * 12288 : r * 12288 + 10002] for r in range(count)]  # 10002 bytes each, 12288 apart
+    buf = torch.randint(0, 256, (count * spacing,), dtype=torch.uint8, device="cuda")
+    payloads = [buf[r * spacing : r * spacing + 10002] for r in range(count)]  # 10002 bytes each
     rows = buf.view(torch.int16).view(count, -1)[:, :5001]
     sums = torch.zeros(count, 3, dtype=torch.int64, device="cuda")
     _cuda.halfsum3_rows(rows, sums)
