@@ -136,23 +136,27 @@ def stacked_view(views: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None
     """``views`` as one ``[len(views), *shape]`` view when they are tensors of one shape, dtype and strides whose
     starts lie evenly spaced, ascending, in one storage (consecutive token slices of one tensor, the layers of
     one allocation); else None."""
-    if not views or not all(isinstance(v, torch.Tensor) for v in views):
+    first = views[0] if views else None
+    if not isinstance(first, torch.Tensor):
         return None
-    first = views[0]
     if len(views) == 1:
         return first.unsqueeze(0)
+    if not isinstance(views[1], torch.Tensor):
+        return None
     offset = first.storage_offset()
     step = views[1].storage_offset() - offset
     if step <= 0:
         return None
-    shape, strides, dtype = (len(views), *first.shape), (step, *first.stride()), first.dtype
+    one_shape, one_strides, dtype = first.shape, first.stride(), first.dtype
+    shape, strides = (len(views), *one_shape), (step, *one_strides)
     if first.numel():  # the stack must lie in the first view's storage: then a view at its address is its memory
         last = offset + sum((n - 1) * stride for n, stride in zip(shape, strides, strict=True))
         if (last + 1) * first.element_size() > first.untyped_storage().nbytes():
             return None
-    start, gap = first.data_ptr(), step * first.element_size()
-    for k, view in enumerate(views):  # addresses, not storages: a storage per view would cost more than the rest
-        if view.data_ptr() != start + k * gap or view.shape != shape[1:] or view.stride() != strides[1:] \
-                or view.dtype != dtype:
+    address, gap = first.data_ptr(), step * first.element_size()
+    for view in views:  # addresses, not storages: a storage per view would cost more than the rest
+        if not isinstance(view, torch.Tensor) or view.data_ptr() != address or view.shape != one_shape \
+                or view.stride() != one_strides or view.dtype != dtype:
             return None
+        address += gap
     return first.as_strided(shape, strides, offset)

@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -96,7 +96,7 @@ class LocalTier:
         self.stats = LocalStats()
         self._index: OrderedDict[bytes, tuple[str, int]] = OrderedDict()  # key -> (path, bytes on disk), LRU first
         self._bytes = 0
-        self._in_use: Counter[bytes] = Counter()
+        self._in_use: dict[bytes, int] = {}  # readers of each key being read
         self._lock = threading.Lock()
         self._known_dirs: set[str] = set()
         self._no_evict_until = 0.0
@@ -320,7 +320,7 @@ class LocalTier:
             for key, (path, size) in self._index.items():
                 if freed >= nbytes:
                     break
-                if self._in_use[key]:
+                if key in self._in_use:
                     continue
                 victims.append((key, path, size))
                 freed += size
@@ -510,15 +510,17 @@ class LocalTier:
     def _pin(self, keys: Sequence[bytes]) -> None:
         """Keep ``keys`` from eviction while they are read."""
         with self._lock:
+            in_use = self._in_use
             for key in keys:
-                self._in_use[key] += 1
+                in_use[key] = in_use.get(key, 0) + 1
 
     def _unpin(self, keys: Sequence[bytes]) -> None:
         with self._lock:
+            in_use = self._in_use
             for key in keys:
-                self._in_use[key] -= 1
-                if not self._in_use[key]:
-                    del self._in_use[key]
+                left = in_use.pop(key) - 1
+                if left:
+                    in_use[key] = left
 
     def _missed(self, path: str, key: bytes, exc: Exception) -> None:
         """Account a read that failed: a vanished file is forgotten, a corrupt one quarantined, an I/O fault logged."""
