@@ -271,7 +271,7 @@ class GDSCache:
         arr, spec = self._prepare(tokens, out, "out")
         chunk = self.config.chunk_size
         started = time.perf_counter()
-        chunk_keys = keys.chunk_keys(self._namespace, arr, chunk)
+        chunk_keys = keys.ChunkKeys(self._namespace, arr, chunk)  # hashed group by group, as their reads start
         group = self._group_size(spec, out)
         inflight: list[tuple[FetchJob, list[KV]]] = []  # each: its chunks' views of ``out``
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
@@ -338,7 +338,7 @@ class GDSCache:
             self.metrics.observe("retrieve", (time.perf_counter() - started) / n_read)
         return n_read * chunk
 
-    def _dram_prefix(self, chunk_keys: list[bytes], out: KV, spec: KVSpec) -> int:
+    def _dram_prefix(self, chunk_keys: Sequence[bytes], out: KV, spec: KVSpec) -> int:
         """Decode the leading chunks that the DRAM tier holds into a GPU ``out`` by one codec call on the caller's
         stream (``raw``: copy engines straight from pinned memory), with no I/O thread; how many. The rest, and any
         chunk this cannot take, go the usual way."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,15 +82,45 @@ def _is_int_type(kind: type) -> bool:
 
 def chunk_keys(namespace: bytes, tokens: np.ndarray, chunk_size: int) -> list[bytes]:
     """Keys of the whole chunks of ``tokens``: key[i] = blake2b(key[i-1] || tokens of chunk i)."""
-    keys: list[bytes] = []
-    prev = namespace
-    data = memoryview(tokens.tobytes())  # one copy, sliced per chunk
-    step = chunk_size * tokens.itemsize
-    empty = hashlib.blake2b(digest_size=KEY_SIZE, person=b"gdscache-kv")  # copied per chunk, not rebuilt
-    for start in range(0, len(tokens) // chunk_size * step, step):
-        h = empty.copy()
-        h.update(prev)
-        h.update(data[start : start + step])
-        prev = h.digest()
-        keys.append(prev)
-    return keys
+    return ChunkKeys(namespace, tokens, chunk_size)[:]
+
+
+class ChunkKeys(Sequence[bytes]):
+    """:func:`chunk_keys`, each key hashed once it is asked for (with those before it): a retrieve starts reading its
+    first chunks before it has hashed the rest (a key costs a few microseconds), and hashes none past a miss."""
+
+    def __init__(self, namespace: bytes, tokens: np.ndarray, chunk_size: int) -> None:
+        self._data = memoryview(tokens.tobytes())  # one copy, sliced per chunk
+        self._step = chunk_size * tokens.itemsize
+        self._count = len(tokens) // chunk_size
+        self._keys: list[bytes] = []
+        self._prev = namespace
+        self._empty = hashlib.blake2b(digest_size=KEY_SIZE, person=b"gdscache-kv")  # copied per chunk, not rebuilt
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            self._hash_to(stop if step > 0 else start + 1)
+        else:
+            self._hash_to(range(self._count)[index] + 1)  # an index out of range raises IndexError here
+        return self._keys[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i in range(self._count):
+            if i == len(self._keys):
+                self._hash_to(min(self._count, 2 * i + 8))  # ahead in runs, not a call per key
+            yield self._keys[i]
+
+    def _hash_to(self, count: int) -> None:
+        """Hash the keys before ``count`` not hashed yet."""
+        keys, data, step, prev, empty = self._keys, self._data, self._step, self._prev, self._empty
+        for start in range(len(keys) * step, count * step, step):
+            h = empty.copy()
+            h.update(prev)
+            h.update(data[start : start + step])
+            prev = h.digest()
+            keys.append(prev)
+        self._prev = prev

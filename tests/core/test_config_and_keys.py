@@ -10,7 +10,7 @@ import torch
 
 from gdscache import Config, GDSCache, KVSpec
 from gdscache.config import NOT_FIELDS, parse_size
-from gdscache.keys import as_token_array, chunk_keys, fingerprint, namespace_of
+from gdscache.keys import ChunkKeys, as_token_array, chunk_keys, fingerprint, namespace_of
 
 
 def test_yaml_with_env_overrides(tmp_path, monkeypatch):
@@ -69,6 +69,18 @@ def test_key_chain_matches_its_definition():
     k1 = hashlib.blake2b(keys[0], digest_size=16, person=b"gdscache-kv")
     k1.update(np.arange(4, 8, dtype="<i8").tobytes())
     assert keys[1] == k1.digest()
+
+
+def test_keys_hashed_as_asked_for_are_the_chain_s():
+    """ChunkKeys gives chunk_keys' values however it is read: by index (negative too), slice, iteration."""
+    ns, tokens = b"n" * 16, as_token_array(list(range(1000)))
+    want = chunk_keys(ns, tokens, 16)
+    assert len(want) == 62
+    for read in (lambda k: [k[i] for i in range(62)], lambda k: [*k[5:9], *k[40:41]] and k[:5] + k[5:9] + k[9:], lambda k: list(k),
+                 lambda k: [k[-1 - i] for i in range(62)][::-1], lambda k: k[::-1][::-1], lambda k: [k[40], *k][1:]):
+        assert read(ChunkKeys(ns, tokens, 16)) == want
+    with pytest.raises(IndexError):
+        ChunkKeys(ns, tokens, 16)[62]
 
 
 def test_every_fingerprint_field_changes_the_namespace():
