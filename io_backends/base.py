@@ -311,19 +311,21 @@ class FileBackend(abc.ABC):
         return errors
 
     def read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
-                   touch: bool = False) -> FilesRead:
+                   touch: bool = False, sizes: Sequence[int] | None = None) -> FilesRead:
         """Read each file whole, every read in flight at once where the backend can: its first ``head_bytes`` into
         host memory, the rest into one new buffer on ``device`` (:func:`body_layout`). A file whose body would be
         ``max_body`` bytes or more is not read (``EFBIG``; its size is reported). With ``touch``, the times of each
-        file read whole are set to now."""
-        return self.start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch)()
+        file read whole are set to now. ``sizes``: each file's size as the caller knows it, which a backend may lay
+        out the buffer by before it opens the files (a file that has another size is then not read: ``ESTALE``)."""
+        return self.start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch, sizes=sizes)()
 
     def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
-                         touch: bool = False) -> Callable[[], FilesRead]:
+                         touch: bool = False, sizes: Sequence[int] | None = None) -> Callable[[], FilesRead]:
         """Begin :meth:`read_files`; the returned function waits for the reads and gives what was read. It must be
-        called, once (a backend that reads in the background holds the files open until then). Lets one thread check
+        called, once (a backend that reads in the background holds its batch until then). Lets one thread check
         what one batch read while the next is read (:attr:`reads_in_background`). This default opens each file with
-        :meth:`open_read` and reads them all with :meth:`read_batch` before it returns."""
+        :meth:`open_read` (its size the one that counts: ``sizes`` is not used) and reads them all with
+        :meth:`read_batch` before it returns."""
         n = len(paths)
         handles: list[ReadHandle | None] = [None] * n
         errors: list[OSError | None] = [None] * n

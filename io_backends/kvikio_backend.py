@@ -17,9 +17,9 @@ on every chunk file and reporting a cuFile mode it does not run; the backend set
 are process-wide: so is that choice.
 
 In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of files to read
-whole (:meth:`KvikioBackend.start_read_files`: a group of a request's chunk files, opened, read and closed by the
-library: :class:`NativeFilesRead`) and a batch of files to publish (:meth:`KvikioBackend.write_files`) each go to that
-library in one call (three for files to read: open, read, close) instead of to kvikio file by file: what
+whole (:meth:`KvikioBackend.start_read_files`: a group of a request's chunk files, each opened, read and closed by
+the library's workers: :class:`NativeFilesRead`) and a batch of files to publish (:meth:`KvikioBackend.write_files`)
+each go to that library in one call instead of to kvikio file by file: what
 kvikio's POSIX path does (pinned staging, buffered preads unless ``o_direct: on``, O_DIRECT writes where aligned
 unless ``o_direct: off``), without a Python call per file. Reads with ``o_direct: on``, and all I/O under cuFile,
 stay with kvikio.
@@ -286,13 +286,13 @@ class KvikioBackend(FileBackend):
         return _KvikioReadHandle(self._open_files, self._open_files.acquire(path))
 
     def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,
-                         touch: bool = False) -> Callable[[], FilesRead]:
+                         touch: bool = False, sizes: Sequence[int] | None = None) -> Callable[[], FilesRead]:
         """With :attr:`native_reads`, :class:`NativeFilesRead`; else kvikio's, file by file
         (:meth:`FileBackend.start_read_files`)."""
         if self.native_reads:
             try:
                 return NativeFilesRead(paths, head_bytes, device, max_body=max_body, touch=touch,
-                                       threads=self._threads, piece_bytes=self._task_size)
+                                       threads=self._threads, piece_bytes=self._task_size, sizes=sizes)
             except OSError as exc:  # the library could not start the reads (no worker, no memory): kvikio reads them
                 log.warning("%s; this batch is read through kvikio", exc)
         return super().start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch)
@@ -320,63 +320,52 @@ _NOWAIT_READS = hasattr(os, "RWF_NOWAIT")
 
 
 class NativeFilesRead:
-    """:meth:`FileBackend.start_read_files` in three calls into ``libgdscache_io.so`` whatever the number of files:
-    open them all and start reading every head and body (:func:`native_io.begin_read`); calling it waits for the
-    reads, then closes every file (touching those read whole). No Python runs per file. Collected uncalled, it is
-    called (its files must be closed)."""
+    """:meth:`FileBackend.start_read_files` in one call into ``libgdscache_io.so`` whatever the number of files
+    (:func:`native_io.begin_read_files`): its workers open each file, check its size, read its head and body, and
+    close it (touched where asked, if read whole); calling this waits for them. No Python runs per file, and no file
+    is opened or closed on the caller's thread. The files' sizes lay out the buffer before they are opened: ``sizes``
+    where the caller knows them (a file grown past its size is then not read: ``ESTALE``), else a ``stat`` each."""
 
     def __init__(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int, touch: bool,
-                 threads: int, piece_bytes: int) -> None:
-        self._paths, self._touch = paths, touch
-        self._fds, self._sizes = native_io.open_files(paths)
-        self._reads: native_io.ReadsInFlight | None = None
-        try:
-            lengths, offsets, total, self._too_big = body_layout(self._sizes, head_bytes, max_body)
-            body = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
-            self._heads = np.zeros((len(paths), head_bytes), dtype=np.uint8)
-            self._reading = np.flatnonzero((self._fds >= 0) & ~self._too_big)
-            self._with_body = self._reading[lengths[self._reading] > 0]
-            rows = np.zeros(len(self._reading) + len(self._with_body), dtype=native_io.RANGE)
-            heads_at, bodies_at = rows[: len(self._reading)], rows[len(self._reading) :]
-            heads_at["fd"], heads_at["device"], heads_at["nbytes"] = self._fds[self._reading], -1, head_bytes
-            heads_at["dst"] = np.uint64(self._heads.ctypes.data) + (self._reading * head_bytes).astype(np.uint64)
-            bodies_at["fd"], bodies_at["device"] = self._fds[self._with_body], body.get_device()
-            bodies_at["offset"], bodies_at["nbytes"] = head_bytes, lengths[self._with_body]
-            bodies_at["dst"] = np.uint64(body.data_ptr()) + offsets[self._with_body].astype(np.uint64)
-            self._bodies = split_body(body, lengths, offsets)
-            _ready(body)
-            self._reads = native_io.begin_read(rows, threads=threads, piece_bytes=piece_bytes, keep=(body, self._heads))
-        except BaseException:
-            native_io.close_files(self._fds, np.zeros(len(paths), dtype=bool))
-            self._fds = None
-            raise
+                 threads: int, piece_bytes: int, sizes: Sequence[int] | None = None) -> None:
+        self._paths = paths
+        self._known = np.array(sizes if sizes is not None else [_size_of(path) for path in paths], dtype=np.int64)
+        lengths, offsets, total, self._too_big = body_layout(self._known, head_bytes, max_body)
+        body = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+        self._heads = np.zeros((len(paths), head_bytes), dtype=np.uint8)
+        self._reading = np.flatnonzero((self._known >= 0) & ~self._too_big)
+        files = np.zeros(len(self._reading), dtype=native_io.WHOLE)
+        files["size"], files["device"], files["touch"] = self._known[self._reading], body.get_device(), touch
+        files["head"] = np.uint64(self._heads.ctypes.data) + (self._reading * head_bytes).astype(np.uint64)
+        files["body"] = np.uint64(body.data_ptr()) + offsets[self._reading].astype(np.uint64)
+        self._bodies = split_body(body, lengths, offsets)
+        _ready(body)
+        self._reads: native_io.ReadsInFlight | None = native_io.begin_read_files(
+            [paths[i] for i in self._reading.tolist()], files, head_bytes, threads=threads, piece_bytes=piece_bytes,
+            keep=(body, self._heads))
 
     def __call__(self) -> FilesRead:
-        if self._fds is None:
+        if self._reads is None:
             raise RuntimeError("these reads were already finished")
-        n, fds = len(self._paths), self._fds
-        whole = np.zeros(n, dtype=bool)
-        failed = np.zeros(n, dtype=np.int64)
-        try:
-            results = self._reads.finish()
-            np.minimum.at(failed, np.concatenate((self._reading, self._with_body)), np.minimum(results, 0))
-            whole[self._reading] = failed[self._reading] == 0
-        finally:
-            self._fds = None
-            native_io.close_files(fds, whole & self._touch)
-        errors: list[OSError | None] = [None] * n
-        for i in np.flatnonzero(~whole).tolist():
-            if fds[i] < 0:
-                errors[i] = native_io.error_of(int(fds[i]), f"open of {self._paths[i]}")
-            elif self._too_big[i]:
-                errors[i] = too_large(self._paths[i], int(self._sizes[i]))
-            else:
-                errors[i] = native_io.error_of(int(failed[i]), f"read of {self._paths[i]}")
-        return FilesRead(self._heads, self._bodies, np.where(fds >= 0, self._sizes, -1).tolist(), errors)
+        reads, self._reads = self._reads, None
+        files = reads.finish()
+        results, sizes = np.minimum(self._known, 0), self._known.copy()  # a failed stat's -errno, or 0
+        results[self._reading], sizes[self._reading] = files["result"], files["size"]
+        for i in np.flatnonzero((sizes != self._known) & (sizes >= 0)).tolist():  # smaller than laid out: its body
+            self._bodies[i] = self._bodies[i][: max(0, int(sizes[i]) - self._heads.shape[1])]
+        errors: list[OSError | None] = [None] * len(self._paths)
+        for i in np.flatnonzero((results < 0) | self._too_big).tolist():
+            errors[i] = too_large(self._paths[i], int(sizes[i])) if self._too_big[i] else \
+                native_io.error_of(int(results[i]), f"read of {self._paths[i]}")
+        return FilesRead(self._heads, self._bodies, np.maximum(sizes, -1).tolist(), errors)
 
-    def __del__(self) -> None:
-        if getattr(self, "_fds", None) is not None:
-            self()
+
+def _size_of(path: str) -> int:
+    """The size of the file at ``path``, or ``-errno`` where it cannot be known."""
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
 
 
 def _read_if_cached(fd: int, dest: torch.Tensor, offset: int) -> bool:

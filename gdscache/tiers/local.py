@@ -406,14 +406,15 @@ class LocalTier:
                         device: torch.device) -> Callable[[], list[tuple[ChunkMeta, torch.Tensor] | None]]:
         """Begin :meth:`read_many`; the returned function waits for the reads, verifies the chunks and gives them. It
         must be called, once, on this thread (the keys stay pinned, the files open, until then)."""
-        paths = self._paths_of(namespace, keys)
+        paths, sizes = self._files_of(namespace, keys)
         self._pin(keys)
         # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
         # threads' GPU work (the caller must record_stream a payload where it uses it)
         stream = thread_stream(device) if device.type == "cuda" else None
         try:
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                reading = self.backend.start_read_files(paths, HEADER_SIZE, device, max_body=MAX_PAYLOAD, touch=True)
+                reading = self.backend.start_read_files(paths, HEADER_SIZE, device, max_body=MAX_PAYLOAD, touch=True,
+                                                        sizes=sizes)
         except torch.cuda.OutOfMemoryError as exc:  # no room for the payloads now: misses, not a crash
             self._unpin(keys)
             error = OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")
@@ -446,11 +447,13 @@ class LocalTier:
         self._hits([key for key, got in zip(keys, results, strict=True) if got is not None])
         return results
 
-    def _paths_of(self, namespace: bytes, keys: Sequence[bytes]) -> list[str]:
-        """Each key's file: as indexed (one look under the lock), else :meth:`path_of`."""
+    def _files_of(self, namespace: bytes, keys: Sequence[bytes]) -> tuple[list[str], list[int] | None]:
+        """Each key's file (as indexed, one look under the lock, else :meth:`path_of`), and the files' sizes as
+        indexed (None where a key is not indexed)."""
         with self._lock:
             known = [self._index.get(key) for key in keys]
-        return [entry[0] if entry is not None else self.path_of(namespace, key) for key, entry in zip(keys, known)]
+        paths = [entry[0] if entry is not None else self.path_of(namespace, key) for key, entry in zip(keys, known)]
+        return paths, None if None in known else [entry[1] for entry in known]
 
     @staticmethod
     def _verified(keys: Sequence[bytes], read: FilesRead) -> list[tuple[ChunkMeta, torch.Tensor] | Exception]:
@@ -531,6 +534,8 @@ class LocalTier:
         if isinstance(exc, FileNotFoundError):
             self._forget(key)
         else:
+            if isinstance(exc, OSError) and exc.errno == errno.ESTALE:  # larger than indexed: its size is looked up anew
+                self._forget(key)
             log.warning("read of %s failed: %s; treating as a miss", path, exc)
         self.stats.read_misses += 1
 

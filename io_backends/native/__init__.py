@@ -1,7 +1,7 @@
 """ctypes binding to ``libgdscache_io.so`` (``batch_io.cu`` here), on native threads with the GIL released (reads
-and writes on pools of their own): many reads of open files into host or GPU memory in one call (:func:`read`; a
-batch of files is opened and closed by one call each: :func:`open_files`, :func:`close_files`), and many files
-written from host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
+and writes on pools of their own): many reads of open files into host or GPU memory in one call (:func:`read`),
+many files read whole (opened, read and closed by the workers: :func:`begin_read_files`), and many files written
+from host or GPU memory and published (fsynced, renamed into place) in one call (:func:`write`).
 
 The library is looked up at ``$GDSCACHE_IO_LIB``, then next to this module (where ``pip install`` puts it when
 nvcc exists), then in ``build/cuda`` of a source checkout; a build from other source than this ``batch_io.cu`` is
@@ -29,12 +29,19 @@ RANGE = np.dtype([("fd", "<i4"), ("device", "<i4"), ("offset", "<i8"), ("nbytes"
                   ("result", "<i8")])
 """One read: ``nbytes`` of open file ``fd`` from ``offset`` to address ``dst``, on CUDA ``device`` (-1: host
 memory); ``result`` comes back as the bytes read or a negative error code (:func:`error_of`)."""
+WHOLE = np.dtype([("path", "<u8"), ("size", "<i8"), ("head", "<u8"), ("body", "<u8"), ("device", "<i4"),
+                  ("touch", "<i4"), ("result", "<i8")])
+"""One file to read whole (:func:`begin_read_files` fills ``path``) of at most ``size`` bytes: its head goes to host
+address ``head``, the rest to ``body`` on CUDA ``device`` (-1: host memory); where ``touch``, its times are set to now
+once it is read whole. ``result`` comes back 0 or a negative error code (:func:`error_of`), ``size`` as the size it
+had (or the error that kept it from being opened)."""
 FILE = np.dtype([("tmp", "<u8"), ("path", "<u8"), ("result", "<i8")])
 """One file to publish (:func:`write` fills it from paths): written at ``tmp``, renamed to ``path``."""
 WRANGE = np.dtype([("file", "<i4"), ("device", "<i4"), ("offset", "<i8"), ("nbytes", "<i8"), ("src", "<u8")])
 """One write: ``nbytes`` from address ``src`` (on CUDA ``device``, -1: host memory) to byte ``offset`` of the batch's
 file number ``file``."""
 _SHORT_FILE = 99999
+_SIZE_CHANGED = 99998
 _CUDA_ERROR_BASE = 100000
 
 
@@ -102,11 +109,10 @@ class SharedLibrary:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
-    lib.gio_range_size.restype = ctypes.c_int
-    lib.gio_file_size.restype = ctypes.c_int
-    lib.gio_wrange_size.restype = ctypes.c_int
-    if (lib.gio_range_size(), lib.gio_file_size(), lib.gio_wrange_size()) != \
-            (RANGE.itemsize, FILE.itemsize, WRANGE.itemsize):
+    for sizeof in (lib.gio_range_size, lib.gio_whole_size, lib.gio_file_size, lib.gio_wrange_size):
+        sizeof.restype = ctypes.c_int
+    if (lib.gio_range_size(), lib.gio_whole_size(), lib.gio_file_size(), lib.gio_wrange_size()) != \
+            (RANGE.itemsize, WHOLE.itemsize, FILE.itemsize, WRANGE.itemsize):
         raise ValueError("built from another version of batch_io.cu")
     lib.gio_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
     lib.gio_read.restype = ctypes.c_int
@@ -115,10 +121,9 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.gio_read_begin.restype = ctypes.c_void_p
     lib.gio_read_finish.argtypes = [ctypes.c_void_p]
     lib.gio_read_finish.restype = ctypes.c_int
-    lib.gio_open.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.gio_open.restype = ctypes.c_int
-    lib.gio_close.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    lib.gio_close.restype = ctypes.c_int
+    lib.gio_read_files_begin.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
+                                         ctypes.POINTER(ctypes.c_int)]
+    lib.gio_read_files_begin.restype = ctypes.c_void_p
     lib.gio_write_begin.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.gio_write_begin.restype = ctypes.c_void_p
@@ -164,31 +169,31 @@ def read(ranges: np.ndarray, *, threads: int, piece_bytes: int) -> np.ndarray:
     returns. The destinations must stay valid and untouched until then. Raises ``ValueError`` for bad arguments and
     ``OSError`` where the library could start no worker or queue nothing (then nothing was read).
     """
-    return begin_read(ranges, threads=threads, piece_bytes=piece_bytes).finish()
+    return begin_read(ranges, threads=threads, piece_bytes=piece_bytes).finish()["result"]
 
 
 class ReadsInFlight:
-    """Reads started by :func:`begin_read`: :meth:`finish` waits for them, once (a batch dropped unfinished is
-    waited for when collected: its destinations are in use until then)."""
+    """Reads started by :func:`begin_read` or :func:`begin_read_files`: :meth:`finish` waits for them, once (a batch
+    dropped unfinished is waited for when collected: its destinations are in use until then)."""
 
-    def __init__(self, ranges: np.ndarray, *, threads: int, piece_bytes: int, keep: object = None) -> None:
-        _check(ranges, RANGE, "range")
-        self._ranges, self._keep = ranges, keep  # alive until the batch has ended
+    def __init__(self, rows: np.ndarray, begin: Callable[[ctypes.c_int], int | None], keep: object, refused: str
+                 ) -> None:
+        self._rows, self._keep = rows, keep  # alive until the batch has ended
         error = ctypes.c_int(0)
-        self._batch = _lib().gio_read_begin(ranges.ctypes.data, len(ranges), threads, piece_bytes, ctypes.byref(error))
+        self._batch = begin(error)
         if error.value != 0:
-            raise _refused(error.value, "gio_read_begin", f"threads={threads}, piece_bytes={piece_bytes} (a multiple "
-                                                          "of 4096), offsets and sizes >= 0, destinations set")
+            raise _refused(error.value, refused, "threads >= 1, piece_bytes a multiple of 4096, sizes >= 0, "
+                                                 "destinations set")
 
     def finish(self) -> np.ndarray:
-        """Wait until every row has landed (or failed); the ``result`` column, as :func:`read` gives it."""
-        if self._ranges is None:
+        """Wait until every row has landed (or failed); the rows, their ``result`` (and a file's ``size``) set."""
+        if self._rows is None:
             raise RuntimeError("these reads were already finished")
         batch, self._batch = self._batch, None
         if batch:
             _lib().gio_read_finish(batch)
-        ranges, self._ranges, self._keep = self._ranges, None, None
-        return ranges["result"]
+        rows, self._rows, self._keep = self._rows, None, None
+        return rows
 
     def __del__(self) -> None:
         if getattr(self, "_batch", None):
@@ -197,35 +202,36 @@ class ReadsInFlight:
 
 def begin_read(ranges: np.ndarray, *, threads: int, piece_bytes: int, keep: object = None) -> ReadsInFlight:
     """Start :func:`read` of ``ranges`` and return at once; :meth:`ReadsInFlight.finish` waits for the rows and gives
-    their results. The rows and destinations must stay valid and untouched until then: ``keep`` (what owns the
-    destinations) is held until then. Raises as :func:`read` does (then nothing was read)."""
-    return ReadsInFlight(ranges, threads=threads, piece_bytes=piece_bytes, keep=keep)
+    them back, results set. The rows and destinations must stay valid and untouched until then: ``keep`` (what owns
+    the destinations) is held until then. Raises as :func:`read` does (then nothing was read)."""
+    _check(ranges, RANGE, "range")
+    return ReadsInFlight(ranges, lambda error: _lib().gio_read_begin(ranges.ctypes.data, len(ranges), threads,
+                                                                     piece_bytes, ctypes.byref(error)),
+                         keep, "gio_read_begin")
 
 
-def open_files(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Open every path read-only in one call: each one's descriptor (int32) and size (int64), both ``-errno`` where
-    it cannot be opened (:func:`error_of`). Pass the descriptors to :func:`close_files`."""
-    fds, sizes = np.zeros(len(paths), dtype=np.int32), np.zeros(len(paths), dtype=np.int64)
-    if not paths:
-        return fds, sizes
+def begin_read_files(paths: Sequence[str], files: np.ndarray, head_bytes: int, *, threads: int, piece_bytes: int,
+                     keep: object = None) -> ReadsInFlight:
+    """Start reading each of ``paths`` whole as its row of ``files`` (a contiguous :data:`WHOLE` array; ``path`` is
+    set here) says, on the library's workers: each file is opened, checked to have ``size`` bytes, its first
+    ``head_bytes`` read to ``head`` and the rest to ``body``, and closed once read (a file larger than its ``size``
+    is not read). Returns at once;
+    :meth:`ReadsInFlight.finish` waits and gives the rows back, ``result`` and ``size`` set. The destinations must
+    stay valid and untouched until then: ``keep`` is held until then. Raises ``ValueError`` for bad arguments (a
+    negative size, a destination missing, a NUL in a path) and ``OSError`` where the library could start no worker or
+    queue nothing (then nothing was read)."""
+    _check(files, WHOLE, "whole")
+    if len(paths) != len(files):
+        raise ValueError(f"{len(paths)} paths for {len(files)} files")
     blob = np.frombuffer(os.fsencode("\0".join(paths)) + b"\0", dtype=np.uint8)
-    if np.count_nonzero(blob == 0) != len(paths):
-        raise ValueError("a path holds a NUL byte")
-    starts = np.concatenate(([0], np.flatnonzero(blob == 0)[:-1] + 1)).astype(np.uint64) + np.uint64(blob.ctypes.data)
-    code = _lib().gio_open(starts.ctypes.data, len(paths), fds.ctypes.data, sizes.ctypes.data)
-    if code != 0:
-        raise _refused(code, "gio_open", "paths set")
-    return fds, sizes
-
-
-def close_files(fds: np.ndarray, touch: np.ndarray) -> None:
-    """Close the descriptors :func:`open_files` gave (negative ones are skipped), in one call; where ``touch`` (a bool
-    per descriptor) holds, the file's times are first set to now."""
-    fds = np.ascontiguousarray(fds, dtype=np.int32)
-    flags = np.ascontiguousarray(touch, dtype=np.uint8)
-    if flags.shape != fds.shape:
-        raise ValueError(f"touch has {flags.size} flags for {fds.size} descriptors")
-    _lib().gio_close(fds.ctypes.data, len(fds), flags.ctypes.data)
+    if paths:
+        if np.count_nonzero(blob == 0) != len(paths):
+            raise ValueError("a path holds a NUL byte")
+        files["path"] = np.concatenate(([0], np.flatnonzero(blob == 0)[:-1] + 1)).astype(np.uint64) + \
+            np.uint64(blob.ctypes.data)
+    return ReadsInFlight(files, lambda error: _lib().gio_read_files_begin(files.ctypes.data, len(files), head_bytes,
+                                                                          threads, piece_bytes, ctypes.byref(error)),
+                         (blob, keep), "gio_read_files_begin")
 
 
 class FilesInFlight:
@@ -315,4 +321,6 @@ def error_of(result: int, what: str) -> OSError | None:
         return OSError(errno.EIO, f"{what}: CUDA copy failed ({name})")
     if code == _SHORT_FILE:
         return OSError(errno.EIO, f"{what}: short read, the file ends before the range")
+    if code == _SIZE_CHANGED:
+        return OSError(errno.ESTALE, f"{what}: not read, the file has grown past the size it had")
     return OSError(code, f"{what}: {os.strerror(code)}")

@@ -1,14 +1,15 @@
 // Batched file reads and writes between files and host or GPU memory, C ABI (loaded with ctypes by
 // io_backends/native/__init__.py).
 //
-// One call reads every range of a batch (many files, header and payload each), or writes and publishes every file
-// of a batch, on a pool of worker threads and returns when all are done, so the Python caller pays one call per
-// batch instead of several per file (gio_open and gio_close open and close a batch's files, one call each). GPU
-// memory goes piece by piece through the worker's pinned staging buffer and the worker's own stream: the POSIX path
-// kvikio takes without GPUDirect, minus its per-file Python.
+// One call reads every range of a batch (many files, header and payload each), or every file of a batch whole, or
+// writes and publishes every file of a batch, on a pool of worker threads and returns when all are done, so the
+// Python caller pays one call per batch instead of several per file. GPU memory goes piece by piece through the
+// worker's pinned staging buffer and the worker's own stream: the POSIX path kvikio takes without GPUDirect, minus
+// its per-file Python.
 //
 // Reads (gio_read, or gio_read_begin then gio_read_finish, so that the caller can check one batch while the next is
-// read)
+// read; gio_read_files_begin for files read whole: a worker opens each file, checks its size, reads its head to the
+// host and its body, and the worker that lands its last piece closes it, touching it where asked)
 //
 // Who reads which piece: the worker that takes a range asks the page cache for its first piece (RWF_NOWAIT). If it
 // is there, the range's other pieces go to every idle worker at once (memory copies: the more threads the faster).
@@ -60,6 +61,16 @@ extern "C" struct gio_range {  // one contiguous read; RANGE in io_backends/nati
   int64_t result;  // out
 };
 
+extern "C" struct gio_whole {  // one file to read whole; WHOLE in io_backends/native/__init__.py has its layout
+  uint64_t path;   // NUL-terminated
+  int64_t size;    // in: the most bytes it may have (a larger file is not read: -kSizeChanged); out: its size
+  uint64_t head;   // host memory for its first head_bytes
+  uint64_t body;   // memory on `device` for the rest
+  int32_t device;  // CUDA device of body, or -1 for host memory
+  int32_t touch;   // set the file's times to now once it is read whole
+  int64_t result;  // out: 0, or the first failure
+};
+
 extern "C" struct gio_file {  // one file to publish; FILE in io_backends/native/__init__.py has its layout
   uint64_t tmp;   // NUL-terminated path written first
   uint64_t path;  // NUL-terminated path it is renamed to
@@ -79,6 +90,7 @@ namespace {
 using Range = gio_range;
 
 constexpr int64_t kShortFile = 99999;
+constexpr int64_t kSizeChanged = 99998;
 constexpr int64_t kCudaErrorBase = 100000;
 
 // Jobs of a batch not finished yet: the batch's caller waits for none to be left (and may then free the batch).
@@ -105,22 +117,59 @@ struct Batch {
   pid_t pid = getpid();  // a forked child has none of the pool's workers
   std::vector<std::atomic<int64_t>> errors;  // per range: 0, or the first failure of its pieces
   Countdown pieces;  // a GPU range's pieces finish one by one, as their copies end
+  // Files read whole (gio_read_files_begin): file i's head is range 2i, its body range 2i + 1 (in `own`, their fd
+  // set once a worker has opened it); the last of its pieces to finish closes it.
+  gio_whole* files = nullptr;
+  std::vector<Range> own;
+  std::vector<std::atomic<int64_t>> left;  // per file: pieces not finished
   Batch(Range* r, int n, int64_t count) : ranges(r), errors(n) { pieces.reset(count); }
+  Batch(gio_whole* f, int n, int64_t head_bytes, int64_t piece_bytes);
 
   void fail(int index, int64_t code) {
     int64_t none = 0;
     errors[index].compare_exchange_strong(none, code);
   }
   bool failed(int index) const { return errors[index].load() != 0; }
-  void finish_piece() { pieces.finish_one(); }
+  void finish_piece(int index) {
+    if (files != nullptr && left[index / 2].fetch_sub(1) == 1) close_file(index / 2);
+    pieces.finish_one();
+  }
+  void close_file(int i) {
+    const int fd = own[2 * i].fd;
+    if (fd < 0) return;
+    if (files[i].touch && !failed(2 * i) && !failed(2 * i + 1)) futimens(fd, nullptr);  // best effort
+    close(fd);
+  }
 };
+
+int64_t pieces_of(int64_t nbytes, int64_t piece_bytes) {
+  return std::max<int64_t>(1, (nbytes + piece_bytes - 1) / piece_bytes);
+}
+
+// A range's pieces: a GPU range is finished piece by piece (as its copies end), a host range at once.
+int64_t pieces_of(const Range& r, int64_t piece_bytes) { return r.device < 0 ? 1 : pieces_of(r.nbytes, piece_bytes); }
+
+Batch::Batch(gio_whole* f, int n, int64_t head_bytes, int64_t piece_bytes)
+    : ranges(nullptr), errors(2 * n), files(f), own(2 * n), left(n) {
+  int64_t count = 0;
+  for (int i = 0; i < n; ++i) {
+    own[2 * i] = Range{-1, -1, 0, head_bytes, f[i].head, 0};
+    own[2 * i + 1] = Range{-1, f[i].device, head_bytes, std::max<int64_t>(0, f[i].size - head_bytes), f[i].body, 0};
+    left[i] = 1 + pieces_of(own[2 * i + 1], piece_bytes);
+    count += left[i];
+  }
+  ranges = own.data();
+  pieces.reset(count);
+}
 
 struct Piece {
   Batch* batch;
   int index;       // the range
-  int64_t start;   // offset within the range
+  int64_t start;   // offset within the range, or kOpen: open file index / 2 of a batch of files read whole
   int64_t nbytes;  // queued: the whole range
 };
+
+constexpr int64_t kOpen = -1;
 
 class Pool;
 
@@ -221,7 +270,7 @@ class Staging {
   bool read(const Piece& piece, int64_t capacity, bool probe) {
     Range& r = piece.batch->ranges[piece.index];
     if (piece.batch->failed(piece.index)) {  // an earlier piece failed the range: the rest need not be read
-      piece.batch->finish_piece();
+      piece.batch->finish_piece(piece.index);
       return false;
     }
     cudaStream_t stream = nullptr;
@@ -250,7 +299,7 @@ class Staging {
       code = cuda_code(err);
     }
     piece.batch->fail(piece.index, code);
-    piece.batch->finish_piece();
+    piece.batch->finish_piece(piece.index);
     return false;
   }
 
@@ -353,7 +402,7 @@ class Staging {
     slot.busy = false;
     const cudaError_t err = cudaEventSynchronize(slot.event);
     if (err != cudaSuccess) slot.piece.batch->fail(slot.piece.index, cuda_code(err));
-    slot.piece.batch->finish_piece();
+    slot.piece.batch->finish_piece(slot.piece.index);
   }
 
   char* host_ = nullptr;
@@ -383,32 +432,39 @@ class Pool {
 
   // Queue every range of a batch of reads (allocated by the caller, who waits for it with end_batch).
   Batch* start_batch(Range* ranges, int n) {
-    int64_t pieces = 0;  // a GPU range is finished piece by piece (as its copies end), a host range at once
-    for (int i = 0; i < n; ++i) pieces += ranges[i].device < 0 ? 1 : pieces_of(ranges[i].nbytes);
+    int64_t pieces = 0;
+    for (int i = 0; i < n; ++i) pieces += pieces_of(ranges[i], piece_bytes_);
     auto batch = std::make_unique<Batch>(ranges, n, pieces);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      try {
-        for (int pass = 0; pass < 2; ++pass) {  // GPU ranges first: their copies overlap the host ranges' reads
-          for (int i = 0; i < n; ++i) {
-            if ((ranges[i].device >= 0) == (pass == 0)) queue_.push_back(Piece{batch.get(), i, 0, ranges[i].nbytes});
-          }
+    queue_all(batch.get(), [&](auto push) {
+      for (int pass = 0; pass < 2; ++pass) {  // GPU ranges first: their copies overlap the host ranges' reads
+        for (int i = 0; i < n; ++i) {
+          if ((ranges[i].device >= 0) == (pass == 0)) push(Piece{batch.get(), i, 0, ranges[i].nbytes});
         }
-      } catch (...) {  // no worker has seen this batch (the lock is held): take its pieces back
-        while (!queue_.empty() && queue_.back().piece.batch == batch.get()) queue_.pop_back();
-        throw;
       }
-    }
-    work_.notify_all();
+    });
     return batch.release();
   }
 
-  // Wait for every piece of a batch from start_batch, set each range's result and free the batch.
+  // Queue every file of a batch of files to read whole: one job each, which opens it (end_batch waits for it).
+  Batch* start_files(gio_whole* files, int n, int64_t head_bytes) {
+    auto batch = std::make_unique<Batch>(files, n, head_bytes, piece_bytes_);
+    queue_all(batch.get(), [&](auto push) {
+      for (int i = 0; i < n; ++i) push(Piece{batch.get(), 2 * i, kOpen, 0});
+    });
+    return batch.release();
+  }
+
+  // Wait for every piece of a batch from start_batch or start_files, set each range's (or file's) result and free
+  // the batch.
   static void end_batch(Batch* batch) {
     batch->pieces.wait();
     for (int i = 0; i < (int)batch->errors.size(); ++i) {
       const int64_t err = batch->errors[i].load();
       batch->ranges[i].result = err != 0 ? err : batch->ranges[i].nbytes;
+    }
+    for (int i = 0; batch->files != nullptr && i < (int)batch->left.size(); ++i) {
+      const int64_t head = batch->errors[2 * i].load(), body = batch->errors[2 * i + 1].load();
+      batch->files[i].result = head != 0 ? head : body;
     }
     delete batch;
   }
@@ -441,39 +497,91 @@ class Pool {
       }
       const Piece piece = job.piece;
       staging.poll();
-      Range& r = piece.batch->ranges[piece.index];
-      if (piece.nbytes <= 0) {
-        piece.batch->finish_piece();
-      } else if (r.device < 0) {
-        const int64_t code = pread_all(r.fd, reinterpret_cast<char*>(r.dst), r.nbytes, r.offset);
-        if (code != 0) piece.batch->fail(piece.index, code);
-        piece.batch->finish_piece();
+      if (piece.start == kOpen) {
+        open_file(piece.batch, piece.index / 2, staging);
       } else if (piece.start > 0) {  // a piece of a range found in the page cache
         staging.read(piece, piece_bytes_, false);
       } else {
-        // the batch (and `r`) may be gone once its last piece is finished: nothing below reads them after that
-        const int64_t total = r.nbytes;
-        if (staging.read(Piece{piece.batch, piece.index, 0, std::min(piece_bytes_, total)}, piece_bytes_, true)) {
-          std::lock_guard<std::mutex> lock(mutex_);  // in the page cache: the rest goes to every idle worker
-          auto at_front = queue_.begin();
-          int64_t at = piece_bytes_;
-          try {
-            for (; at < total; at += piece_bytes_) {
-              at_front = queue_.insert(at_front, Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)});
-              ++at_front;
-            }
-          } catch (...) {  // no memory to queue them: the pieces not queued fail the range
-            piece.batch->fail(piece.index, -ENOMEM);
-            for (; at < total; at += piece_bytes_) piece.batch->finish_piece();
-          }
-          work_.notify_all();
-        } else {  // from disk: read by this worker to the end, one sequential stream for the kernel's readahead
-          for (int64_t at = piece_bytes_; at < total; at += piece_bytes_) {
-            staging.read(Piece{piece.batch, piece.index, at, std::min(piece_bytes_, total - at)}, piece_bytes_, false);
-          }
-        }
+        read_range(piece.batch, piece.index, staging);
       }
     }
+  }
+
+  // Read range `index` of `batch`: a host range at once; a GPU range's first piece through staging, and the rest by
+  // every idle worker where the page cache held that piece, else by this one.
+  void read_range(Batch* batch, int index, Staging& staging) {
+    // the batch (and the range) may be gone once its last piece is finished: nothing below reads them after that
+    const Range& r = batch->ranges[index];
+    const int64_t total = r.nbytes;
+    if (total <= 0) {
+      batch->finish_piece(index);
+    } else if (r.device < 0) {
+      const int64_t code = pread_all(r.fd, reinterpret_cast<char*>(r.dst), r.nbytes, r.offset);
+      if (code != 0) batch->fail(index, code);
+      batch->finish_piece(index);
+    } else if (staging.read(Piece{batch, index, 0, std::min(piece_bytes_, total)}, piece_bytes_, true)) {
+      std::lock_guard<std::mutex> lock(mutex_);  // in the page cache: the rest goes to every idle worker
+      auto at_front = queue_.begin();
+      int64_t at = piece_bytes_;
+      try {
+        for (; at < total; at += piece_bytes_) {
+          at_front = queue_.insert(at_front, Piece{batch, index, at, std::min(piece_bytes_, total - at)});
+          ++at_front;
+        }
+      } catch (...) {  // no memory to queue them: the pieces not queued fail the range
+        batch->fail(index, -ENOMEM);
+        for (; at < total; at += piece_bytes_) batch->finish_piece(index);
+      }
+      work_.notify_all();
+    } else {  // from disk: read by this worker to the end, one sequential stream for the kernel's readahead
+      for (int64_t at = piece_bytes_; at < total; at += piece_bytes_) {
+        staging.read(Piece{batch, index, at, std::min(piece_bytes_, total - at)}, piece_bytes_, false);
+      }
+    }
+  }
+
+  // File `i` of a batch from start_files: open it, check its size, read its head, then its body (read_range). A file
+  // that fails before its body is read finishes all its pieces at once.
+  void open_file(Batch* batch, int i, Staging& staging) {
+    gio_whole& f = batch->files[i];
+    Range &head = batch->own[2 * i], &body = batch->own[2 * i + 1];
+    const int fd = open(reinterpret_cast<const char*>(f.path), O_RDONLY | O_CLOEXEC);
+    int64_t code = fd < 0 ? -errno : 0;
+    struct stat st;
+    if (code == 0 && fstat(fd, &st) != 0) code = -errno;
+    if (code == 0 && st.st_size > f.size) code = -kSizeChanged;
+    f.size = code == 0 || code == -kSizeChanged ? (int64_t)st.st_size : code;
+    if (code == 0) {
+      head.fd = body.fd = fd;  // closed with its last piece (Batch::close_file)
+      const int64_t planned = pieces_of(body, piece_bytes_);
+      body.nbytes = std::max<int64_t>(0, st.st_size - head.nbytes);  // a smaller file: fewer pieces than counted
+      for (int64_t n = planned - pieces_of(body, piece_bytes_); n > 0; --n) batch->finish_piece(2 * i + 1);
+      code = pread_all(fd, reinterpret_cast<char*>(head.dst), head.nbytes, 0);
+    } else if (fd >= 0) {
+      close(fd);
+    }
+    if (code != 0) {
+      batch->fail(2 * i, code);
+      for (int64_t n = batch->left[i].load(); n > 0; --n) batch->finish_piece(2 * i);
+      return;
+    }
+    batch->finish_piece(2 * i);
+    read_range(batch, 2 * i + 1, staging);
+  }
+
+  // Queue the pieces that `add` pushes, all or none (where memory runs out, none: then it throws).
+  template <typename Add>
+  void queue_all(Batch* batch, Add add) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      try {
+        add([this](const Piece& piece) { queue_.push_back(piece); });
+      } catch (...) {  // no worker has seen this batch (the lock is held): take its pieces back
+        while (!queue_.empty() && queue_.back().piece.batch == batch) queue_.pop_back();
+        throw;
+      }
+    }
+    work_.notify_all();
   }
 
   // Phase 1 of a file: create it under its temporary name and write its ranges; its first failure in `result`.
@@ -578,8 +686,6 @@ class Pool {
                  queue_.end());
   }
 
-  int64_t pieces_of(int64_t nbytes) const { return std::max<int64_t>(1, (nbytes + piece_bytes_ - 1) / piece_bytes_); }
-
   const int64_t piece_bytes_;
   std::mutex mutex_;
   std::condition_variable work_;
@@ -662,12 +768,17 @@ void* gio_read_begin(Range* ranges, int n, int threads, int64_t piece_bytes, int
   }
 }
 
-// Wait until every range of a gio_read_begin batch has landed (or failed), set their results and free the batch. 0.
-// In a process forked after gio_read_begin, the batch is the parent's: nothing is waited for, results -ECANCELED.
+// Wait until every range of a gio_read_begin batch (or every file of a gio_read_files_begin batch) has landed or
+// failed, set their results and free the batch. 0. In a process forked after the batch began, it is the parent's:
+// nothing is waited for, results -ECANCELED (and the child's copies of its files' descriptors are closed).
 int gio_read_finish(void* handle) {
   Batch* batch = static_cast<Batch*>(handle);
   if (batch->pid != getpid()) {
     for (int i = 0; i < (int)batch->errors.size(); ++i) batch->ranges[i].result = -ECANCELED;
+    for (int i = 0; batch->files != nullptr && i < (int)batch->left.size(); ++i) {
+      if (batch->own[2 * i].fd >= 0) close(batch->own[2 * i].fd);
+      batch->files[i].result = -ECANCELED;
+    }
     delete batch;
     return 0;
   }
@@ -675,39 +786,37 @@ int gio_read_finish(void* handle) {
   return 0;
 }
 
-// Open each of `n` NUL-terminated `paths` read-only: `fds[i]` is its descriptor, `sizes[i]` its size (fstat), or
-// both -errno where it cannot be opened. The caller closes them with gio_close (one call for a batch of files, with
-// no Python per file). 0, or -EINVAL for bad arguments.
-int gio_open(const uint64_t* paths, int n, int32_t* fds, int64_t* sizes) {
-  if (n < 0) return -EINVAL;
+int gio_whole_size() { return (int)sizeof(gio_whole); }
+
+// Start reading the `n` files of `files` whole, each on its own: a worker opens it, checks that it has at most
+// `size` bytes (else it is not read: -kSizeChanged), reads its first `head_bytes` to `head` (host memory; a file
+// shorter than that fails -kShortFile) and the rest to `body` (on `device`) in pieces of at most `piece_bytes`, then
+// closes it (touched where asked, if read whole); `size` comes back as the size it has. Returns at once a batch for gio_read_finish, which must be called exactly once; until it
+// returns, `files`, their paths and destinations stay valid and untouched. Each file's `result`: 0, or its first
+// failure. Null with *error as gio_read_begin sets it.
+void* gio_read_files_begin(gio_whole* files, int n, int64_t head_bytes, int threads, int64_t piece_bytes,
+                           int* error) {
+  *error = -EINVAL;
+  if (n < 0 || head_bytes < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return nullptr;
   for (int i = 0; i < n; ++i) {
-    if (paths[i] == 0) return -EINVAL;
-  }
-  for (int i = 0; i < n; ++i) {
-    const int fd = open(reinterpret_cast<const char*>(paths[i]), O_RDONLY | O_CLOEXEC);
-    struct stat st;
-    if (fd < 0) {
-      fds[i] = sizes[i] = -errno;
-    } else if (fstat(fd, &st) != 0) {
-      fds[i] = sizes[i] = -errno;
-      close(fd);
-    } else {
-      fds[i] = fd;
-      sizes[i] = (int64_t)st.st_size;
+    const gio_whole& f = files[i];
+    if (f.path == 0 || f.size < 0 || (head_bytes > 0 && f.head == 0) || (f.size > head_bytes && f.body == 0)) {
+      return nullptr;
     }
   }
-  return 0;
-}
-
-// Close the `n` descriptors of `fds` (negative ones are skipped); where `touch[i]`, the file's access and
-// modification times are first set to now (an LRU by mtime for the next process to scan the files). 0.
-int gio_close(const int32_t* fds, int n, const uint8_t* touch) {
-  for (int i = 0; i < n; ++i) {
-    if (fds[i] < 0) continue;
-    if (touch[i]) futimens(fds[i], nullptr);  // best effort: a file on a read-only mount is still read
-    close(fds[i]);
+  *error = 0;
+  if (n == 0) return nullptr;
+  try {
+    Pool* pool = pool_for(piece_bytes, threads, false);
+    if (pool == nullptr) {
+      *error = -EAGAIN;
+      return nullptr;
+    }
+    return pool->start_files(files, n, head_bytes);
+  } catch (const std::exception&) {
+    *error = -ENOMEM;
+    return nullptr;
   }
-  return 0;
 }
 
 int gio_file_size() { return (int)sizeof(gio_file); }

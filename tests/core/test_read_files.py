@@ -1,6 +1,6 @@
 """FileBackend.read_files: whole files read at once, heads to host memory and bodies to one buffer, each file a
 success or a failure of its own; the same answers from the default (POSIX, file by file) and from
-libgdscache_io.so's three calls (kvikio_backend.NativeFilesRead, here into host memory; on a GPU in
+libgdscache_io.so's workers (kvikio_backend.NativeFilesRead, here into host memory; on a GPU in
 tests/gpu/test_kvikio_gpu.py)."""
 
 from __future__ import annotations
@@ -108,24 +108,26 @@ def test_body_layout_pads_each_body_to_4_kib_and_leaves_out_what_is_not_read():
     assert total == 8192 + 8192
 
 
-@pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built")
-def test_open_files_reports_each_failure_and_close_files_checks_its_flags(tmp_path):
-    path, data = _write(tmp_path, "f", 1234, 0)
-    fds, sizes = native.open_files([path, str(tmp_path / "absent"), path])
-    try:
-        assert sizes.tolist() == [1234, -errno.ENOENT, 1234] and fds[1] == -errno.ENOENT
-        assert os.pread(int(fds[0]), 10, 0) == data[:10]
-        with pytest.raises(ValueError, match="2 flags for 3 descriptors"):
-            native.close_files(fds, np.zeros(2, dtype=bool))
-    finally:
-        native.close_files(fds, np.zeros(3, dtype=bool))
-    with pytest.raises(OSError):
-        os.fstat(int(fds[0]))
-    with pytest.raises(ValueError, match="NUL"):
-        native.open_files(["a\0b"])
-
-
 native_only = pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built")
+
+
+@native_only
+def test_files_read_by_the_sizes_the_caller_knows(tmp_path):
+    """With sizes given, the library's workers open the files: one as large as told, one smaller (read whole, its
+    body as long as the file's), one grown past its size (not read: ESTALE), one gone (FileNotFoundError)."""
+    exact, exact_data = _write(tmp_path, "exact", HEAD + 5000, 1)
+    smaller, smaller_data = _write(tmp_path, "smaller", HEAD + 3000, 2)
+    grown, _ = _write(tmp_path, "grown", HEAD + 9000, 3)
+    paths = [exact, smaller, grown, str(tmp_path / "gone")]
+    got = NativeFilesRead(paths, HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                          piece_bytes=4096, sizes=[HEAD + 5000, HEAD + 4096, HEAD + 8192, HEAD + 100])()
+    assert got.errors[:2] == [None, None] and got.sizes == [HEAD + 5000, HEAD + 3000, HEAD + 9000, -1]
+    assert got.bodies[0].numpy().tobytes() == exact_data[HEAD:]
+    assert got.bodies[1].numpy().tobytes() == smaller_data[HEAD:] and got.heads[1].tobytes() == smaller_data[:HEAD]
+    assert got.errors[2].errno == errno.ESTALE and isinstance(got.errors[3], FileNotFoundError)
+    with pytest.raises(ValueError, match="NUL"):
+        NativeFilesRead(["a\0b"], HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                        piece_bytes=4096, sizes=[HEAD + 1])
 
 
 @native_only
@@ -148,8 +150,7 @@ def test_a_batch_dropped_uncalled_still_closes_its_files(tmp_path):
     before = len(os.listdir("/proc/self/fd"))
     reading = NativeFilesRead(paths, HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
                               piece_bytes=4096)
-    assert len(os.listdir("/proc/self/fd")) == before + len(paths)
-    del reading
+    del reading  # its files may be open, read or closed by now: once collected, it has waited for them
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
 
@@ -161,10 +162,10 @@ def test_reads_in_flight_finish_once():
     try:
         rows = np.array([(fd, -1, 0, 10, dest.ctypes.data, 0)], dtype=native.RANGE)
         reads = native.begin_read(rows, threads=1, piece_bytes=4096)
-        assert reads.finish().tolist() == [10] and dest[:4].tobytes() == b"\x7fELF"
+        assert reads.finish()["result"].tolist() == [10] and dest[:4].tobytes() == b"\x7fELF"
         with pytest.raises(RuntimeError, match="already finished"):
             reads.finish()
-        assert native.begin_read(rows[:0], threads=1, piece_bytes=4096).finish().tolist() == []
+        assert native.begin_read(rows[:0], threads=1, piece_bytes=4096).finish()["result"].tolist() == []
     finally:
         os.close(fd)
 

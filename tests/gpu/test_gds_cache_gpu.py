@@ -104,6 +104,23 @@ def test_corrupt_chunk_is_a_miss(cache_dir, where):
         assert cache.retrieve(tokens, out) == CHUNK  # still a miss on the second try
 
 
+def test_a_chunk_file_grown_past_its_indexed_size_is_a_miss_then_quarantined(cache_dir):
+    """The library reads a group's files by their indexed sizes: one that has grown is not read (a miss, its size
+    looked up anew), and the next read finds it corrupt (its payload is not the header's); the chunks before it
+    come back exact throughout."""
+    kv = make_kv(4, 3 * CHUNK, 2, 64, dtype=torch.bfloat16, seed=6, device="cuda")
+    tokens = list(range(kv.shape[2]))
+    with _open(cache_dir) as cache:
+        assert cache.store(tokens, kv) == 3 * CHUNK
+        with open(cache._local.path_of(cache.namespace, cache.chunk_keys(tokens)[1]), "ab") as f:
+            f.write(os.urandom(8192))
+        for _ in range(3):
+            out = torch.full_like(kv, float("nan"))
+            assert cache.retrieve(tokens, out) == CHUNK
+            assert torch.equal(_bits(out[:, :, :CHUNK]), _bits(kv[:, :, :CHUNK]))
+        assert cache.stats()["local_corrupt"] == 1
+
+
 class _GroupsSeen:
     """Which threads begin a cache's fetch tasks, and how many are begun and not yet ended at most."""
 

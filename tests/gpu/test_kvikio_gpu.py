@@ -292,7 +292,7 @@ def test_files_are_read_through_kvikio_where_the_library_cannot_start(kvikio_bac
     def refuse(*args, **kwargs):
         raise OSError(errno.EAGAIN, "libgdscache_io.so could not start a worker thread")
 
-    monkeypatch.setattr(native, "begin_read", refuse)
+    monkeypatch.setattr(native, "begin_read_files", refuse)
     path, data = str(tmp_path / "f"), _random_bytes(4096 + MiB)
     kvikio_backend.write_file(path, [Part(0, data)])
     before = len(os.listdir("/proc/self/fd"))
