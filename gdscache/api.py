@@ -716,11 +716,12 @@ class GDSCache:
         payloads are already on their target's device (on a GPU, with one codec call on the thread's own stream, after
         ``after``: the caller's work on ``out``). Host payloads for a GPU (DRAM or remote hits) and chunks that do not
         decode go back as fetched, for the caller to copy in batches or to report."""
+        device = targets[0].device  # the targets are views of one ``out``
+        on_device = device.index if device.type == "cuda" else -1  # as ``get_device`` says it, without a device object
         todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
-                and fetched.payload.device == targets[i].device and self._same_settings(fetched.meta, spec)]
+                and fetched.payload.get_device() == on_device and self._same_settings(fetched.meta, spec)]
         if not todo:
             return found
-        device = targets[0].device
         stream = thread_stream(device) if device.type == "cuda" else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
@@ -793,8 +794,8 @@ class GDSCache:
         return done
 
     def _same_settings(self, meta: ChunkMeta, spec: KVSpec) -> bool:
-        return (meta.spec == spec and meta.codec == self._codec.name and meta.codec_params == self._codec_params
-                and meta.num_tokens == self.config.chunk_size)
+        return ((meta.spec is spec or meta.spec == spec) and meta.codec == self._codec.name
+                and meta.codec_params == self._codec_params and meta.num_tokens == self.config.chunk_size)
 
     def _matches(self, meta: ChunkMeta, spec: KVSpec) -> bool:
         """True when a chunk was written with this cache's settings (its namespace promises so)."""

@@ -74,7 +74,7 @@ class KVSpec:
         if not kv.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got dtype {kv.dtype}")
         num_layers, planes, _, heads, dim = kv.shape
-        return cls(int(num_layers), int(planes), int(heads), int(dim), kv.dtype)
+        return _interned(cls(int(num_layers), int(planes), int(heads), int(dim), kv.dtype))
 
     def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, self.kv_planes, num_tokens, self.num_kv_heads, self.head_dim)
@@ -93,4 +93,14 @@ class KVSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> KVSpec:
-        return cls(int(d["num_layers"]), int(d["kv_planes"]), int(d["num_kv_heads"]), int(d["head_dim"]), parse_dtype(d["dtype"]))
+        return _interned(cls(int(d["num_layers"]), int(d["kv_planes"]), int(d["num_kv_heads"]), int(d["head_dim"]),
+                             parse_dtype(d["dtype"])))
+
+
+_SPECS: dict[KVSpec, KVSpec] = {}
+
+
+def _interned(spec: KVSpec) -> KVSpec:
+    """One object per distinct spec, for :meth:`KVSpec.of` and :meth:`KVSpec.from_json`: a chunk header's spec and a
+    request's then compare by identity (``is``) before a field-by-field ``==`` (a retrieve compares one per chunk)."""
+    return _SPECS.setdefault(spec, spec)

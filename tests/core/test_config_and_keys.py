@@ -83,6 +83,16 @@ def test_keys_hashed_as_asked_for_are_the_chain_s():
         ChunkKeys(ns, tokens, 16)[62]
 
 
+def test_a_spec_from_a_tensor_and_from_a_header_is_one_object():
+    """KVSpec.of and KVSpec.from_json give one object per distinct spec (a retrieve compares a chunk's spec with the
+    request's by identity first); a spec built directly is still equal to it."""
+    kv = torch.zeros(2, 2, 8, 4, 16, dtype=torch.bfloat16)
+    spec = KVSpec.of(kv)
+    assert KVSpec.from_json(spec.to_json()) is spec and KVSpec.of(kv.clone()) is spec
+    direct = KVSpec(2, 2, 4, 16, torch.bfloat16)
+    assert direct == spec and direct is not spec and KVSpec.of(kv.float()) != spec
+
+
 def test_every_fingerprint_field_changes_the_namespace():
     spec = KVSpec(2, 2, 4, 8, torch.bfloat16)
     base = dict(model_id="m", spec=spec, layout="L", tp_rank=0, tp_size=2, chunk_size=4, codec="raw", codec_params={})
