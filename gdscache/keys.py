@@ -101,12 +101,14 @@ class ChunkKeys(Sequence[bytes]):
         return self._count
 
     def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(self._count)
-            self._hash_to(stop if step > 0 else start + 1)
-        else:
-            self._hash_to(range(self._count)[index] + 1)  # an index out of range raises IndexError here
-        return self._keys[index]
+        if isinstance(index, slice):  # positions made absolute first: the keys hashed so far are not all of them
+            wanted = range(*index.indices(self._count))
+            if wanted:
+                self._hash_to(max(wanted[0], wanted[-1]) + 1)
+            return self._keys[wanted.start : wanted.stop] if wanted.step == 1 else [self._keys[i] for i in wanted]
+        at = range(self._count)[index]  # an index out of range raises IndexError here
+        self._hash_to(at + 1)
+        return self._keys[at]
 
     def __iter__(self) -> Iterator[bytes]:
         for i in range(self._count):

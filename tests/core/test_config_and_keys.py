@@ -72,12 +72,15 @@ def test_key_chain_matches_its_definition():
 
 
 def test_keys_hashed_as_asked_for_are_the_chain_s():
-    """ChunkKeys gives chunk_keys' values however it is read: by index (negative too), slice, iteration."""
+    """ChunkKeys gives chunk_keys' values however it is read, first read included: by index (negative too), slice
+    (negative bounds and steps too), iteration."""
     ns, tokens = b"n" * 16, as_token_array(list(range(1000)))
     want = chunk_keys(ns, tokens, 16)
     assert len(want) == 62
-    for read in (lambda k: [k[i] for i in range(62)], lambda k: [*k[5:9], *k[40:41]] and k[:5] + k[5:9] + k[9:], lambda k: list(k),
-                 lambda k: [k[-1 - i] for i in range(62)][::-1], lambda k: k[::-1][::-1], lambda k: [k[40], *k][1:]):
+    for read in (lambda k: [k[i] for i in range(62)], lambda k: [*k[5:9], *k[40:41]] and k[:5] + k[5:9] + k[9:],
+                 lambda k: list(k), lambda k: [k[-1 - i] for i in range(62)][::-1], lambda k: k[::-1][::-1],
+                 lambda k: [k[40], *k][1:], lambda k: [k[-61], *k[:-61], *k[1:]][1:], lambda k: [*k[:-1], k[61]],
+                 lambda k: (k[-3:-1] + k[-2::-1])[2:][::-1] + k[-1:]):
         assert read(ChunkKeys(ns, tokens, 16)) == want
     with pytest.raises(IndexError):
         ChunkKeys(ns, tokens, 16)[62]
