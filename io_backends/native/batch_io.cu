@@ -770,15 +770,13 @@ void* gio_read_begin(Range* ranges, int n, int threads, int64_t piece_bytes, int
 
 // Wait until every range of a gio_read_begin batch (or every file of a gio_read_files_begin batch) has landed or
 // failed, set their results and free the batch. 0. In a process forked after the batch began, it is the parent's:
-// nothing is waited for, results -ECANCELED (and the child's copies of its files' descriptors are closed).
+// nothing is waited for, results -ECANCELED. The child closes no descriptor: a number the parent's workers had
+// closed before the fork may name another file in the child by now (copies of those still open close at exec).
 int gio_read_finish(void* handle) {
   Batch* batch = static_cast<Batch*>(handle);
   if (batch->pid != getpid()) {
     for (int i = 0; i < (int)batch->errors.size(); ++i) batch->ranges[i].result = -ECANCELED;
-    for (int i = 0; batch->files != nullptr && i < (int)batch->left.size(); ++i) {
-      if (batch->own[2 * i].fd >= 0) close(batch->own[2 * i].fd);
-      batch->files[i].result = -ECANCELED;
-    }
+    for (int i = 0; batch->files != nullptr && i < (int)batch->left.size(); ++i) batch->files[i].result = -ECANCELED;
     delete batch;
     return 0;
   }

@@ -156,6 +156,34 @@ def test_a_batch_dropped_uncalled_still_closes_its_files(tmp_path):
 
 
 @native_only
+def test_a_forked_child_closes_none_of_a_batch_s_descriptors(tmp_path):
+    """A batch begun before a fork is the parent's: in the child it ends ECANCELED and closes no descriptor (a number
+    the parent's workers closed before the fork may name another file in the child by then)."""
+    import multiprocessing
+    import time
+
+    paths = [_write(tmp_path, f"f{i}", HEAD + 5000, i)[0] for i in range(4)]
+    reading = NativeFilesRead(paths, HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                              piece_bytes=4096)
+    time.sleep(0.5)  # the workers have opened, read and closed every file by now
+    other = os.open(paths[0], os.O_RDONLY)  # most likely a number the workers used
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_finish_in_child, args=(reading, other))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert reading().errors == [None] * 4
+    finally:
+        os.close(other)
+
+
+def _finish_in_child(reading: NativeFilesRead, fd: int) -> None:
+    got = reading()
+    assert all(isinstance(e, OSError) and e.errno == errno.ECANCELED for e in got.errors), got.errors
+    os.fstat(fd)  # still open
+
+
+@native_only
 def test_reads_in_flight_finish_once():
     dest = np.zeros(10, dtype=np.uint8)
     fd = os.open("/proc/self/exe", os.O_RDONLY)
