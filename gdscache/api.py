@@ -344,7 +344,7 @@ class GDSCache:
         chunk this cannot take, go the usual way."""
         if self._dram is None or isinstance(out, KVPages) or not out.is_cuda or not self._codec.decodes_from_host:
             return 0
-        hits = self._dram.get_many(chunk_keys)
+        hits = self._dram.get_many(chunk_keys[:])  # every key hashed first, not under the tier's lock
         usable = 0
         while usable < len(hits) and self._same_settings(hits[usable][0], spec):
             usable += 1
@@ -611,7 +611,8 @@ class GDSCache:
                         return found
                     found.append(fetched)
             finally:
-                self.metrics.inc("local_hits", hits)
+                if hits:
+                    self.metrics.inc("local_hits", hits)
             return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :])
 
         return finish
