@@ -316,7 +316,7 @@ class FileBackend(abc.ABC):
         host memory, the rest into one new buffer on ``device`` (:func:`body_layout`). A file whose body would be
         ``max_body`` bytes or more is not read (``EFBIG``; its size is reported). With ``touch``, the times of each
         file read whole are set to now. ``sizes``: each file's size as the caller knows it, which a backend may lay
-        out the buffer by before it opens the files (a file that has another size is then not read: ``ESTALE``)."""
+        out the buffer by before it opens the files (a file grown past its size is then not read: ``ESTALE``)."""
         return self.start_read_files(paths, head_bytes, device, max_body=max_body, touch=touch, sizes=sizes)()
 
     def start_read_files(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int,

@@ -153,4 +153,3 @@ def _copy_wide(dst: torch.Tensor, src: torch.Tensor) -> None:
             except RuntimeError:  # a dimension, stride or offset that does not divide: try narrower
                 continue
     dst.copy_(src, non_blocking=True)
-

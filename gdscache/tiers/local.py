@@ -405,7 +405,7 @@ class LocalTier:
     def start_read_many(self, namespace: bytes, keys: Sequence[bytes],
                         device: torch.device) -> Callable[[], list[tuple[ChunkMeta, torch.Tensor] | None]]:
         """Begin :meth:`read_many`; the returned function waits for the reads, verifies the chunks and gives them. It
-        must be called, once, on this thread (the keys stay pinned, the files open, until then)."""
+        must be called, once, on this thread (the keys stay pinned until then)."""
         paths, sizes = self._files_of(namespace, keys)
         self._pin(keys)
         # on a GPU, this thread's own stream: the buffer and its checksums neither wait for nor hold up other
