@@ -114,8 +114,6 @@ def _bind(lib: ctypes.CDLL) -> None:
     if (lib.gio_range_size(), lib.gio_whole_size(), lib.gio_file_size(), lib.gio_wrange_size()) != \
             (RANGE.itemsize, WHOLE.itemsize, FILE.itemsize, WRANGE.itemsize):
         raise ValueError("built from another version of batch_io.cu")
-    lib.gio_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
-    lib.gio_read.restype = ctypes.c_int
     lib.gio_read_begin.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                    ctypes.POINTER(ctypes.c_int)]
     lib.gio_read_begin.restype = ctypes.c_void_p

@@ -7,9 +7,9 @@
 // worker's pinned staging buffer and the worker's own stream: the POSIX path kvikio takes without GPUDirect, minus
 // its per-file Python.
 //
-// Reads (gio_read, or gio_read_begin then gio_read_finish, so that the caller can check one batch while the next is
-// read; gio_read_files_begin for files read whole: a worker opens each file, checks its size, reads its head to the
-// host and its body, and the worker that lands its last piece closes it, touching it where asked)
+// Reads (gio_read_begin then gio_read_finish, so that the caller can check one batch while the next is read;
+// gio_read_files_begin for files read whole: a worker opens each file, checks its size, reads its head to the host
+// and its body, and the worker that lands its last piece closes it, touching it where asked)
 //
 // Who reads which piece: the worker that takes a range asks the page cache for its first piece (RWF_NOWAIT). If it
 // is there, the range's other pieces go to every idle worker at once (memory copies: the more threads the faster).
@@ -28,9 +28,9 @@
 // Reads and writes have pools of their own, so a retrieve never waits for workers busy with a store's files (a
 // serving engine loads one request's KV while it saves another's; a 32 MiB file takes a worker ~100 ms).
 //
-// Results, per range or file: the bytes read (0 for a published file), or -errno (an OS error), or -kShortFile (the
-// file ends before the range does), or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name
-// names it). No C++ exception leaves the library: a pool that cannot start a thread makes a call return -EAGAIN.
+// Results, per range or file: the bytes read (0 for a file read whole or published), or -errno (an OS error), or
+// -kShortFile (the file ends before the range does), or -kSizeChanged (a file to read whole is larger than its
+// caller said), or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it). No C++ exception leaves the library: a pool that cannot start a thread makes a call return -EAGAIN.
 
 #include <cuda_runtime.h>
 #include <errno.h>
@@ -720,6 +720,27 @@ bool valid_wranges(const gio_wrange* ranges, int nranges, int nfiles) {
   return true;
 }
 
+// The end of gio_read_begin and gio_read_files_begin: where the arguments are `valid` and there is anything to read,
+// `start` queues the batch on the read pool; null with *error set otherwise (see gio_read_begin).
+template <typename Start>
+void* start_reads(bool valid, int n, int threads, int64_t piece_bytes, int* error, Start start) {
+  *error = -EINVAL;
+  if (!valid || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return nullptr;
+  *error = 0;
+  if (n == 0) return nullptr;
+  try {
+    Pool* pool = pool_for(piece_bytes, threads, false);
+    if (pool == nullptr) {
+      *error = -EAGAIN;
+      return nullptr;
+    }
+    return start(pool);
+  } catch (const std::exception&) {
+    *error = -ENOMEM;
+    return nullptr;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -731,41 +752,18 @@ const char* gdscache_source_sha256() { return GDSCACHE_SOURCE_SHA256; }
 
 int gio_range_size() { return (int)sizeof(Range); }
 
-void* gio_read_begin(Range* ranges, int n, int threads, int64_t piece_bytes, int* error);
-int gio_read_finish(void* handle);
-
-// Read every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the process's read
-// pool for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps 2 x piece_bytes
-// of pinned staging); returns when all have landed (or failed), results in each range's `result`. 0; -EINVAL for
-// bad arguments, -EAGAIN where no worker thread can start, -ENOMEM where the batch cannot be queued (nothing read).
-int gio_read(Range* ranges, int n, int threads, int64_t piece_bytes) {
-  int error = 0;
-  void* batch = gio_read_begin(ranges, n, threads, piece_bytes, &error);
-  return batch != nullptr ? gio_read_finish(batch) : error;
-}
-
-// gio_read in two calls: start reading the ranges and return at once a batch that gio_read_finish must be given,
-// exactly once; until it returns, `ranges` and every destination stay valid and untouched. Null with *error = 0 for
-// an empty batch (nothing to finish), or the code gio_read would return (then nothing was read).
+// Start reading every range of `ranges[0, n)` in pieces of at most `piece_bytes` (a multiple of 4096) on the
+// process's read pool for that piece size, grown to `threads` workers if smaller (it never shrinks; each worker keeps
+// 2 x piece_bytes of pinned staging), and return at once a batch that gio_read_finish must be given, exactly once;
+// until it returns, `ranges` and every destination stay valid and untouched. Null with *error = 0 for an empty batch
+// (nothing to finish), or with -EINVAL for bad arguments, -EAGAIN where no worker thread can start, -ENOMEM where
+// the batch cannot be queued (then nothing was read).
 void* gio_read_begin(Range* ranges, int n, int threads, int64_t piece_bytes, int* error) {
-  *error = -EINVAL;
-  if (n < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return nullptr;
-  for (int i = 0; i < n; ++i) {
-    if (ranges[i].nbytes < 0 || ranges[i].offset < 0 || (ranges[i].nbytes > 0 && ranges[i].dst == 0)) return nullptr;
+  bool valid = n >= 0;
+  for (int i = 0; valid && i < n; ++i) {
+    valid = ranges[i].nbytes >= 0 && ranges[i].offset >= 0 && (ranges[i].nbytes == 0 || ranges[i].dst != 0);
   }
-  *error = 0;
-  if (n == 0) return nullptr;
-  try {
-    Pool* pool = pool_for(piece_bytes, threads, false);
-    if (pool == nullptr) {
-      *error = -EAGAIN;
-      return nullptr;
-    }
-    return pool->start_batch(ranges, n);
-  } catch (const std::exception&) {
-    *error = -ENOMEM;
-    return nullptr;
-  }
+  return start_reads(valid, n, threads, piece_bytes, error, [&](Pool* pool) { return pool->start_batch(ranges, n); });
 }
 
 // Wait until every range of a gio_read_begin batch (or every file of a gio_read_files_begin batch) has landed or
@@ -789,32 +787,18 @@ int gio_whole_size() { return (int)sizeof(gio_whole); }
 // Start reading the `n` files of `files` whole, each on its own: a worker opens it, checks that it has at most
 // `size` bytes (else it is not read: -kSizeChanged), reads its first `head_bytes` to `head` (host memory; a file
 // shorter than that fails -kShortFile) and the rest to `body` (on `device`) in pieces of at most `piece_bytes`, then
-// closes it (touched where asked, if read whole); `size` comes back as the size it has. Returns at once a batch for gio_read_finish, which must be called exactly once; until it
-// returns, `files`, their paths and destinations stay valid and untouched. Each file's `result`: 0, or its first
-// failure. Null with *error as gio_read_begin sets it.
+// closes it (touched where asked, if read whole); `size` comes back as the size it has. Returns at once a batch for
+// gio_read_finish, which must be called exactly once; until it returns, `files`, their paths and destinations stay
+// valid and untouched. Each file's `result`: 0, or its first failure. Null with *error as gio_read_begin sets it.
 void* gio_read_files_begin(gio_whole* files, int n, int64_t head_bytes, int threads, int64_t piece_bytes,
                            int* error) {
-  *error = -EINVAL;
-  if (n < 0 || head_bytes < 0 || threads < 1 || piece_bytes < 4096 || piece_bytes % 4096 != 0) return nullptr;
-  for (int i = 0; i < n; ++i) {
+  bool valid = n >= 0 && head_bytes >= 0;
+  for (int i = 0; valid && i < n; ++i) {
     const gio_whole& f = files[i];
-    if (f.path == 0 || f.size < 0 || (head_bytes > 0 && f.head == 0) || (f.size > head_bytes && f.body == 0)) {
-      return nullptr;
-    }
+    valid = f.path != 0 && f.size >= 0 && (head_bytes == 0 || f.head != 0) && (f.size <= head_bytes || f.body != 0);
   }
-  *error = 0;
-  if (n == 0) return nullptr;
-  try {
-    Pool* pool = pool_for(piece_bytes, threads, false);
-    if (pool == nullptr) {
-      *error = -EAGAIN;
-      return nullptr;
-    }
-    return pool->start_files(files, n, head_bytes);
-  } catch (const std::exception&) {
-    *error = -ENOMEM;
-    return nullptr;
-  }
+  return start_reads(valid, n, threads, piece_bytes, error,
+                     [&](Pool* pool) { return pool->start_files(files, n, head_bytes); });
 }
 
 int gio_file_size() { return (int)sizeof(gio_file); }
