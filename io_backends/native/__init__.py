@@ -221,15 +221,21 @@ def begin_read_files(paths: Sequence[str], files: np.ndarray, head_bytes: int, *
     _check(files, WHOLE, "whole")
     if len(paths) != len(files):
         raise ValueError(f"{len(paths)} paths for {len(files)} files")
-    blob = np.frombuffer(os.fsencode("\0".join(paths)) + b"\0", dtype=np.uint8)
-    if paths:
-        if np.count_nonzero(blob == 0) != len(paths):
-            raise ValueError("a path holds a NUL byte")
-        files["path"] = np.concatenate(([0], np.flatnonzero(blob == 0)[:-1] + 1)).astype(np.uint64) + \
-            np.uint64(blob.ctypes.data)
+    blob, files["path"] = _c_strings(paths)
     return ReadsInFlight(files, lambda error: _lib().gio_read_files_begin(files.ctypes.data, len(files), head_bytes,
                                                                           threads, piece_bytes, ctypes.byref(error)),
                          (blob, keep), "gio_read_files_begin")
+
+
+def _c_strings(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``paths`` as NUL-terminated strings in one buffer (keep it alive while the library may read them), and the
+    address of each. Raises ``ValueError`` for a path holding a NUL byte (the library would read a shorter one)."""
+    blob = np.frombuffer(os.fsencode("\0".join(paths)) + b"\0", dtype=np.uint8)
+    ends = np.flatnonzero(blob == 0)
+    if len(ends) != max(len(paths), 1):
+        raise ValueError("a path holds a NUL byte")
+    starts = np.concatenate(([0], ends[:-1] + 1))[: len(paths)]
+    return blob, starts.astype(np.uint64) + np.uint64(blob.ctypes.data)
 
 
 class FilesInFlight:
@@ -240,14 +246,10 @@ class FilesInFlight:
                  durable: bool, direct: bool, keep: object = None) -> None:
         _check(ranges, WRANGE, "wrange")
         self._keep = keep  # what owns the sources: alive until the batch has ended, even if dropped unfinished
-        names = [os.fsencode(name) + b"\0" for pair in files for name in pair]
         self._table = np.zeros(len(files), dtype=FILE)
-        self._blob = np.frombuffer(b"".join(names) or b"\0", dtype=np.uint8)  # alive until the batch ends, as are
-        self._ranges = ranges                                                  # the ranges
-        if names:
-            starts = np.cumsum([0] + [len(name) for name in names[:-1]], dtype=np.uint64) + \
-                np.uint64(self._blob.ctypes.data)
-            self._table["tmp"], self._table["path"] = starts[0::2], starts[1::2]
+        self._blob, starts = _c_strings([name for pair in files for name in pair])  # alive until the batch ends, as
+        self._ranges = ranges                                                           # are the ranges
+        self._table["tmp"], self._table["path"] = starts[0::2], starts[1::2]
         error = ctypes.c_int(0)
         self._batch = _lib().gio_write_begin(self._table.ctypes.data, len(self._table), ranges.ctypes.data, len(ranges),
                                              threads, piece_bytes, int(durable), int(direct), ctypes.byref(error))

@@ -107,6 +107,9 @@ def test_bad_arguments_create_nothing(tmp_path):
         native.write(files, _rows([(0, -5, src)]), threads=1, piece_bytes=4096, durable=True, direct=False)
     with pytest.raises(TypeError, match="WRANGE"):
         native.write(files, np.zeros(3, dtype=np.int64), threads=1, piece_bytes=4096, durable=True, direct=False)
+    with pytest.raises(ValueError, match="NUL"):  # the library would have written "a" instead
+        native.write([(str(tmp_path / "a\0.tmp"), str(tmp_path / "a\0b"))], _rows([(0, 0, src)]), threads=1,
+                     piece_bytes=4096, durable=True, direct=False)
     assert os.listdir(tmp_path) == []
     assert native.write([], np.zeros(0, dtype=native.WRANGE), threads=1, piece_bytes=4096, durable=True,
                         direct=False) == []
