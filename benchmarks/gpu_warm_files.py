@@ -1,8 +1,8 @@
 """Page-cache-warm GPU retrieve against raw kvikio reads of the same bytes, on one page cache, and DRAM-tier hits
 against one pinned host copy (issue 3).
 
-Requests of 4096 tokens (16 chunks of 256; ``--tokens`` for longer prompts) are stored through GDSCache, the page cache is dropped, and everything
-is read once cold and once more (the slow first re-read: benchmarks/RESULTS.md). Then, in passes that alternate
+Requests of 4096 tokens (16 chunks of 256; ``--tokens`` for longer prompts) are stored through GDSCache, the page
+cache is dropped, and everything is read once cold and once more (the slow first re-read: benchmarks/RESULTS.md). Then, in passes that alternate
 their order, the same bytes are read warm three ways, each into the GPU:
 
 - ``raw_file``: one file holding every request's bytes, one kvikio read per request (the CLI's ceiling);
