@@ -29,6 +29,7 @@ from gdscache.tiers.dram import DramTier
 from gdscache.tiers.local import ChunksInFlight, LocalTier, thread_stream
 from gdscache.writeback import WriteBehind
 from io_backends import make_file_backend
+from io_backends.base import Rows
 from io_backends.buffers import host_pool
 
 log = logging.getLogger("gdscache")
@@ -274,8 +275,7 @@ class GDSCache:
         chunk_keys = keys.ChunkKeys(self._namespace, arr, chunk)  # hashed group by group, as their reads start
         group = self._group_size(spec, out)
         inflight: list[tuple[FetchJob, list[KV]]] = []  # each: its chunks' views of ``out``
-        batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded)
-        batch_outs: list[KV] = []  # where they go
+        batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded): chunks n_read, n_read + 1, ...
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
         decode_here = not (self._codec.batches and out.is_cuda)
         caller = torch.cuda.current_stream(out.device) if out.is_cuda else None
@@ -316,14 +316,13 @@ class GDSCache:
                 job, views = inflight.pop(0)
                 found = take(job)
                 batch += found
-                batch_outs += views[: len(found)]
                 stopped = len(found) < len(views)  # a miss ends the prefix
                 # on the CPU each chunk counts as it arrives; on the GPU the chunks of all the tasks in flight at
                 # once, decoded by one codec call where the codec batches (fuller kernels), bounding the payloads held
                 last = not inflight and next_submit == len(chunk_keys)
                 if batch and (stopped or last or not out.is_cuda or len(batch) >= window * group):
-                    done = self._decode_prefix(batch, spec, batch_outs)
-                    n_read, stopped, batch, batch_outs = n_read + done, stopped or done < len(batch), [], []
+                    done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
+                    n_read, stopped, batch = n_read + done, stopped or done < len(batch), []
         finally:
             self._drain([job for job, _ in inflight], take, recycle=not out.is_cuda)
             if here:
@@ -566,22 +565,24 @@ class GDSCache:
                            after: torch.cuda.Event | None, decode_here: bool) -> Callable[[], list[Fetched]]:
         """Begin :meth:`_fetch_group`: the local-tier reads into a GPU start now; the returned function (to call once,
         on this thread) waits for them and does the rest."""
-        if targets[0].is_cuda and self._backend.gpu_native:
+        if _device_of(targets).type == "cuda" and self._backend.gpu_native:
             fetch = self._start_fetch_batched(chunk_keys, targets)
         else:
             found = self._fetch_each(chunk_keys, targets)
-            fetch = lambda: found
+            fetch = lambda: (found, None)
 
         def finish() -> list[Fetched]:
-            found = fetch()
-            return self._decode_here(found, targets, spec, after) if decode_here else found
+            found, payloads = fetch()
+            return self._decode_here(found, targets, spec, after, payloads) if decode_here else found
 
         return finish
 
-    def _start_fetch_batched(self, chunk_keys: list[bytes], targets: list[KV]) -> Callable[[], list[Fetched]]:
+    def _start_fetch_batched(self, chunk_keys: list[bytes], targets: Sequence[KV]
+                             ) -> Callable[[], tuple[list[Fetched], Rows | None]]:
         """Begin :meth:`_fetch` of consecutive chunks for a GPU up to the first miss: those the local tier holds, up
         to the first it does not, are read together (started now); the rest as :meth:`_fetch_each` does, when the
-        returned function (to call once, on this thread) has the local tier's answers."""
+        returned function (to call once, on this thread) has the local tier's answers. It also gives every chunk's
+        payload as rows of one view, where all were read together (:attr:`ChunksRead.payloads`), else None."""
         plan: list[Fetched | None] = []  # a chunk held nearer (write queue, DRAM), or None: in the local tier
         if self._writer is None and self._dram is None:  # only the local tier: one look at its index for all
             plan += [None] * sum(self._local.contains_many(self._namespace, chunk_keys, leading=True))
@@ -592,10 +593,11 @@ class GDSCache:
                     break
                 plan.append(near)
         local_keys = [key for key, near in zip(chunk_keys, plan) if near is None]
-        reading = self._local.start_read_many(self._namespace, local_keys, targets[0].device) if local_keys else None
+        reading = self._local.start_read_many(self._namespace, local_keys, _device_of(targets)) if local_keys else None
 
-        def finish() -> list[Fetched]:
-            local = iter(reading() if reading is not None else ())
+        def finish() -> tuple[list[Fetched], Rows | None]:
+            read = reading() if reading is not None else None
+            local = iter(read.hits if read is not None else ())
             found: list[Fetched] = []
             hits = 0
             try:
@@ -608,12 +610,14 @@ class GDSCache:
                         else:  # the file went bad or away since ``contains``
                             fetched = self._fetch_remote(key)
                     if fetched is None:
-                        return found
+                        return found, None
                     found.append(fetched)
             finally:
                 if hits:
                     self.metrics.inc("local_hits", hits)
-            return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :])
+            if len(plan) == len(chunk_keys) and read is not None and len(local_keys) == len(plan):
+                return found, read.payloads  # every chunk read together
+            return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :]), None
 
         return finish
 
@@ -711,28 +715,35 @@ class GDSCache:
         if interrupted is not None:
             raise interrupted
 
-    def _decode_here(self, found: list[Fetched], targets: list[KV], spec: KVSpec,
-                     after: torch.cuda.Event | None) -> list[Fetched]:
+    def _decode_here(self, found: list[Fetched], targets: Sequence[KV], spec: KVSpec, after: torch.cuda.Event | None,
+                     payloads: Rows | None = None) -> list[Fetched]:
         """Decode, on this thread (an I/O thread, or the caller's where it fetches), the fetched chunks whose
         payloads are already on their target's device (on a GPU, with one codec call on the thread's own stream, after
         ``after``: the caller's work on ``out``). Host payloads for a GPU (DRAM or remote hits) and chunks that do not
-        decode go back as fetched, for the caller to copy in batches or to report."""
-        device = targets[0].device  # the targets are views of one ``out``
+        decode go back as fetched, for the caller to copy in batches or to report. ``payloads``: every found chunk's
+        payload as rows of one view, where they are (then no view is made per chunk)."""
+        device = _device_of(targets)  # the targets are views of one ``out``
         on_device = device.index if device.type == "cuda" else -1  # as ``get_device`` says it, without a device object
-        todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
-                and fetched.payload.get_device() == on_device and self._same_settings(fetched.meta, spec)]
+        if payloads is not None and payloads.stack.get_device() == on_device:
+            todo = [i for i, fetched in enumerate(found) if self._same_settings(fetched.meta, spec)]
+        else:
+            todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
+                    and fetched.payload.get_device() == on_device and self._same_settings(fetched.meta, spec)]
         if not todo:
             return found
+        if len(todo) == len(found):  # all of them: whole sequences, no view per chunk
+            sources, dests = payloads if payloads is not None else [f.payload for f in found], targets[: len(found)]
+        else:
+            sources, dests = [found[i].payload for i in todo], [targets[i] for i in todo]
         stream = thread_stream(device) if device.type == "cuda" else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
             if after is not None:
                 stream.wait_event(after)
-            for buffer in _buffers(found[i].payload for i in todo):
+            for buffer in [sources.stack] if isinstance(sources, Rows) else _buffers(sources):
                 buffer.record_stream(stream)
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            errors = self._codec.decode_many([found[i].payload for i in todo], spec, self.config.chunk_size,
-                                             [targets[i] for i in todo])
+            errors = self._codec.decode_many(sources, spec, self.config.chunk_size, dests)
             ready = torch.cuda.Event() if stream is not None else None
             if ready is not None:
                 ready.record()
@@ -752,15 +763,15 @@ class GDSCache:
         if self._remote is None and not payload.is_cuda:
             host_pool.release(payload)
 
-    def _chunk_views(self, kv: KV, first: int, count: int) -> list[KV]:
+    def _chunk_views(self, kv: KV, first: int, count: int) -> Sequence[KV]:
         """Views (or pages) of chunks ``first .. first + count - 1`` of ``kv`` along the token axis."""
         chunk = self.config.chunk_size
         if isinstance(kv, KVPages):
             return [token_slice(kv, k * chunk, (k + 1) * chunk) for k in range(first, first + count)]
-        # the same views as token_slice's, from one split of the token axis (Python per chunk adds up on a GPU)
-        return list(kv[:, :, first * chunk : (first + count) * chunk].unflatten(2, (count, chunk)).unbind(2))
+        # the same views as token_slice's, as rows of one view, made when asked for (Python per chunk adds up on a GPU)
+        return Rows(kv[:, :, first * chunk : (first + count) * chunk].unflatten(2, (count, chunk)).movedim(2, 0))
 
-    def _decode_prefix(self, fetched: list[Fetched], spec: KVSpec, outs: list[KV]) -> int:
+    def _decode_prefix(self, fetched: list[Fetched], spec: KVSpec, outs: Sequence[KV]) -> int:
         """Decode fetched chunks into ``outs`` with one codec call; how many, from the first, are now in place.
 
         Payloads this call owns go back to the buffer pool once decoding no longer needs them.
@@ -768,7 +779,7 @@ class GDSCache:
         usable = 0
         while usable < len(fetched) and self._matches(fetched[usable].meta, spec):
             usable += 1
-        device = outs[0].device
+        device = _device_of(outs)
         for ready in _distinct_events(item.ready for item in fetched[:usable]):  # written (or tried) by an I/O thread
             torch.cuda.current_stream(device).wait_event(ready)
         todo = [k for k in range(usable) if fetched[k].payload is not None]
@@ -779,14 +790,12 @@ class GDSCache:
         if not self._codec.decodes_from_host:
             payloads = [p.to(device, non_blocking=True) for p in payloads]
         errors = self._codec.decode_many(payloads, spec, self.config.chunk_size, [outs[k] for k in todo]) if todo else []
-        failed = dict(zip(todo, errors, strict=True))
-        done = 0
-        for k, meta in enumerate(item.meta for item in fetched[:usable]):
-            if failed.get(k) is not None:
-                log.warning("chunk %s failed to decode (%s); treating as a miss", meta.key.hex(), failed[k])
-                self.metrics.inc("decode_errors")
-                break
-            done = k + 1
+        failed = next(((k, error) for k, error in zip(todo, errors, strict=True) if error is not None), None)
+        done = usable
+        if failed is not None:  # the prefix ends before the first chunk that did not decode
+            done, error = failed
+            log.warning("chunk %s failed to decode (%s); treating as a miss", fetched[done].meta.key.hex(), error)
+            self.metrics.inc("decode_errors")
         self.metrics.inc("bytes_read", sum(item.meta.payload_len for item in fetched[:done]))
         if device.type != "cuda":  # a copy to the GPU may still be reading a host buffer
             for item in fetched:
@@ -840,6 +849,11 @@ def _buffers(payloads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors that ``payloads`` are views of, each once (a batched read's payloads share one): a stream recorded
     on a view is recorded on its whole allocation."""
     return list({id(base): base for base in (p if p._base is None else p._base for p in payloads)}.values())
+
+
+def _device_of(targets: Sequence[KV]) -> torch.device:
+    """The device of ``targets`` (views or pages of one ``out``), without making a view of :class:`Rows`."""
+    return targets.stack.device if isinstance(targets, Rows) else targets[0].device
 
 
 def _distinct_events(events: Iterable[torch.cuda.Event | None]) -> list[torch.cuda.Event]:

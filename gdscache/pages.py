@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from gdscache.spec import KVSpec
+from io_backends.base import Rows
 
 SKIP = -1
 """A page id that ``retrieve`` leaves alone (say, a prefix page the engine already holds)."""
@@ -135,7 +136,9 @@ def token_slice(kv: torch.Tensor | KVPages, start: int, stop: int) -> torch.Tens
 def stacked_view(views: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None:
     """``views`` as one ``[len(views), *shape]`` view when they are tensors of one shape, dtype and strides whose
     starts lie evenly spaced, ascending, in one storage (consecutive token slices of one tensor, the layers of
-    one allocation); else None."""
+    one allocation); else None. :class:`~io_backends.base.Rows` give their stack as it is."""
+    if isinstance(views, Rows):
+        return views.stack
     first = views[0] if views else None
     if not isinstance(first, torch.Tensor):
         return None

@@ -16,9 +16,9 @@ import errno
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import numpy as np
 import torch
@@ -43,6 +43,50 @@ def check_buffer(buf: torch.Tensor, name: str = "buffer") -> None:
             f"{name} must be a 1-D contiguous torch.uint8 tensor, got dtype={buf.dtype} "
             f"shape={tuple(buf.shape)} contiguous={buf.is_contiguous()}"
         )
+
+
+class Rows(Sequence[torch.Tensor]):
+    """The rows of one tensor (``stack[0]``, ``stack[1]``, ...) as a sequence, each view made only when asked for.
+
+    Per-view Python is what a batch of small buffers pays for: a batch read's bodies, or a request's chunks, handed
+    on as ``Rows`` let the next step take the whole ``stack`` at once. A slice with step 1 is ``Rows`` again."""
+
+    __slots__ = ("_views", "stack")
+
+    def __init__(self, stack: torch.Tensor) -> None:
+        if stack.dim() < 1:
+            raise ValueError("Rows needs a tensor of at least one dimension")
+        self.stack = stack
+        self._views: tuple[torch.Tensor, ...] | None = None
+
+    def __len__(self) -> int:
+        return self.stack.shape[0]
+
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[torch.Tensor]: ...
+    def __getitem__(self, index: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return Rows(self.stack[start:max(start, stop)])
+            return [self[i] for i in range(start, stop, step)]
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._all())
+
+    def __add__(self, other: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [*self, *other]
+
+    def __radd__(self, other: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [*other, *self]
+
+    def _all(self) -> tuple[torch.Tensor, ...]:
+        if self._views is None:
+            self._views = self.stack.unbind()  # one call for every view, once one is asked for
+        return self._views
 
 
 def _nothing_pending() -> None:
@@ -168,8 +212,9 @@ class FilesRead:
 
     heads: np.ndarray
     """``[n, head_bytes]`` uint8, in host memory."""
-    bodies: list[torch.Tensor]
-    """Slices of one buffer on the device asked for, each 4 KiB-aligned (empty for a file not read)."""
+    bodies: Sequence[torch.Tensor]
+    """Slices of one buffer on the device asked for, each 4 KiB-aligned (empty for a file not read); :class:`Rows` of
+    one view where every body has one length."""
     sizes: list[int]
     """Each file's size when it was opened, or -1 where it could not be."""
     errors: list[OSError | None]
@@ -194,14 +239,14 @@ def too_large(path: str, size: int) -> OSError:
     return OSError(errno.EFBIG, f"{path}: {size} bytes, more than a file to read whole")
 
 
-def split_body(body: torch.Tensor, lengths: np.ndarray, offsets: np.ndarray) -> list[torch.Tensor]:
+def split_body(body: torch.Tensor, lengths: np.ndarray, offsets: np.ndarray) -> Sequence[torch.Tensor]:
     """The slices of ``body`` that :func:`body_layout` gives, by one ``split`` or, where every body has one length,
-    by the rows of one view (Python per file is the cost here)."""
+    as :class:`Rows` of one view (Python per file is the cost here)."""
     if not len(lengths):
         return []
     if lengths[0] and (lengths == lengths[0]).all():
         pitch = int(offsets[1]) if len(offsets) > 1 else int(lengths[0])
-        return list(body[: pitch * len(lengths)].view(len(lengths), pitch)[:, : int(lengths[0])].unbind())
+        return Rows(body[: pitch * len(lengths)].view(len(lengths), pitch)[:, : int(lengths[0])])
     gaps = np.diff(np.append(offsets, offsets[-1] + lengths[-1])) - lengths  # each body's padding
     sizes = np.stack([lengths, gaps], axis=1).reshape(-1).tolist()
     return list(body[: sum(sizes)].split(sizes)[0::2])

@@ -351,13 +351,15 @@ class NativeFilesRead:
         files = reads.finish()
         results, sizes = np.minimum(self._known, 0), self._known.copy()  # a failed stat's -errno, or 0
         results[self._reading], sizes[self._reading] = files["result"], files["size"]
-        for i in np.flatnonzero((sizes != self._known) & (sizes >= 0)).tolist():  # smaller than laid out: its body
-            self._bodies[i] = self._bodies[i][: max(0, int(sizes[i]) - self._heads.shape[1])]
+        shrunk = np.flatnonzero((sizes != self._known) & (sizes >= 0)).tolist()  # smaller than laid out
+        bodies = list(self._bodies) if shrunk else self._bodies
+        for i in shrunk:
+            bodies[i] = bodies[i][: max(0, int(sizes[i]) - self._heads.shape[1])]
         errors: list[OSError | None] = [None] * len(self._paths)
         for i in np.flatnonzero((results < 0) | self._too_big).tolist():
             errors[i] = too_large(self._paths[i], int(sizes[i])) if self._too_big[i] else \
                 native_io.error_of(int(results[i]), f"read of {self._paths[i]}")
-        return FilesRead(self._heads, self._bodies, np.maximum(sizes, -1).tolist(), errors)
+        return FilesRead(self._heads, bodies, np.maximum(sizes, -1).tolist(), errors)
 
 
 def _size_of(path: str) -> int:

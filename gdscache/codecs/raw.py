@@ -35,15 +35,16 @@ class RawCodec(Codec):
         views of one tensor (consecutive token slices of ``out``) are copied with one kernel; host payloads (DRAM-tier
         hits) go to GPU tensors by the copy engines, straight into their rows of ``out``."""
         expected = spec.bytes_per_token() * num_tokens
-        if payloads and all(p.numel() == expected for p in payloads):
+        src = stacked_view(payloads)
+        if src is not None and src.is_cuda and src.dim() == 2 and src.shape[1] == expected:
             dst = stacked_view(outs)
-            src = stacked_view(payloads) if payloads[0].is_cuda else None
-            if src is not None and dst is not None and src.is_cuda and src.device == dst.device and \
-                    src.stride(0) % spec.dtype.itemsize == 0 and src.data_ptr() % spec.dtype.itemsize == 0:
+            if dst is not None and src.device == dst.device and src.stride(0) % spec.dtype.itemsize == 0 and \
+                    src.data_ptr() % spec.dtype.itemsize == 0:
                 _copy_wide(dst, src.view(spec.dtype).view(dst.shape))
                 return [None] * len(payloads)
-            if self._copy_rows_from_host(payloads, outs, spec, same_strides=dst is not None):
-                return [None] * len(payloads)
+        elif payloads and not payloads[0].is_cuda and all(p.numel() == expected for p in payloads) and \
+                self._copy_rows_from_host(payloads, outs, spec, same_strides=stacked_view(outs) is not None):
+            return [None] * len(payloads)
         return super().decode_many(payloads, spec, num_tokens, outs)
 
     @staticmethod

@@ -18,6 +18,7 @@ import torch
 
 from gdscache.format import checksum
 from gdscache.spec import KVSpec
+from io_backends.base import ForkSafeLock
 
 MAGIC = b"GDSCHUNK"
 VERSION = 1
@@ -88,20 +89,34 @@ def _metadata_around_created(spec: KVSpec, codec: str, codec_params: str) -> tup
 def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
     """Parse and validate a header; raises :class:`CorruptChunk` naming what is wrong.
 
-    The same header bytes are parsed once for the last ``_PARSED_HEADERS`` distinct headers (a published chunk file
-    never changes, and warm reads read the same headers again and again)."""
+    The headers of the last ``_PARSED_HEADERS`` keys are kept with what they say: the same bytes again are not
+    parsed again (a published chunk file never changes, and warm reads read the same headers again and again)."""
     if len(header) < HEADER_SIZE:
         raise CorruptChunk(f"header is {len(header)} bytes, expected {HEADER_SIZE}")
-    meta = _parse_header(bytes(header[:HEADER_SIZE]))
+    header = bytes(header[:HEADER_SIZE])
+    key = header[_KEY_AT : _KEY_AT + 16]
+    known = _parsed.get(key)
+    if known is not None and known[0] == header:  # a compare of the bytes, cheaper than hashing them
+        meta = known[1]
+    else:
+        meta = _parse_header(header)
+        with _parsed_lock:
+            if len(_parsed) >= _PARSED_HEADERS:
+                del _parsed[next(iter(_parsed))]  # the first kept goes first
+            _parsed[key] = (header, meta)
     if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:
         raise CorruptChunk(f"truncated: {file_size} bytes, header promises {PAYLOAD_OFFSET + meta.payload_len}")
     return meta
 
 
 _PARSED_HEADERS = 1024
+_KEY_AT = struct.calcsize("<8sHIH")
+"""Where the key lies in a header (after magic, version, header crc32 and checksum algorithm)."""
+_parsed: dict[bytes, tuple[bytes, ChunkMeta]] = {}
+"""By key: the last header parsed for it, and its meta."""
+_parsed_lock = ForkSafeLock()
 
 
-@functools.lru_cache(maxsize=_PARSED_HEADERS)
 def _parse_header(header: bytes) -> ChunkMeta:
     magic, version, crc, alg, key, namespace, offset, payload_len, tokens, meta_len, dig = _FIXED.unpack_from(header)
     if magic != MAGIC:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -33,7 +33,7 @@ from gdscache.format.chunkfile import (
     pack_header,
     unpack_header,
 )
-from io_backends.base import ALIGN, FileBackend, FilesInFlight, FilesRead, Part, ReadHandle, align_up
+from io_backends.base import ALIGN, FileBackend, FilesInFlight, FilesRead, Part, ReadHandle, Rows, align_up
 from io_backends.buffers import host_pool
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,15 @@ class _Pending:
     reserved: bool = True
     """Its bytes count in the tier's total while neither published nor failed."""
 
+
+
+class ChunksRead(NamedTuple):
+    """What :meth:`LocalTier.start_read_many` read: per chunk ``(meta, payload)`` or None (a miss), and ``payloads``:
+    every payload as :class:`~io_backends.base.Rows` of one view where every chunk is a hit of one length (a
+    batch's next steps then take them whole), else None."""
+
+    hits: list[tuple[ChunkMeta, torch.Tensor] | None]
+    payloads: Rows | None
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -400,10 +409,10 @@ class LocalTier:
 
         A CUDA ``device`` needs a backend that reads into GPU memory (``gpu_native``).
         """
-        return self.start_read_many(namespace, keys, device)()
+        return self.start_read_many(namespace, keys, device)().hits
 
     def start_read_many(self, namespace: bytes, keys: Sequence[bytes],
-                        device: torch.device) -> Callable[[], list[tuple[ChunkMeta, torch.Tensor] | None]]:
+                        device: torch.device) -> Callable[[], ChunksRead]:
         """Begin :meth:`read_many`; the returned function waits for the reads, verifies the chunks and gives them. It
         must be called, once, on this thread (the keys stay pinned until then)."""
         paths, sizes = self._files_of(namespace, keys)
@@ -418,18 +427,18 @@ class LocalTier:
         except torch.cuda.OutOfMemoryError as exc:  # no room for the payloads now: misses, not a crash
             self._unpin(keys)
             error = OSError(errno.ENOMEM, f"no memory for the chunks' payloads: {exc}")
-            return lambda: self._account(keys, paths, [error] * len(keys))
+            return lambda: ChunksRead(self._account(keys, paths, [error] * len(keys)), None)
         except BaseException:
             self._unpin(keys)
             raise
 
-        def finish() -> list[tuple[ChunkMeta, torch.Tensor] | None]:
+        def finish() -> ChunksRead:
             try:
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    outcome = self._verified(keys, reading())
+                    outcome, payloads = self._verified(keys, reading())
             finally:
                 self._unpin(keys)
-            return self._account(keys, paths, outcome)
+            return ChunksRead(self._account(keys, paths, outcome), payloads)
 
         return finish
 
@@ -456,12 +465,15 @@ class LocalTier:
         return paths, None if None in known else [entry[1] for entry in known]
 
     @staticmethod
-    def _verified(keys: Sequence[bytes], read: FilesRead) -> list[tuple[ChunkMeta, torch.Tensor] | Exception]:
+    def _verified(keys: Sequence[bytes], read: FilesRead
+                  ) -> tuple[list[tuple[ChunkMeta, torch.Tensor] | Exception], Rows | None]:
         """Per chunk of :meth:`read_many`: ``(meta, payload)`` once its header and checksum hold, or the exception
-        that makes it a miss (a :class:`CorruptChunk` quarantines its file)."""
+        that makes it a miss (a :class:`CorruptChunk` quarantines its file); and the payloads as :class:`Rows` where
+        every chunk holds and all are of one length (:attr:`ChunksRead.payloads`)."""
         outcome: list[tuple[ChunkMeta, torch.Tensor] | Exception] = list(read.errors)
         header_bytes = read.heads.tobytes()
         checked: list[tuple[int, ChunkMeta, torch.Tensor]] = []
+        lengths: set[int] = set()
         for i, size in enumerate(read.sizes):
             if size - PAYLOAD_OFFSET >= MAX_PAYLOAD:  # no chunk is that large: a stray file, never read
                 outcome[i] = CorruptChunk(f"file of {size - PAYLOAD_OFFSET} payload bytes")
@@ -477,15 +489,20 @@ class LocalTier:
             except CorruptChunk as exc:
                 outcome[i] = exc
                 continue
+            lengths.add(meta.payload_len)
             checked.append((i, meta, body if meta.payload_len == body.numel() else body[: meta.payload_len]))
-        sums = digests([p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
+        rows = None
+        if isinstance(read.bodies, Rows) and len(checked) == len(keys) and len(lengths) == 1:  # every body's start
+            rows = Rows(read.bodies.stack[:, : lengths.pop()])
+        sums = digests(rows if rows is not None else [p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
         for (i, meta, payload), got in zip(checked, sums, strict=True):
             try:
                 check_digest(meta, got)
                 outcome[i] = (meta, payload)
             except CorruptChunk as exc:
                 outcome[i] = exc
-        return outcome
+                rows = None
+        return outcome, rows
 
     @staticmethod
     def _header(handle: ReadHandle, key: bytes) -> ChunkMeta:

@@ -121,6 +121,26 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
         assert torch.equal(out[:, :, :16], kv[:, :, :16])
 
 
+
+def test_a_batched_read_gives_its_payloads_whole_only_when_every_chunk_holds(cache_dir):
+    # the payloads as rows of one view (what the next steps take at once) only where every chunk is a hit
+    kv = make_kv(2, 4 * 16, 2, 8, dtype=torch.bfloat16)
+    tokens = list(range(kv.shape[2]))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        keys = cache.chunk_keys(tokens)
+        local, ns, cpu = cache._local, cache.namespace, torch.device("cpu")
+        got = local.start_read_many(ns, keys, cpu)()
+        assert got.payloads is not None and len(got.payloads) == 4
+        for k, (meta, payload) in enumerate(got.hits):
+            assert meta.key == keys[k] and torch.equal(got.payloads.stack[k], payload)
+            assert torch.equal(payload.view(torch.bfloat16).view(kv[:, :, :16].shape), kv[:, :, 16 * k : 16 * (k + 1)])
+        _damage(local.path_of(ns, keys[2]), "payload-bitflip")
+        got = local.start_read_many(ns, keys, cpu)()
+        assert got.payloads is None and [hit is not None for hit in got.hits] == [True, True, False, True]
+        out = torch.zeros_like(kv)
+        assert cache.retrieve(tokens, out) == 32 and torch.equal(out[:, :, :32], kv[:, :, :32])
+
 def test_a_stray_file_of_absurd_size_is_a_miss_without_claiming_memory(cache_dir):
     kv = make_kv(2, 32, 2, 8)
     tokens = list(range(32))
@@ -174,6 +194,11 @@ def test_a_header_read_again_is_checked_against_its_file_again():
         unpack_header(header, HEADER_SIZE + (1 << 20) - 1)
     flipped = bytearray(header)
     flipped[200] ^= 1
+    with pytest.raises(CorruptChunk, match="checksum"):
+        unpack_header(bytes(flipped))
+    assert unpack_header(header) == meta  # the damaged bytes replaced nothing kept
+    rewritten = dataclasses.replace(meta, created=2.5, payload_len=1 << 19)  # the same key, written again
+    assert unpack_header(pack_header(rewritten)) == rewritten
     with pytest.raises(CorruptChunk, match="checksum"):
         unpack_header(bytes(flipped))
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 
@@ -91,3 +93,40 @@ def test_stacked_view_of_consecutive_token_slices() -> None:
     assert stacked_view([chunks[0], chunks[1], chunks[3]]) is None  # a gap
     assert stacked_view([chunks[0], token_slice(kv.clone(), 16, 24)]) is None  # another tensor
     assert stacked_view([chunks[0], token_slice(kv, 8, 15)]) is None  # another shape
+
+
+def test_rows_are_a_tensors_rows_made_when_asked_for() -> None:
+    from gdscache.pages import stacked_view
+    from io_backends.base import Rows
+
+    stack = torch.arange(24).view(6, 4)
+    rows = Rows(stack)
+    assert len(rows) == 6 and stacked_view(rows) is stack  # the stack itself: nothing checked, nothing made
+    assert torch.equal(rows[1], stack[1]) and torch.equal(rows[-1], stack[5])
+    assert [r.tolist() for r in rows] == stack.tolist()
+    part = rows[2:5]
+    assert isinstance(part, Rows) and len(part) == 3 and torch.equal(part.stack, stack[2:5])
+    assert part.stack.data_ptr() == stack[2].data_ptr()  # a view
+    assert len(rows[5:2]) == 0 and len(rows[-2:]) == 2
+    assert [r.tolist() for r in rows[::2]] == stack[::2].tolist()
+    both = [stack[0]] + rows[:1]
+    assert len(both) == 2 and all(torch.equal(r, stack[0]) for r in both)
+    assert len(rows[:2] + [stack[0]]) == 3
+    with pytest.raises(IndexError):
+        rows[6]
+    with pytest.raises(ValueError, match="one dimension"):
+        Rows(torch.tensor(1))
+
+
+def test_chunk_views_are_the_token_slices() -> None:
+    from gdscache.pages import stacked_view, token_slice
+
+    kv = torch.randn(3, 2, 40, 2, 4)
+    with tempfile.TemporaryDirectory() as root, GDSCache(path=root, chunk_size=8, model_id="m") as cache:
+        views = cache._chunk_views(kv, 1, 3)
+    assert len(views) == 3
+    for k, view in enumerate(views):
+        expected = token_slice(kv, 8 * (k + 1), 8 * (k + 2))
+        assert view.shape == expected.shape and view.stride() == expected.stride()
+        assert view.data_ptr() == expected.data_ptr()
+    assert torch.equal(stacked_view(views), stacked_view([token_slice(kv, 8 * k, 8 * (k + 1)) for k in (1, 2, 3)]))
