@@ -279,10 +279,6 @@ class GDSCache:
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
         decode_here = not (self._codec.batches and out.is_cuda)
         caller = torch.cuda.current_stream(out.device) if out.is_cuda else None
-        after = None  # I/O threads write into ``out`` only after the work the caller has queued on it so far
-        if caller is not None and decode_here:
-            after = torch.cuda.Event()
-            after.record(caller)
         written: list[torch.cuda.Event] = []  # I/O threads' writes into ``out``: the caller's stream waits for all
 
         def take(job: FetchJob) -> list[Fetched]:
@@ -297,6 +293,10 @@ class GDSCache:
         left = len(chunk_keys) - n_read
         pipelined = out.is_cuda and self._backend.reads_in_background
         here = 0 < left and (left <= group or pipelined) and self._inline_slots.acquire(blocking=False)
+        after = None  # I/O threads write into ``out`` only after the work the caller has queued on it so far (this
+        if caller is not None and decode_here and not here:  # thread decodes on the caller's stream: after it)
+            after = torch.cuda.Event()
+            after.record(caller)
         window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
         if out.is_cuda:
             window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
@@ -718,10 +718,11 @@ class GDSCache:
     def _decode_here(self, found: list[Fetched], targets: Sequence[KV], spec: KVSpec, after: torch.cuda.Event | None,
                      payloads: Rows | None = None) -> list[Fetched]:
         """Decode, on this thread (an I/O thread, or the caller's where it fetches), the fetched chunks whose
-        payloads are already on their target's device (on a GPU, with one codec call on the thread's own stream, after
-        ``after``: the caller's work on ``out``). Host payloads for a GPU (DRAM or remote hits) and chunks that do not
-        decode go back as fetched, for the caller to copy in batches or to report. ``payloads``: every found chunk's
-        payload as rows of one view, where they are (then no view is made per chunk)."""
+        payloads are already on their target's device with one codec call: on a GPU, on an I/O thread's own stream
+        after ``after`` (the caller's work on ``out``), or with ``after`` None on this thread's current stream (the
+        caller's: after its work, and with nothing for it to wait for). Host payloads for a GPU (DRAM or remote hits)
+        and chunks that do not decode go back as fetched, for the caller to copy in batches or to report.
+        ``payloads``: every found chunk's payload as rows of one view, where they are (then no view per chunk)."""
         device = _device_of(targets)  # the targets are views of one ``out``
         on_device = device.index if device.type == "cuda" else -1  # as ``get_device`` says it, without a device object
         if payloads is not None and payloads.stack.get_device() == on_device:
@@ -735,13 +736,14 @@ class GDSCache:
             sources, dests = payloads if payloads is not None else [f.payload for f in found], targets[: len(found)]
         else:
             sources, dests = [found[i].payload for i in todo], [targets[i] for i in todo]
-        stream = thread_stream(device) if device.type == "cuda" else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
-            if after is not None:
+        stream = thread_stream(device) if on_device >= 0 and after is not None else None
+        if on_device >= 0:  # GPU payloads come from the reading thread's stream: kept until the decoding one is done
+            decoding = stream if stream is not None else torch.cuda.current_stream(device)
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(device))  # a pending chunk's copy on this thread
                 stream.wait_event(after)
             for buffer in [sources.stack] if isinstance(sources, Rows) else _buffers(sources):
-                buffer.record_stream(stream)
+                buffer.record_stream(decoding)
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             errors = self._codec.decode_many(sources, spec, self.config.chunk_size, dests)
             ready = torch.cuda.Event() if stream is not None else None
@@ -753,7 +755,7 @@ class GDSCache:
             if error is not None:  # the caller decodes it again and reports it, after ``ready``
                 decoded[i] = fetched._replace(ready=ready)
                 continue
-            if fetched.owned and stream is None:
+            if fetched.owned and on_device < 0:
                 self._recycle(fetched.payload)
             decoded[i] = Fetched(fetched.meta, None, False, ready)
         return decoded
