@@ -85,7 +85,8 @@ def digests(payloads: Sequence[torch.Tensor], algorithms: Sequence[int]) -> list
     if rows is not None:
         totals = torch.zeros(rows.shape[0], 3, dtype=torch.int64, device=rows.device)
         _cuda.halfsum3_rows(rows, totals)
-        return [struct.pack("<3q", *sums) for sums in totals.tolist()]
+        packed = totals.cpu().numpy().astype("<i8", copy=False).tobytes()  # each row's digest, as struct packs it
+        return [packed[k : k + DIGEST_SIZE] for k in range(0, len(packed), DIGEST_SIZE)]
     out = [b""] * len(payloads)
     together = [i for i, (p, alg) in enumerate(zip(payloads, algorithms, strict=True))
                 if alg == HALFSUM3 and p.is_cuda and p.data_ptr() % 2 == 0 and p.numel() % 2 == 0
