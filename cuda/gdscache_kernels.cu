@@ -517,23 +517,11 @@ __global__ void __launch_bounds__(kStreamThreads) cachegen_decode_kernel(
   if (bad || x != kRansL || pos != end) atomicOr(err + n, 1);
 }
 
-// halfsum3 of n uint16 words that start at word `start` of the payload, added into sums[3] (exact integer
-// sums, so the order of addition does not matter): sum w, sum w * ((start + j) % 65521 + 1) and
-// sum w * ((start + j) % 65519 + 1); gdscache/format/checksum.py defines it. Row blockIdx.y of a batch of
-// payloads `row_stride` words apart adds into sums[3 * row .. 3 * row + 2].
-__global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, int64_t row_stride, int64_t start,
-                                unsigned long long* __restrict__ sums) {
+// Add the three sums of every thread of the block into sums[0..2]: a warp's by shuffles, then the warps' by one
+// thread each (exact integer sums, so the order of addition does not matter).
+__device__ void add_block_sums(unsigned long long a, unsigned long long b, unsigned long long c,
+                               unsigned long long* sums) {
   __shared__ unsigned long long part[3][32];
-  words += blockIdx.y * row_stride;
-  sums += 3 * blockIdx.y;
-  unsigned long long a = 0, b = 0, c = 0;
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
-    const unsigned long long v = words[j];
-    const uint32_t k = (uint32_t)(start + j);
-    a += v;
-    b += v * (k % 65521u + 1u);
-    c += v * (k % 65519u + 1u);
-  }
   for (int o = 16; o > 0; o >>= 1) {
     a += __shfl_xor_sync(0xffffffffu, a, o);
     b += __shfl_xor_sync(0xffffffffu, b, o);
@@ -553,11 +541,29 @@ __global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, i
   }
 }
 
+// halfsum3 of n uint16 words that start at word `start` of the payload, added into sums[3] (exact integer
+// sums, so the order of addition does not matter): sum w, sum w * ((start + j) % 65521 + 1) and
+// sum w * ((start + j) % 65519 + 1); gdscache/format/checksum.py defines it. Row blockIdx.y of a batch of
+// payloads `row_stride` words apart adds into sums[3 * row .. 3 * row + 2].
+__global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, int64_t row_stride, int64_t start,
+                                unsigned long long* __restrict__ sums) {
+  words += blockIdx.y * row_stride;
+  sums += 3 * blockIdx.y;
+  unsigned long long a = 0, b = 0, c = 0;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
+    const unsigned long long v = words[j];
+    const uint32_t k = (uint32_t)(start + j);
+    a += v;
+    b += v * (k % 65521u + 1u);
+    c += v * (k % 65519u + 1u);
+  }
+  add_block_sums(a, b, c, sums);
+}
+
 // halfsum3_kernel where every row starts 16-byte aligned: eight words per load, their weights stepped from one
 // modulo each (most of the plain kernel's time went to 2-byte loads and two modulos per word).
 __global__ void halfsum3_vec_kernel(const uint16_t* __restrict__ words, int64_t n, int64_t row_stride, int64_t start,
                                     unsigned long long* __restrict__ sums) {
-  __shared__ unsigned long long part[3][32];
   words += blockIdx.y * row_stride;
   sums += 3 * blockIdx.y;
   unsigned long long a = 0, b = 0, c = 0;
@@ -586,23 +592,7 @@ __global__ void halfsum3_vec_kernel(const uint16_t* __restrict__ words, int64_t 
     b += word * (k % 65521u + 1u);
     c += word * (k % 65519u + 1u);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, o);
-    b += __shfl_xor_sync(0xffffffffu, b, o);
-    c += __shfl_xor_sync(0xffffffffu, c, o);
-  }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) {
-    part[0][warp] = a;
-    part[1][warp] = b;
-    part[2][warp] = c;
-  }
-  __syncthreads();
-  if (threadIdx.x < 3) {
-    unsigned long long t = 0;
-    for (int w = 0; w < (int)blockDim.x / 32; ++w) t += part[threadIdx.x][w];
-    atomicAdd(sums + threadIdx.x, t);
-  }
+  add_block_sums(a, b, c, sums);
 }
 
 // Whether `bytes` of tables fit the device's shared memory per block (then set as the kernel's limit).
