@@ -245,8 +245,9 @@ def split_body(body: torch.Tensor, lengths: np.ndarray, offsets: np.ndarray) -> 
     if not len(lengths):
         return []
     if lengths[0] and (lengths == lengths[0]).all():
-        pitch = int(offsets[1]) if len(offsets) > 1 else int(lengths[0])
-        return Rows(body[: pitch * len(lengths)].view(len(lengths), pitch)[:, : int(lengths[0])])
+        pitch, length = int(offsets[1]) if len(offsets) > 1 else int(lengths[0]), int(lengths[0])
+        rows = (body if body.numel() == pitch * len(lengths) else body[: pitch * len(lengths)]).view(len(lengths), pitch)
+        return Rows(rows if length == pitch else rows[:, :length])
     gaps = np.diff(np.append(offsets, offsets[-1] + lengths[-1])) - lengths  # each body's padding
     sizes = np.stack([lengths, gaps], axis=1).reshape(-1).tolist()
     return list(body[: sum(sizes)].split(sizes)[0::2])

@@ -130,6 +130,31 @@ def test_files_read_by_the_sizes_the_caller_knows(tmp_path):
                         piece_bytes=4096, sizes=[HEAD + 1])
 
 
+
+@native_only
+@pytest.mark.parametrize("length", [8192, 5000])
+def test_files_of_one_size_land_as_rows_of_one_buffer(tmp_path, length):
+    """Files all told one size are laid out 4 KiB-aligned rows apart and come back as :class:`Rows` of one view;
+    one that turns out smaller, grown or gone is told apart as with mixed sizes."""
+    from io_backends.base import Rows
+
+    files = [_write(tmp_path, f"f{i}", HEAD + length, 10 + i) for i in range(4)]
+    paths = [path for path, _ in files]
+    got = NativeFilesRead(paths, HEAD, torch.device("cpu"), max_body=1 << 20, touch=False, threads=2,
+                          piece_bytes=4096, sizes=[HEAD + length] * 4)()
+    assert isinstance(got.bodies, Rows) and tuple(got.bodies.stack.shape) == (4, length)
+    assert got.bodies.stack.stride(0) == 8192 and got.errors == [None] * 4 and got.sizes == [HEAD + length] * 4
+    for (_, data), head, body in zip(files, got.heads, got.bodies, strict=True):
+        assert head.tobytes() == data[:HEAD] and body.numpy().tobytes() == data[HEAD:]
+    smaller, smaller_data = _write(tmp_path, "smaller", HEAD + 3000, 20)
+    grown, _ = _write(tmp_path, "grown", HEAD + length + 1, 21)
+    got = NativeFilesRead([paths[0], smaller, grown, str(tmp_path / "gone")], HEAD, torch.device("cpu"),
+                          max_body=1 << 20, touch=False, threads=2, piece_bytes=4096, sizes=[HEAD + length] * 4)()
+    assert got.errors[:2] == [None, None] and got.sizes == [HEAD + length, HEAD + 3000, HEAD + length + 1, -1]
+    assert got.bodies[0].numpy().tobytes() == files[0][1][HEAD:]
+    assert got.bodies[1].numpy().tobytes() == smaller_data[HEAD:]
+    assert got.errors[2].errno == errno.ESTALE and isinstance(got.errors[3], FileNotFoundError)
+
 @native_only
 def test_batches_started_together_each_land_whole(tmp_path):
     files = [_write(tmp_path, f"f{i}", HEAD + 9000 + i, i) for i in range(10)]
