@@ -341,7 +341,8 @@ class GDSCache:
         """Decode the leading chunks that the DRAM tier holds into a GPU ``out`` by one codec call on the caller's
         stream (``raw``: copy engines straight from pinned memory), with no I/O thread; how many. The rest, and any
         chunk this cannot take, go the usual way."""
-        if self._dram is None or isinstance(out, KVPages) or not out.is_cuda or not self._codec.decodes_from_host:
+        if self._dram is None or isinstance(out, KVPages) or not out.is_cuda or not self._codec.decodes_from_host or \
+                not chunk_keys or chunk_keys[0] not in self._dram:  # one key hashed where the first chunk is not here
             return 0
         hits = self._dram.get_many(chunk_keys[:])  # every key hashed first, not under the tier's lock
         usable = 0
