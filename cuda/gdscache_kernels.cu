@@ -541,6 +541,19 @@ __device__ void add_block_sums(unsigned long long a, unsigned long long b, unsig
   }
 }
 
+// Add words j = from, from + step, ... (below n) of a row into the three halfsum3 sums, one word at a time: word j
+// is word start + j of its payload.
+__device__ void add_words(const uint16_t* __restrict__ words, int64_t from, int64_t n, int64_t step, int64_t start,
+                          unsigned long long& a, unsigned long long& b, unsigned long long& c) {
+  for (int64_t j = from; j < n; j += step) {
+    const unsigned long long word = words[j];
+    const uint32_t k = (uint32_t)(start + j);
+    a += word;
+    b += word * (k % 65521u + 1u);
+    c += word * (k % 65519u + 1u);
+  }
+}
+
 // halfsum3 of n uint16 words that start at word `start` of the payload, added into sums[3] (exact integer
 // sums, so the order of addition does not matter): sum w, sum w * ((start + j) % 65521 + 1) and
 // sum w * ((start + j) % 65519 + 1); gdscache/format/checksum.py defines it. Row blockIdx.y of a batch of
@@ -550,13 +563,7 @@ __global__ void halfsum3_kernel(const uint16_t* __restrict__ words, int64_t n, i
   words += blockIdx.y * row_stride;
   sums += 3 * blockIdx.y;
   unsigned long long a = 0, b = 0, c = 0;
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x) {
-    const unsigned long long v = words[j];
-    const uint32_t k = (uint32_t)(start + j);
-    a += v;
-    b += v * (k % 65521u + 1u);
-    c += v * (k % 65519u + 1u);
-  }
+  add_words(words, blockIdx.x * (int64_t)blockDim.x + threadIdx.x, n, (int64_t)gridDim.x * blockDim.x, start, a, b, c);
   add_block_sums(a, b, c, sums);
 }
 
@@ -585,13 +592,7 @@ __global__ void halfsum3_vec_kernel(const uint16_t* __restrict__ words, int64_t 
       w2 = w2 == 65519u ? 1u : w2 + 1u;
     }
   }
-  for (int64_t j = 8 * vectors + first; j < n; j += threads) {  // the last n % 8 words
-    const unsigned long long word = words[j];
-    const uint32_t k = (uint32_t)(start + j);
-    a += word;
-    b += word * (k % 65521u + 1u);
-    c += word * (k % 65519u + 1u);
-  }
+  add_words(words, 8 * vectors + first, n, threads, start, a, b, c);  // the last n % 8 words
   add_block_sums(a, b, c, sums);
 }
 

@@ -246,7 +246,8 @@ def split_body(body: torch.Tensor, lengths: np.ndarray, offsets: np.ndarray) -> 
         return []
     if lengths[0] and (lengths == lengths[0]).all():
         pitch, length = int(offsets[1]) if len(offsets) > 1 else int(lengths[0]), int(lengths[0])
-        rows = (body if body.numel() == pitch * len(lengths) else body[: pitch * len(lengths)]).view(len(lengths), pitch)
+        used = pitch * len(lengths)
+        rows = (body if body.numel() == used else body[:used]).view(len(lengths), pitch)
         return Rows(rows if length == pitch else rows[:, :length])
     gaps = np.diff(np.append(offsets, offsets[-1] + lengths[-1])) - lengths  # each body's padding
     sizes = np.stack([lengths, gaps], axis=1).reshape(-1).tolist()

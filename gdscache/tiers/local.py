@@ -494,7 +494,8 @@ class LocalTier:
         rows = None
         if isinstance(read.bodies, Rows) and len(checked) == len(keys) and len(lengths) == 1:  # every body's start
             rows = Rows(read.bodies.stack[:, : lengths.pop()])
-        sums = digests(rows if rows is not None else [p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
+        payloads = rows if rows is not None else [p for _, _, p in checked]
+        sums = digests(payloads, [m.checksum_alg for _, m, _ in checked])
         for (i, meta, payload), got in zip(checked, sums, strict=True):
             try:
                 check_digest(meta, got)
