@@ -220,8 +220,7 @@ class GDSCache:
         try:
             sums = digests(payloads, [algorithm_for(p) for p in payloads])
             metas = [self._meta(key, spec, p, digest) for (key, _), p, digest in zip(todo, payloads, sums, strict=True)]
-            for meta in metas:
-                self.metrics.inc("bytes_encoded", meta.payload_len)
+            self.metrics.inc("bytes_encoded", sum(meta.payload_len for meta in metas))
             if self._writer is not None:  # waits while the queue is full, this group's writes going on meanwhile
                 self._writer.submit_batch(metas, payloads, lambda: self._publish(writing, metas, payloads))
                 return self.config.chunk_size * len(metas)
@@ -242,8 +241,7 @@ class GDSCache:
                 jobs: list[tuple[Future[list[bool]], list[Payload]]]) -> int:
         """Queue encoded chunks for writing: to the write-behind queue (tokens accepted, returned) or to the I/O pool
         as one job in ``jobs`` (0 returned)."""
-        for meta in metas:
-            self.metrics.inc("bytes_encoded", meta.payload_len)
+        self.metrics.inc("bytes_encoded", sum(meta.payload_len for meta in metas))
         if self._writer is not None:
             for meta, payload in zip(metas, payloads, strict=True):
                 self._writer.submit(meta, payload)
