@@ -272,7 +272,7 @@ class GDSCache:
         started = time.perf_counter()
         chunk_keys = keys.ChunkKeys(self._namespace, arr, chunk)  # hashed group by group, as their reads start
         group = self._group_size(spec, out)
-        inflight: list[tuple[FetchJob, list[KV]]] = []  # each: its chunks' views of ``out``
+        inflight: list[tuple[FetchJob, Sequence[KV]]] = []  # each: its chunks' views of ``out``
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded): chunks n_read, n_read + 1, ...
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
         decode_here = not (self._codec.batches and out.is_cuda)
@@ -291,8 +291,10 @@ class GDSCache:
         left = len(chunk_keys) - n_read
         pipelined = out.is_cuda and self._backend.reads_in_background
         here = 0 < left and (left <= group or pipelined) and self._inline_slots.acquire(blocking=False)
-        after = None  # I/O threads write into ``out`` only after the work the caller has queued on it so far (this
-        if caller is not None and decode_here and not here:  # thread decodes on the caller's stream: after it)
+        # I/O threads write into ``out`` only after the work the caller has queued on it so far (the DRAM prefix's
+        # copies too); this thread decodes on the caller's stream, after that work already
+        after = None
+        if caller is not None and decode_here and not here:
             after = torch.cuda.Event()
             after.record(caller)
         window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
@@ -554,13 +556,13 @@ class GDSCache:
             return [(0, n)] if n else []
         return store_batches(n, self._chunks_per_group(spec))
 
-    def _fetch_group(self, chunk_keys: list[bytes], targets: list[KV], spec: KVSpec, after: torch.cuda.Event | None,
+    def _fetch_group(self, chunk_keys: list[bytes], targets: Sequence[KV], spec: KVSpec, after: torch.cuda.Event | None,
                      decode_here: bool) -> list[Fetched]:
         """Fetch consecutive chunks up to the first miss (local-tier reads into a GPU batched); with ``decode_here``,
         decode them on this thread (:meth:`_decode_here`)."""
         return self._start_fetch_group(chunk_keys, targets, spec, after, decode_here)()
 
-    def _start_fetch_group(self, chunk_keys: list[bytes], targets: list[KV], spec: KVSpec,
+    def _start_fetch_group(self, chunk_keys: list[bytes], targets: Sequence[KV], spec: KVSpec,
                            after: torch.cuda.Event | None, decode_here: bool) -> Callable[[], list[Fetched]]:
         """Begin :meth:`_fetch_group`: the local-tier reads into a GPU start now; the returned function (to call once,
         on this thread) waits for them and does the rest."""
@@ -620,7 +622,7 @@ class GDSCache:
 
         return finish
 
-    def _fetch_each(self, chunk_keys: list[bytes], targets: list[KV]) -> list[Fetched]:
+    def _fetch_each(self, chunk_keys: list[bytes], targets: Sequence[KV]) -> list[Fetched]:
         """:meth:`_fetch` of consecutive chunks up to the first miss; with a remote tier, several at once on its
         pool (object-store requests wait on the network), later ones dropped after a miss."""
         if self._remote_pool is None or len(chunk_keys) < 2:
@@ -724,7 +726,8 @@ class GDSCache:
         ``payloads``: every found chunk's payload as rows of one view, where they are (then no view per chunk)."""
         device = _device_of(targets)  # the targets are views of one ``out``
         on_device = device.index if device.type == "cuda" else -1  # as ``get_device`` says it, without a device object
-        if payloads is not None and payloads.stack.get_device() == on_device:
+        rows = payloads if payloads is not None and payloads.stack.get_device() == on_device else None
+        if rows is not None:
             todo = [i for i, fetched in enumerate(found) if self._same_settings(fetched.meta, spec)]
         else:
             todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
@@ -732,7 +735,7 @@ class GDSCache:
         if not todo:
             return found
         if len(todo) == len(found):  # all of them: whole sequences, no view per chunk
-            sources, dests = payloads if payloads is not None else [f.payload for f in found], targets[: len(found)]
+            sources, dests = rows if rows is not None else [f.payload for f in found], targets[: len(found)]
         else:
             sources, dests = [found[i].payload for i in todo], [targets[i] for i in todo]
         stream = thread_stream(device) if on_device >= 0 and after is not None else None

@@ -138,7 +138,7 @@ def stacked_view(views: Sequence[torch.Tensor | KVPages]) -> torch.Tensor | None
     starts lie evenly spaced, ascending, in one storage (consecutive token slices of one tensor, the layers of
     one allocation); else None. :class:`~io_backends.base.Rows` give their stack as it is."""
     if isinstance(views, Rows):
-        return views.stack
+        return views.stack if len(views) else None
     first = views[0] if views else None
     if not isinstance(first, torch.Tensor):
         return None

@@ -214,7 +214,7 @@ class FilesRead:
     """``[n, head_bytes]`` uint8, in host memory."""
     bodies: Sequence[torch.Tensor]
     """Slices of one buffer on the device asked for, each 4 KiB-aligned (empty for a file not read); :class:`Rows` of
-    one view where every body has one length."""
+    one view where every body has one length, not zero, as laid out (no file turned out smaller)."""
     sizes: list[int]
     """Each file's size when it was opened, or -1 where it could not be."""
     errors: list[OSError | None]

@@ -332,7 +332,7 @@ class NativeFilesRead:
         self._paths = paths
         listed = list(sizes) if sizes is not None else [_size_of(path) for path in paths]
         self._known = np.array(listed, dtype=np.int64)
-        n, size = len(listed), listed[0] if listed else -1
+        n, size = len(listed), int(listed[0]) if listed else -1
         if head_bytes < size < head_bytes + max_body and listed.count(size) == n:
             pitch = align_up(size - head_bytes)  # one size for every file (a batch of chunks): fewer numpy calls
             lengths, offsets = np.full(n, size - head_bytes), np.arange(0, n * pitch, pitch, dtype=np.int64)

@@ -89,8 +89,9 @@ def _metadata_around_created(spec: KVSpec, codec: str, codec_params: str) -> tup
 def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
     """Parse and validate a header; raises :class:`CorruptChunk` naming what is wrong.
 
-    The headers of the last ``_PARSED_HEADERS`` keys are kept with what they say: the same bytes again are not
-    parsed again (a published chunk file never changes, and warm reads read the same headers again and again)."""
+    The header last parsed for each key is kept with what it says, for up to ``_PARSED_HEADERS`` keys (the first
+    kept go first): the same bytes again are not parsed again (a published chunk file never changes, and warm reads
+    read the same headers again and again)."""
     if len(header) < HEADER_SIZE:
         raise CorruptChunk(f"header is {len(header)} bytes, expected {HEADER_SIZE}")
     header = bytes(header[:HEADER_SIZE])
@@ -101,7 +102,7 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
     else:
         meta = _parse_header(header)
         with _parsed_lock:
-            if len(_parsed) >= _PARSED_HEADERS:
+            if key not in _parsed and len(_parsed) >= _PARSED_HEADERS:
                 del _parsed[next(iter(_parsed))]  # the first kept goes first
             _parsed[key] = (header, meta)
     if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:

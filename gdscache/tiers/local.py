@@ -75,7 +75,6 @@ class _Pending:
     """Its bytes count in the tier's total while neither published nor failed."""
 
 
-
 class ChunksRead(NamedTuple):
     """What :meth:`LocalTier.start_read_many` read: per chunk ``(meta, payload)`` or None (a miss), and ``payloads``:
     every payload as :class:`~io_backends.base.Rows` of one view where every chunk is a hit of one length (a
@@ -83,6 +82,7 @@ class ChunksRead(NamedTuple):
 
     hits: list[tuple[ChunkMeta, torch.Tensor] | None]
     payloads: Rows | None
+
 
 def _pid_alive(pid: int) -> bool:
     try:

@@ -130,7 +130,6 @@ def test_files_read_by_the_sizes_the_caller_knows(tmp_path):
                         piece_bytes=4096, sizes=[HEAD + 1])
 
 
-
 @native_only
 @pytest.mark.parametrize("length", [8192, 5000])
 def test_files_of_one_size_land_as_rows_of_one_buffer(tmp_path, length):
@@ -154,6 +153,7 @@ def test_files_of_one_size_land_as_rows_of_one_buffer(tmp_path, length):
     assert got.bodies[0].numpy().tobytes() == files[0][1][HEAD:]
     assert got.bodies[1].numpy().tobytes() == smaller_data[HEAD:]
     assert got.errors[2].errno == errno.ESTALE and isinstance(got.errors[3], FileNotFoundError)
+
 
 @native_only
 def test_batches_started_together_each_land_whole(tmp_path):
