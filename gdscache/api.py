@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 import torch
@@ -428,7 +428,7 @@ class GDSCache:
             out.update({f"remote_{k}": v for k, v in self._remote.stats().items()})
         return out
 
-    def __enter__(self) -> GDSCache:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -894,7 +894,7 @@ def _codec_kwargs(cfg: Config) -> dict[str, Any]:
     return params
 
 
-def _make_remote(cfg: Config):  # noqa: ANN202 - the remote tier imports fsspec lazily
+def _make_remote(cfg: Config):  # the remote tier imports fsspec lazily: no annotation names its class
     if cfg.remote_url is None:
         return None
     from gdscache.tiers.remote import RemoteTier

@@ -164,7 +164,7 @@ def _scale_squared(kv: torch.Tensor) -> torch.Tensor:
 
 def _sensitivity(fisher: torch.Tensor, scale2: torch.Tensor, weights: np.ndarray, scored: int) -> np.ndarray:
     """Predicted mean KL per unit step**2, per (layer, plane): 0.5 * sum F * (w * scale)**2 / 12 / N."""
-    layers, planes, tokens, heads, dim = fisher.shape
+    layers, planes, _, heads, dim = fisher.shape
     w2 = torch.from_numpy(weights).float().view(layers, planes, 1, heads, dim).pow(2)
     return (0.5 / 12 / scored * (fisher * scale2 * w2).sum(dim=(2, 3, 4))).double().numpy()
 

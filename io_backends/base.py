@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, overload
+from typing import Self, TypeVar, overload
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class ForkSafeLock:
     def _renew(self) -> None:
         self._lock = threading.Lock()
 
-    def __enter__(self) -> ForkSafeLock:
+    def __enter__(self) -> Self:
         self._lock.acquire()
         return self
 
@@ -198,7 +198,7 @@ class ReadHandle(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> ReadHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
