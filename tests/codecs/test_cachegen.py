@@ -1,7 +1,6 @@
 """``cachegen``: error bound, ratio, determinism, header, profiles and malformed payloads."""
 
 import hashlib
-import math
 
 import numpy as np
 import pytest

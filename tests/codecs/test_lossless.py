@@ -1,6 +1,5 @@
 """``lossless``: bit-exact for every supported dtype, self-describing header, malformed input."""
 
-import struct
 
 import pytest
 import torch
