@@ -53,7 +53,6 @@ from io_backends.base import (
     ForkSafeLock,
     Part,
     ReadHandle,
-    align_up,
     body_layout,
     check_buffer,
     fsync_all,
@@ -330,16 +329,10 @@ class NativeFilesRead:
     def __init__(self, paths: Sequence[str], head_bytes: int, device: torch.device, *, max_body: int, touch: bool,
                  threads: int, piece_bytes: int, sizes: Sequence[int] | None = None) -> None:
         self._paths = paths
-        listed = list(sizes) if sizes is not None else [_size_of(path) for path in paths]
-        self._known = np.array(listed, dtype=np.int64)
-        n, size = len(listed), int(listed[0]) if listed else -1
-        if head_bytes < size < head_bytes + max_body and listed.count(size) == n:
-            pitch = align_up(size - head_bytes)  # one size for every file (a batch of chunks): fewer numpy calls
-            lengths, offsets = np.full(n, size - head_bytes), np.arange(0, n * pitch, pitch, dtype=np.int64)
-            total, self._too_big, self._reading = n * pitch, np.zeros(n, dtype=bool), np.arange(n)
-        else:
-            lengths, offsets, total, self._too_big = body_layout(self._known, head_bytes, max_body)
-            self._reading = np.flatnonzero((self._known >= 0) & ~self._too_big)
+        self._known = np.array(sizes if sizes is not None else [_size_of(path) for path in paths], dtype=np.int64)
+        n = len(paths)
+        lengths, offsets, total, self._too_big = body_layout(self._known, head_bytes, max_body)
+        self._reading = np.flatnonzero((self._known >= 0) & ~self._too_big)
         body = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
         self._heads = np.zeros((n, head_bytes), dtype=np.uint8)
         files = np.zeros(len(self._reading), dtype=native_io.WHOLE)

@@ -106,6 +106,9 @@ def test_body_layout_pads_each_body_to_4_kib_and_leaves_out_what_is_not_read():
     assert too_big.tolist() == [False, False, False, False, True, False]
     assert offsets.tolist() == [0, 4096, 4096, 4096, 8192, 8192]
     assert total == 8192 + 8192
+    lengths, offsets, total, too_big = body_layout(np.full(3, HEAD + 5000, dtype=np.int64), HEAD, max_body=10_000)
+    assert lengths.tolist() == [5000] * 3 and offsets.tolist() == [0, 8192, 16384] and total == 3 * 8192
+    assert too_big.tolist() == [False] * 3
 
 
 native_only = pytest.mark.skipif(not native.available(), reason=f"{native.LIB_NAME} is not built")
