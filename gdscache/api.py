@@ -616,7 +616,7 @@ class GDSCache:
             finally:
                 if hits:
                     self.metrics.inc("local_hits", hits)
-            if len(plan) == len(chunk_keys) and read is not None and len(local_keys) == len(plan):
+            if read is not None and len(local_keys) == len(chunk_keys):
                 return found, read.payloads  # every chunk read together
             return found + self._fetch_each(chunk_keys[len(plan) :], targets[len(plan) :]), None
 
