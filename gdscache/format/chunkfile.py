@@ -5,15 +5,18 @@ The same bytes are a file in the local tier and an object in the remote tier.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from gdscache.format import checksum
@@ -97,20 +100,59 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
     header = bytes(header[:HEADER_SIZE])
     key = header[_KEY_AT : _KEY_AT + 16]
     known = _parsed.get(key)
-    if known is not None and known[0] == header:  # a compare of the bytes, cheaper than hashing them
-        meta = known[1]
-    else:
-        meta = _parse_header(header)
-        with _parsed_lock:
-            if key not in _parsed and len(_parsed) >= _PARSED_HEADERS:
-                del _parsed[next(iter(_parsed))]  # the first kept goes first
-            _parsed[key] = (header, meta)
-    if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:
-        raise CorruptChunk(f"truncated: {file_size} bytes, header promises {PAYLOAD_OFFSET + meta.payload_len}")
+    meta = known[1] if known is not None and known[0] == header else _parse_new(key, header)  # a compare of bytes
+    _check_size(meta, file_size)
     return meta
 
 
-_PARSED_HEADERS = 1024
+def unpack_headers(keys: Sequence[bytes], heads: np.ndarray, sizes: Sequence[int]) -> list[ChunkMeta | CorruptChunk]:
+    """:func:`unpack_header` of each row of ``heads`` (``[n, HEADER_SIZE]`` uint8) with its file's size, or the
+    :class:`CorruptChunk` it raised; a header that holds another key than its row's in ``keys`` is corrupt too.
+    Where every row holds the header last parsed for its key, one compare of all their bytes checks them."""
+    data = heads.tobytes()
+    known = [_parsed.get(key) for key in keys]
+    if None not in known and b"".join(header for header, _ in known) == data:
+        metas: list[ChunkMeta | CorruptChunk] = [meta for _, meta in known]
+    else:
+        metas = [_unpack_or_error(data[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]) for i in range(len(keys))]
+    for i, (meta, key, size) in enumerate(zip(metas, keys, sizes, strict=True)):
+        if isinstance(meta, ChunkMeta):
+            if meta.key != key:
+                metas[i] = CorruptChunk("file holds another key")
+            elif size < PAYLOAD_OFFSET + meta.payload_len:
+                metas[i] = _truncated(meta, size)
+    return metas
+
+
+def _unpack_or_error(header: bytes) -> ChunkMeta | CorruptChunk:
+    try:
+        return unpack_header(header)
+    except CorruptChunk as exc:
+        return exc
+
+
+def _check_size(meta: ChunkMeta, file_size: int | None) -> None:
+    if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:
+        raise _truncated(meta, file_size)
+
+
+def _truncated(meta: ChunkMeta, file_size: int) -> CorruptChunk:
+    return CorruptChunk(f"truncated: {file_size} bytes, header promises {PAYLOAD_OFFSET + meta.payload_len}")
+
+
+def _parse_new(key: bytes, header: bytes) -> ChunkMeta:
+    """Parse a header not kept yet (or changed) and keep it."""
+    meta = _parse_header(header)
+    with _parsed_lock:
+        if key not in _parsed and len(_parsed) >= _PARSED_HEADERS:
+            del _parsed[next(iter(_parsed))]  # the first kept goes first
+        _parsed[key] = (header, meta)
+    return meta
+
+
+_PARSED_HEADERS = 4096
+"""About 20 MB: the headers of 4 GiB of 1 MiB chunks. Past them, a header costs a few microseconds more (its CRC-32,
+its fields, and ``created`` from its JSON: :func:`_metadata`)."""
 _KEY_AT = struct.calcsize("<8sHIH")
 """Where the key lies in a header (after magic, version, header crc32 and checksum algorithm)."""
 _parsed: dict[bytes, tuple[bytes, ChunkMeta]] = {}
@@ -124,18 +166,52 @@ def _parse_header(header: bytes) -> ChunkMeta:
         raise CorruptChunk(f"bad magic {magic!r}")
     if version != VERSION:
         raise CorruptChunk(f"unsupported chunk format version {version} (this build reads {VERSION})")
-    zeroed = bytearray(header)
-    struct.pack_into("<I", zeroed, _CRC_OFFSET, 0)
-    if zlib.crc32(zeroed) != crc:
+    view = memoryview(header)  # the crc32 of the header with its own field zeroed, in three runs (no copy)
+    if zlib.crc32(view[_CRC_OFFSET + 4 :], zlib.crc32(bytes(4), zlib.crc32(view[:_CRC_OFFSET]))) != crc:
         raise CorruptChunk("header checksum mismatch")
     if offset != PAYLOAD_OFFSET or meta_len > _MAX_META or alg not in checksum.NAMES:
         raise CorruptChunk("inconsistent header fields")
+    codec, codec_params, spec, created = _metadata(header[_FIXED.size : _FIXED.size + meta_len])
+    return ChunkMeta(key, namespace, spec, tokens, codec, codec_params, payload_len, alg, dig, created)
+
+
+_CREATED = b',"created":'
+_SPEC = b',"spec":'
+
+
+def _metadata(blob: bytes) -> tuple[str, dict[str, Any], KVSpec, Any]:
+    """Codec, codec params, spec and ``created`` from a header's metadata JSON. The JSON around ``created`` is the
+    same in every chunk of one cache: a blob that is such JSON (``_known_metadata``) around a float written as
+    :func:`pack_header` writes it has only its float parsed (JSON decoding and the spec cost more than the rest of
+    a header)."""
+    at = blob.rfind(_CREATED) + len(_CREATED)
+    end = blob.find(_SPEC, at)
+    known = _known_metadata.get((blob[:at], blob[end:])) if at >= len(_CREATED) and end >= 0 else None
+    if known is not None:
+        text = blob[at:end]
+        with contextlib.suppress(ValueError):
+            created = float(text)
+            if math.isfinite(created) and float.__repr__(created).encode() == text:
+                return *known, created
     try:
-        meta = json.loads(header[_FIXED.size : _FIXED.size + meta_len])
+        meta = json.loads(blob)
         spec = KVSpec.from_json(meta["spec"])
-        return ChunkMeta(key, namespace, spec, tokens, meta["codec"], meta["codec_params"], payload_len, alg, dig, meta["created"])
+        codec, codec_params, created = meta["codec"], meta["codec_params"], meta["created"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptChunk(f"bad header metadata: {exc}") from exc
+    if isinstance(codec, str) and isinstance(codec_params, dict):  # as written: remembered for the next chunks
+        around = _metadata_around_created(spec, codec, _dumps(codec_params))
+        with _parsed_lock:
+            if around not in _known_metadata and len(_known_metadata) >= _KNOWN_METADATA:
+                del _known_metadata[next(iter(_known_metadata))]
+            _known_metadata[around] = (codec, codec_params, spec)
+    return codec, codec_params, spec, created
+
+
+_KNOWN_METADATA = 64
+_known_metadata: dict[tuple[bytes, bytes], tuple[str, dict[str, Any], KVSpec]] = {}
+"""By the metadata JSON before and after the value of ``created`` (as :func:`_metadata_around_created` writes
+them): what that JSON says."""
 
 
 def make_meta(key: bytes, namespace: bytes, spec: KVSpec, num_tokens: int, codec: str,

@@ -32,6 +32,7 @@ from gdscache.format.chunkfile import (
     check_digest,
     pack_header,
     unpack_header,
+    unpack_headers,
 )
 from io_backends.base import ALIGN, FileBackend, FilesInFlight, FilesRead, Part, ReadHandle, Rows, align_up
 from io_backends.buffers import host_pool
@@ -470,40 +471,35 @@ class LocalTier:
         """Per chunk of :meth:`read_many`: ``(meta, payload)`` once its header and checksum hold, or the exception
         that makes it a miss (a :class:`CorruptChunk` quarantines its file); and the payloads as :class:`Rows` where
         every chunk holds and all are of one length (:attr:`ChunksRead.payloads`)."""
+        metas = unpack_headers(keys, read.heads, read.sizes)
+        rows = _payload_rows(metas, read)
+        if rows is not None:  # every chunk read whole, of one length: checked together
+            sums = digests(rows, [meta.checksum_alg for meta in metas])
+            if b"".join(sums) == b"".join(meta.payload_digest for meta in metas):
+                return list(zip(metas, rows)), rows
         outcome: list[tuple[ChunkMeta, torch.Tensor] | Exception] = list(read.errors)
-        header_bytes = read.heads.tobytes()
         checked: list[tuple[int, ChunkMeta, torch.Tensor]] = []
-        lengths: set[int] = set()
-        for i, size in enumerate(read.sizes):
+        for i, (meta, size) in enumerate(zip(metas, read.sizes, strict=True)):
             if size - PAYLOAD_OFFSET >= MAX_PAYLOAD:  # no chunk is that large: a stray file, never read
                 outcome[i] = CorruptChunk(f"file of {size - PAYLOAD_OFFSET} payload bytes")
             if outcome[i] is not None:
                 continue
-            try:
-                meta = unpack_header(header_bytes[i * HEADER_SIZE : (i + 1) * HEADER_SIZE], size)
-                if meta.key != keys[i]:
-                    raise CorruptChunk("file holds another key")
-                body = read.bodies[i]
-                if not 0 <= body.numel() - meta.payload_len < ALIGN:  # a payload, maybe padded to a 4 KiB boundary
-                    raise CorruptChunk(f"file of {size} bytes holds no {meta.payload_len}-byte payload")
-            except CorruptChunk as exc:
-                outcome[i] = exc
+            if isinstance(meta, CorruptChunk):
+                outcome[i] = meta
                 continue
-            lengths.add(meta.payload_len)
+            body = read.bodies[i]
+            if not 0 <= body.numel() - meta.payload_len < ALIGN:  # a payload, maybe padded to a 4 KiB boundary
+                outcome[i] = CorruptChunk(f"file of {size} bytes holds no {meta.payload_len}-byte payload")
+                continue
             checked.append((i, meta, body if meta.payload_len == body.numel() else body[: meta.payload_len]))
-        rows = None
-        if isinstance(read.bodies, Rows) and len(checked) == len(keys) and len(lengths) == 1:  # every body's start
-            rows = Rows(read.bodies.stack[:, : lengths.pop()])
-        payloads = rows if rows is not None else [p for _, _, p in checked]
-        sums = digests(payloads, [m.checksum_alg for _, m, _ in checked])
+        sums = digests([p for _, _, p in checked], [m.checksum_alg for _, m, _ in checked])
         for (i, meta, payload), got in zip(checked, sums, strict=True):
             try:
                 check_digest(meta, got)
                 outcome[i] = (meta, payload)
             except CorruptChunk as exc:
                 outcome[i] = exc
-                rows = None
-        return outcome, rows
+        return outcome, None
 
     @staticmethod
     def _header(handle: ReadHandle, key: bytes) -> ChunkMeta:
@@ -676,6 +672,20 @@ def thread_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in streams:
         streams[device] = torch.cuda.Stream(device)
     return streams[device]
+
+
+def _payload_rows(metas: Sequence[ChunkMeta | CorruptChunk], read: FilesRead) -> Rows | None:
+    """Every chunk's payload as rows of ``read``'s bodies, where each file was read whole into one row of one
+    stack, each header holds and all promise one payload length that fills its row (up to the 4 KiB padding); else
+    None."""
+    if not isinstance(read.bodies, Rows) or read.errors.count(None) != len(metas) or \
+            not all(isinstance(meta, ChunkMeta) for meta in metas):
+        return None
+    lengths = {meta.payload_len for meta in metas}
+    if len(lengths) != 1:
+        return None
+    length = lengths.pop()
+    return Rows(read.bodies.stack[:, :length]) if 0 <= read.bodies.stack.shape[1] - length < ALIGN else None
 
 
 def _read_verified(handle: ReadHandle, meta: ChunkMeta, pieces: list[list[torch.Tensor]], done: int) -> None:

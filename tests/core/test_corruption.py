@@ -105,7 +105,10 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
         whole = local.start_read_many(ns, keys, cpu)()  # every chunk holds: their payloads as rows of one view too
         assert whole.payloads is not None and len(whole.payloads) == 6
         assert all(torch.equal(whole.payloads.stack[k], singles[k][1]) for k in range(6))
-        _damage(paths[1], "payload-bitflip")
+        _damage(paths[1], "payload-bitflip")  # every file read whole, of one length: checked together, then each
+        read = local.start_read_many(ns, keys, cpu)()
+        assert [hit is not None for hit in read.hits] == [True, False, True, True, True, True]
+        assert read.payloads is None and torch.equal(read.hits[2][1], singles[2][1])
         _damage(paths[2], "truncated")
         os.unlink(paths[3])
         with open(paths[0], "rb") as src, open(paths[4], "wb") as dst:  # another key's file under this name
@@ -118,7 +121,7 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
             assert meta.key == keys[k] and meta.payload_digest == singles[k][0].payload_digest
             assert torch.equal(payload, singles[k][1])
         stats = cache.stats()
-        assert stats["local_corrupt"] == 3 and stats["local_read_misses"] == 1
+        assert stats["local_corrupt"] == 3 and stats["local_read_misses"] == 2  # 1 quarantined, then missing
         assert not any(os.path.exists(paths[k]) for k in (1, 2, 3, 4))
         out = torch.zeros_like(kv)
         assert cache.retrieve(tokens, out) == 16
@@ -138,7 +141,8 @@ def test_a_stray_file_of_absurd_size_is_a_miss_without_claiming_memory(cache_dir
         assert cache.stats()["local_corrupt"] == 1 and not os.path.exists(path)
 
 
-@pytest.mark.parametrize("params", [{}, {"bits": 4, "groups": [3, 1], "nested": {"z": 1, "a": 2.5}}])
+@pytest.mark.parametrize("params", [{}, {"bits": 4, "groups": [3, 1], "nested": {"z": 1, "a": 2.5}},
+                                    {"a": 1, "created": 3.5, "spec": {"created": 2}}])
 def test_header_bytes_follow_the_format(params):
     """docs/FORMAT.md: fixed fields, then the metadata as compact JSON with sorted keys, zeros to 4 KiB, and a CRC-32
     of the whole header taken with its own field zeroed (the packer builds the JSON from cached pieces)."""
@@ -187,3 +191,79 @@ def test_a_header_read_again_is_checked_against_its_file_again():
         unpack_header(bytes(flipped))
     with pytest.raises(dataclasses.FrozenInstanceError):
         unpack_header(header).codec = "cachegen"
+
+
+def _with_created(header: bytes, text: bytes) -> bytes:
+    """``header`` with the text of its ``created`` value replaced, its metadata length and CRC-32 made right again."""
+    import struct
+    import zlib
+
+    at = header.rindex(b',"created":') + len(b',"created":')
+    end = header.index(b',"spec":', at)
+    changed = bytearray(header[:at] + text + header[end:])[:HEADER_SIZE]
+    changed += bytes(HEADER_SIZE - len(changed))
+    meta_len_at = struct.calcsize("<8sHIH16s16sQQI")
+    (meta_len,) = struct.unpack_from("<I", header, meta_len_at)
+    struct.pack_into("<I", changed, meta_len_at, meta_len + len(text) - (end - at))
+    struct.pack_into("<I", changed, 10, 0)
+    struct.pack_into("<I", changed, 10, zlib.crc32(changed))
+    return bytes(changed)
+
+
+def test_metadata_known_from_other_chunks_is_still_read_exactly(monkeypatch):
+    """The JSON around ``created`` is parsed once per distinct settings (a float written as the packer writes it is
+    all that is parsed of the next chunks'); each header's own ``created`` is still read as written, and a header
+    that is not JSON as written is still corrupt."""
+    import json
+
+    from gdscache.format import chunkfile
+    from gdscache.format.chunkfile import ChunkMeta, CorruptChunk, pack_header, unpack_header
+    from gdscache.spec import KVSpec
+
+    decoded = []
+    monkeypatch.setattr(chunkfile.json, "loads", lambda text: decoded.append(text) or json.JSONDecoder().decode(
+        text.decode()))
+
+    spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
+    params = {"a": 1, "created": 3.5}
+    meta = ChunkMeta(b"m" * 16, b"n" * 16, spec, 256, "raw", params, 1 << 20, 2, b"d" * 24, 1.25)
+    header = pack_header(meta)
+    assert unpack_header(header) == meta
+    for text, created, parsed in ((b"1.5", 1.5, 0), (b"1.50", 1.5, 1), (b" 1.5", 1.5, 1), (b"7", 7, 1),
+                                  (b"1e300", 1e300, 1), (b"1e+300", 1e300, 0), (b"Infinity", float("inf"), 1)):
+        decoded.clear()
+        assert unpack_header(_with_created(header, text)) == dataclasses.replace(meta, created=created), text
+        assert len(decoded) == parsed, text
+    for text in (b"1_5", b"inf", b"nan", b"1.5,\"x\":"):  # float() takes the first three, JSON none
+        with pytest.raises(CorruptChunk, match="metadata"):
+            unpack_header(_with_created(header, text))
+    other = dataclasses.replace(meta, codec_params={"a": 2, "created": 3.5})  # one byte apart: settings of its own
+    assert unpack_header(_with_created(pack_header(other), b"2.5")) == dataclasses.replace(other, created=2.5)
+
+
+def test_headers_of_a_batch_are_each_checked_for_their_own_key_and_file():
+    """``unpack_headers``: one compare where every header was parsed before; otherwise each row on its own, with the
+    same answers as ``unpack_header`` plus its key and its file's size."""
+    from gdscache.format.chunkfile import ChunkMeta, CorruptChunk, pack_header, unpack_header, unpack_headers
+    from gdscache.spec import KVSpec
+
+    spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
+    metas = [ChunkMeta(bytes([65 + k]) * 16, b"n" * 16, spec, 256, "raw", {}, 1 << 20, 2, bytes([k]) * 24, 1.0 + k)
+             for k in range(5)]
+    keys = [m.key for m in metas]
+    heads = np.frombuffer(b"".join(pack_header(m) for m in metas), dtype=np.uint8).reshape(5, HEADER_SIZE).copy()
+    size = HEADER_SIZE + (1 << 20)
+    assert unpack_headers(keys, heads, [size] * 5) == metas  # parsed now, row by row
+    assert unpack_headers(keys, heads, [size] * 5) == metas  # known: compared at once
+    heads[1, 200] ^= 1  # damaged header bytes
+    heads[2] = heads[0]  # another key's header
+    sizes = [size, size, size, size - 1, -1]  # a truncated file; one that could not be opened
+    got = unpack_headers(keys, heads, sizes)
+    assert got[0] == metas[0]
+    assert [str(e) for e in got[1:]] == ["header checksum mismatch", "file holds another key",
+                                        f"truncated: {size - 1} bytes, header promises {size}",
+                                        f"truncated: -1 bytes, header promises {size}"]
+    assert all(isinstance(e, CorruptChunk) for e in got[1:])
+    heads[1, 200] ^= 1
+    assert unpack_headers(keys[:2], heads[:2], [size] * 2) == metas[:2]  # the damage replaced nothing kept
+    assert unpack_header(heads[1].tobytes(), size) == metas[1]
