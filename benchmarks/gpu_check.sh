@@ -19,7 +19,7 @@ SUMMARY=()
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
-# read_steps, fetch_groups, warm_files and store_files (~1 min each), issue3 (~1.5 min: "build issue3" gives issue 3's table),
+# read_steps, fetch_groups and store_files (~1 min each), warm_files (~2 min), issue3 (~1.5 min: "build issue3" gives issue 3's table),
 # udev (~1 min: creates /run/udev where absent, so put it last).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli read_under_store})
 
@@ -114,6 +114,7 @@ step_warm_files() {
     python3 benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8 --json "$OUT/warm_files_llama.json"
     python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64 --json "$OUT/warm_files_small.json"
     python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 8 --tokens 32768 --json "$OUT/warm_files_small_32k.json"
+    python3 benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 4 --tokens 131072 --json "$OUT/warm_files_small_128k.json"
 }
 
 step_read_under_store() {

@@ -22,6 +22,7 @@ and two ways from host memory, where no file is read:
     python benchmarks/gpu_warm_files.py --shape 32,8,128 --requests 8    # Llama-8B: 32 MiB chunks, 4 GiB
     python benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 64    # 1 MiB chunks, 1 GiB
     python benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 8 --tokens 32768   # 32k-token prompts, 1 GiB
+    python benchmarks/gpu_warm_files.py --shape 16,1,64 --requests 4 --tokens 131072  # 512 MiB per request, 2 GiB
 
 To compare two versions of the code on one host, run it from each version's tree in turn.
 """

@@ -598,6 +598,10 @@ class GDSCache:
 
         def finish() -> tuple[list[Fetched], Rows | None]:
             read = reading() if reading is not None else None
+            if read is not None and read.payloads is not None and len(local_keys) == len(chunk_keys) and \
+                    self._dram is None:  # every chunk a hit, and no tier to promote it into
+                self.metrics.inc("local_hits", len(read.hits))
+                return [Fetched(meta, payload, True) for meta, payload in read.hits], read.payloads
             local = iter(read.hits if read is not None else ())
             found: list[Fetched] = []
             hits = 0
@@ -751,6 +755,8 @@ class GDSCache:
             ready = torch.cuda.Event() if stream is not None else None
             if ready is not None:
                 ready.record()
+        if on_device >= 0 and len(todo) == len(found) and not any(errors):  # all decoded here, nothing to recycle
+            return [Fetched(fetched.meta, None, False, ready) for fetched in found]
         decoded = list(found)
         for i, error in zip(todo, errors, strict=True):
             fetched = found[i]
