@@ -176,7 +176,7 @@ for s in "${STEPS[@]}"; do
         fetch_groups) run_step fetch_groups 240 ;;
         issue3) run_step issue3 300 ;;
         udev) run_step udev 200 ;;
-        warm_files) run_step warm_files 200 ;;
+        warm_files) run_step warm_files 300 ;;
         store_files) run_step store_files 240 ;;
         *) run_step "$s" 60 ;;
     esac
