@@ -108,10 +108,13 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
 def unpack_headers(keys: Sequence[bytes], heads: np.ndarray, sizes: Sequence[int]) -> list[ChunkMeta | CorruptChunk]:
     """:func:`unpack_header` of each row of ``heads`` (``[n, HEADER_SIZE]`` uint8) with its file's size, or the
     :class:`CorruptChunk` it raised; a header that holds another key than its row's in ``keys`` is corrupt too.
-    Where every row holds the header last parsed for its key, one compare of all their bytes checks them."""
+    Where every row holds the header last parsed for its key, a compare of each row's bytes checks them."""
+    if heads.shape != (len(keys), HEADER_SIZE):
+        raise ValueError(f"heads must be [{len(keys)}, {HEADER_SIZE}], got {list(heads.shape)}")
     data = heads.tobytes()
     known = [_parsed.get(key) for key in keys]
-    if None not in known and b"".join(header for header, _ in known) == data:
+    kept = [header for header, _ in known] if None not in known else []
+    if kept and all(map(data.startswith, kept, range(0, len(data), HEADER_SIZE))):  # each row compared in place
         metas: list[ChunkMeta | CorruptChunk] = [meta for _, meta in known]
     else:
         metas = [_unpack_or_error(data[i * HEADER_SIZE : (i + 1) * HEADER_SIZE]) for i in range(len(keys))]
