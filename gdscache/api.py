@@ -755,7 +755,8 @@ class GDSCache:
             ready = torch.cuda.Event() if stream is not None else None
             if ready is not None:
                 ready.record()
-        if on_device >= 0 and len(todo) == len(found) and not any(errors):  # all decoded here, nothing to recycle
+        if on_device >= 0 and len(todo) == len(found) == len(errors) and all(error is None for error in errors):
+            # all decoded here, nothing to recycle
             return [Fetched(fetched.meta, None, False, ready) for fetched in found]
         decoded = list(found)
         for i, error in zip(todo, errors, strict=True):

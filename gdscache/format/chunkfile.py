@@ -109,8 +109,8 @@ def unpack_headers(keys: Sequence[bytes], heads: np.ndarray, sizes: Sequence[int
     """:func:`unpack_header` of each row of ``heads`` (``[n, HEADER_SIZE]`` uint8) with its file's size, or the
     :class:`CorruptChunk` it raised; a header that holds another key than its row's in ``keys`` is corrupt too.
     Where every row holds the header last parsed for its key, a compare of each row's bytes checks them."""
-    if heads.shape != (len(keys), HEADER_SIZE):
-        raise ValueError(f"heads must be [{len(keys)}, {HEADER_SIZE}], got {list(heads.shape)}")
+    if heads.shape != (len(keys), HEADER_SIZE) or heads.dtype != np.uint8:
+        raise ValueError(f"heads must be [{len(keys)}, {HEADER_SIZE}] uint8, got {list(heads.shape)} {heads.dtype}")
     data = heads.tobytes()
     known = [_parsed.get(key) for key in keys]
     kept = [header for header, _ in known] if None not in known else []

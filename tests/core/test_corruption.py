@@ -215,14 +215,15 @@ def test_metadata_known_from_other_chunks_is_still_read_exactly(monkeypatch):
     all that is parsed of the next chunks'); each header's own ``created`` is still read as written, and a header
     that is not JSON as written is still corrupt."""
     import json
+    import types
 
     from gdscache.format import chunkfile
     from gdscache.format.chunkfile import ChunkMeta, CorruptChunk, pack_header, unpack_header
     from gdscache.spec import KVSpec
 
     decoded = []
-    monkeypatch.setattr(chunkfile.json, "loads", lambda text: decoded.append(text) or json.JSONDecoder().decode(
-        text.decode()))
+    counting = types.SimpleNamespace(loads=lambda text: decoded.append(text) or json.loads(text))
+    monkeypatch.setattr(chunkfile, "json", counting)  # chunkfile's json only
 
     spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
     params = {"a": 1, "created": 3.5}
@@ -232,7 +233,8 @@ def test_metadata_known_from_other_chunks_is_still_read_exactly(monkeypatch):
     for text, created, parsed in ((b"1.5", 1.5, 0), (b"1.50", 1.5, 1), (b" 1.5", 1.5, 1), (b"7", 7, 1),
                                   (b"1e300", 1e300, 1), (b"1e+300", 1e300, 0), (b"Infinity", float("inf"), 1)):
         decoded.clear()
-        assert unpack_header(_with_created(header, text)) == dataclasses.replace(meta, created=created), text
+        got = unpack_header(_with_created(header, text))
+        assert got == dataclasses.replace(meta, created=created) and type(got.created) is type(created), text
         assert len(decoded) == parsed, text
     for text in (b"1_5", b"inf", b"nan", b"1.5,\"x\":"):  # float() takes the first three, JSON none
         with pytest.raises(CorruptChunk, match="metadata"):
@@ -254,7 +256,9 @@ def test_headers_of_a_batch_are_each_checked_for_their_own_key_and_file():
     heads = np.frombuffer(b"".join(pack_header(m) for m in metas), dtype=np.uint8).reshape(5, HEADER_SIZE).copy()
     size = HEADER_SIZE + (1 << 20)
     assert unpack_headers(keys, heads, [size] * 5) == metas  # parsed now, row by row
-    assert unpack_headers(keys, heads, [size] * 5) == metas  # known: compared at once
+    assert unpack_headers(keys, heads, [size] * 5) == metas  # kept: each row compared in place
+    kept = unpack_headers(keys, heads, [size, size, size, size - 1, size])  # kept, but one file is short
+    assert kept[:3] + kept[4:] == metas[:3] + metas[4:] and isinstance(kept[3], CorruptChunk)
     heads[1, 200] ^= 1  # damaged header bytes
     heads[2] = heads[0]  # another key's header
     sizes = [size, size, size, size - 1, -1]  # a truncated file; one that could not be opened
@@ -267,3 +271,41 @@ def test_headers_of_a_batch_are_each_checked_for_their_own_key_and_file():
     heads[1, 200] ^= 1
     assert unpack_headers(keys[:2], heads[:2], [size] * 2) == metas[:2]  # the damage replaced nothing kept
     assert unpack_header(heads[1].tobytes(), size) == metas[1]
+
+
+def test_a_batch_read_whole_still_checks_each_chunk_on_its_own():
+    """``LocalTier._verified`` takes a batch of one payload length at once only where every file was read and every
+    payload fills its row: a read that failed after its header, or a header promising less than its file holds, is
+    still a miss of its own chunk."""
+    from gdscache.format.checksum import HALFSUM3, digest
+    from gdscache.format.chunkfile import ChunkMeta, CorruptChunk, pack_header
+    from gdscache.spec import KVSpec
+    from gdscache.tiers.local import LocalTier
+    from io_backends.base import FilesRead, Rows
+
+    spec, length = KVSpec(4, 2, 8, 128, torch.bfloat16), 8192
+    stack = torch.randint(0, 256, (3, length), dtype=torch.uint8)
+    keys = [bytes([70 + k]) * 16 for k in range(3)]
+
+    def meta(k: int, payload_len: int = length) -> ChunkMeta:
+        return ChunkMeta(keys[k], b"n" * 16, spec, 256, "raw", {}, payload_len, HALFSUM3,
+                         digest(stack[k, :payload_len], HALFSUM3), 1.0 + k)
+
+    def verified(metas: list[ChunkMeta], errors: list[OSError | None]) -> list[object]:
+        heads = np.frombuffer(b"".join(pack_header(m) for m in metas), dtype=np.uint8).reshape(3, HEADER_SIZE)
+        read = FilesRead(heads.copy(), Rows(stack), [HEADER_SIZE + length] * 3, errors)
+        outcome, rows = LocalTier._verified(keys, read)
+        assert (rows is not None) == all(isinstance(got, tuple) for got in outcome)
+        return outcome
+
+    whole = verified([meta(k) for k in range(3)], [None] * 3)
+    assert [got[0] for got in whole] == [meta(k) for k in range(3)]
+    assert all(torch.equal(whole[k][1], stack[k]) for k in range(3))
+    failed = OSError(5, "a read that failed after its header")
+    got = verified([meta(k) for k in range(3)], [None, failed, None])
+    assert got[1] is failed and isinstance(got[0], tuple) and isinstance(got[2], tuple)
+    got = verified([meta(0), meta(1), meta(2, length - 4096)], [None] * 3)  # its digest holds for what it promises
+    assert isinstance(got[2], CorruptChunk) and "holds no 4096-byte payload" in str(got[2])
+    assert isinstance(got[0], tuple) and isinstance(got[1], tuple)
+    got = verified([meta(k, length - 4096) for k in range(3)], [None] * 3)  # all alike: one length, rows too wide
+    assert all(isinstance(e, CorruptChunk) and "holds no 4096-byte payload" in str(e) for e in got)
