@@ -12,6 +12,7 @@ import math
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,7 +149,7 @@ def _parse_new(key: bytes, header: bytes) -> ChunkMeta:
     meta = _parse_header(header)
     with _parsed_lock:
         if key not in _parsed and len(_parsed) >= _PARSED_HEADERS:
-            del _parsed[next(iter(_parsed))]  # the first kept goes first
+            _parsed.popitem(last=False)  # the first kept goes first
         _parsed[key] = (header, meta)
     return meta
 
@@ -158,7 +159,7 @@ _PARSED_HEADERS = 4096
 its fields, and ``created`` from its JSON: :func:`_metadata`)."""
 _KEY_AT = struct.calcsize("<8sHIH")
 """Where the key lies in a header (after magic, version, header crc32 and checksum algorithm)."""
-_parsed: dict[bytes, tuple[bytes, ChunkMeta]] = {}
+_parsed: OrderedDict[bytes, tuple[bytes, ChunkMeta]] = OrderedDict()
 """By key: the last header parsed for it, and its meta."""
 _parsed_lock = ForkSafeLock()
 
@@ -206,13 +207,13 @@ def _metadata(blob: bytes) -> tuple[str, dict[str, Any], KVSpec, Any]:
         around = _metadata_around_created(spec, codec, _dumps(codec_params))
         with _parsed_lock:
             if around not in _known_metadata and len(_known_metadata) >= _KNOWN_METADATA:
-                del _known_metadata[next(iter(_known_metadata))]
+                _known_metadata.popitem(last=False)
             _known_metadata[around] = (codec, codec_params, spec)
     return codec, codec_params, spec, created
 
 
 _KNOWN_METADATA = 64
-_known_metadata: dict[tuple[bytes, bytes], tuple[str, dict[str, Any], KVSpec]] = {}
+_known_metadata: OrderedDict[tuple[bytes, bytes], tuple[str, dict[str, Any], KVSpec]] = OrderedDict()
 """By the metadata JSON before and after the value of ``created`` (as :func:`_metadata_around_created` writes
 them): what that JSON says."""
 

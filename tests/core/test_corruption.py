@@ -309,3 +309,26 @@ def test_a_batch_read_whole_still_checks_each_chunk_on_its_own():
     assert isinstance(got[0], tuple) and isinstance(got[1], tuple)
     got = verified([meta(k, length - 4096) for k in range(3)], [None] * 3)  # all alike: one length, rows too wide
     assert all(isinstance(e, CorruptChunk) and "holds no 4096-byte payload" in str(e) for e in got)
+
+
+def test_headers_kept_are_bounded_first_in_first_out(monkeypatch):
+    """At most ``_PARSED_HEADERS`` headers are kept, the first kept going first; one no longer kept, or kept for
+    another header of its key, is parsed again, with the same answer."""
+    from gdscache.format import chunkfile
+    from gdscache.format.chunkfile import ChunkMeta, pack_header, unpack_header
+    from gdscache.spec import KVSpec
+
+    monkeypatch.setattr(chunkfile, "_PARSED_HEADERS", 3)
+    monkeypatch.setattr(chunkfile, "_parsed", type(chunkfile._parsed)())
+    spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
+    metas = [ChunkMeta(bytes([80 + k]) * 16, b"n" * 16, spec, 256, "raw", {}, 1 << 20, 2, b"d" * 24, 1.0 + k)
+             for k in range(5)]
+    for meta in metas:
+        assert unpack_header(pack_header(meta)) == meta
+    assert list(chunkfile._parsed) == [m.key for m in metas[2:]]
+    assert unpack_header(pack_header(metas[0])) == metas[0]  # parsed again, and kept: the oldest goes
+    assert list(chunkfile._parsed) == [m.key for m in (metas[3], metas[4], metas[0])]
+    again = dataclasses.replace(metas[3], created=9.5)  # its key written again: kept in its place, not added
+    assert unpack_header(pack_header(again)) == again
+    assert list(chunkfile._parsed) == [m.key for m in (metas[3], metas[4], metas[0])]
+    assert chunkfile._parsed[metas[3].key][1] == again
