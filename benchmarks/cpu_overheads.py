@@ -1,5 +1,7 @@
-"""CPU cost per call of two pieces of Python on every request: turning a token list into an array (the vLLM connector
-passes lists) and packing a chunk header (once per chunk stored).
+"""CPU cost per call of pieces of Python on every request: turning a token list into an array (the vLLM connector
+passes lists), packing a chunk header (once per chunk stored) and checking one (once per chunk read): one kept from
+an earlier read of its key, and one past those kept (a warm working set of ``CYCLED`` chunks, more than any tree
+keeps, so that every header read was let go since its last read).
 
     python benchmarks/cpu_overheads.py                     # this tree; a numpy array of tokens is the baseline
     python benchmarks/cpu_overheads.py --against 55f8787   # the same calls, also from that revision's modules
@@ -11,7 +13,9 @@ the median of the rounds is printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -29,6 +33,7 @@ from gdscache.spec import KVSpec
 
 TOKENS = 4096
 ROUNDS = 7
+CYCLED = 8192
 
 
 def main() -> None:
@@ -39,6 +44,9 @@ def main() -> None:
     as_list = tokens.tolist()
     meta = chunkfile.ChunkMeta(b"k" * 16, b"n" * 16, KVSpec(16, 2, 1, 64, torch.bfloat16), 256, "raw", {}, 1 << 20,
                                2, b"d" * 24)
+    kept = chunkfile.pack_header(meta) + b"\0"  # sliced per call: a header read is a new object
+    cycled = [chunkfile.pack_header(dataclasses.replace(meta, key=i.to_bytes(16, "little"), created=1.7e9 + i / 7))
+              for i in range(CYCLED)]
     sides = [("this tree", keys, chunkfile)]
     if args.against:
         sides.append((args.against, _module_at(args.against, "gdscache/keys.py"),
@@ -50,12 +58,23 @@ def main() -> None:
             raise SystemExit(f"{label}: pack_header writes other bytes than this tree")
         calls[f"as_token_array(list of {TOKENS}), {label}"] = (lambda m=keys_module: m.as_token_array(as_list), 200)
         calls[f"pack_header, {label}"] = (lambda m=chunkfile_module: m.pack_header(meta), 20000)
+        calls[f"unpack_header kept, {label}"] = (
+            lambda m=chunkfile_module: m.unpack_header(kept[: chunkfile.HEADER_SIZE]), 20000)
+        cycle = itertools.cycle(cycled)  # one per side: each side lets go of its own headers
+        calls[f"unpack_header past those kept, {label}"] = (
+            lambda m=chunkfile_module, c=cycle: m.unpack_header(next(c)), 2000)
+    group = np.frombuffer(b"".join(cycled[:64]), dtype=np.uint8).reshape(64, chunkfile.HEADER_SIZE)
+    group_keys = [chunkfile.unpack_header(header).key for header in cycled[:64]]
+    calls["unpack_headers of 64 kept (a GPU read's group), per header, this tree"] = (
+        lambda: chunkfile.unpack_headers(group_keys, group, [1 << 21] * 64), 500)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_no in range(ROUNDS):  # the calls take turns, in alternating order, so that drift falls on all alike
         for name, (fn, number) in calls.items() if round_no % 2 == 0 else reversed(calls.items()):
             times[name].append(min(timeit.repeat(fn, number=number, repeat=3)) / number * 1e6)
     for name, samples in times.items():
-        print(f"{name:<45} median {np.median(samples):8.1f} us  (rounds: {' '.join(f'{t:.1f}' for t in samples)})")
+        per = 64 if name.startswith("unpack_headers") else 1
+        print(f"{name:<45} median {np.median(samples) / per:8.2f} us  "
+              f"(rounds: {' '.join(f'{t / per:.2f}' for t in samples)})")
 
 
 def _module_at(rev: str, path: str) -> ModuleType:

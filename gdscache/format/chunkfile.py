@@ -102,7 +102,8 @@ def unpack_header(header: bytes, file_size: int | None = None) -> ChunkMeta:
     key = header[_KEY_AT : _KEY_AT + 16]
     known = _parsed.get(key)
     meta = known[1] if known is not None and known[0] == header else _parse_new(key, header)  # a compare of bytes
-    _check_size(meta, file_size)
+    if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:
+        raise _truncated(meta, file_size)
     return meta
 
 
@@ -133,11 +134,6 @@ def _unpack_or_error(header: bytes) -> ChunkMeta | CorruptChunk:
         return unpack_header(header)
     except CorruptChunk as exc:
         return exc
-
-
-def _check_size(meta: ChunkMeta, file_size: int | None) -> None:
-    if file_size is not None and file_size < PAYLOAD_OFFSET + meta.payload_len:
-        raise _truncated(meta, file_size)
 
 
 def _truncated(meta: ChunkMeta, file_size: int) -> CorruptChunk:
