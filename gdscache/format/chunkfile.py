@@ -12,7 +12,7 @@ import math
 import struct
 import time
 import zlib
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,8 +144,10 @@ def _parse_new(key: bytes, header: bytes) -> ChunkMeta:
     """Parse a header not kept yet (or changed) and keep it."""
     meta = _parse_header(header)
     with _parsed_lock:
-        if key not in _parsed and len(_parsed) >= _PARSED_HEADERS:
-            _parsed.popitem(last=False)  # the first kept goes first
+        if key not in _parsed:
+            if len(_parsed) >= _PARSED_HEADERS:
+                del _parsed[_parsed_order.popleft()]  # the first kept goes first
+            _parsed_order.append(key)
         _parsed[key] = (header, meta)
     return meta
 
@@ -155,8 +157,10 @@ _PARSED_HEADERS = 4096
 its fields, and ``created`` from its JSON: :func:`_metadata`)."""
 _KEY_AT = struct.calcsize("<8sHIH")
 """Where the key lies in a header (after magic, version, header crc32 and checksum algorithm)."""
-_parsed: OrderedDict[bytes, tuple[bytes, ChunkMeta]] = OrderedDict()
-"""By key: the last header parsed for it, and its meta."""
+_parsed: dict[bytes, tuple[bytes, ChunkMeta]] = {}
+"""By key: the last header parsed for it, and its meta (a plain dict: the quickest to look up)."""
+_parsed_order: deque[bytes] = deque()
+"""The keys of ``_parsed``, the first kept first (a dict's own first key, after many deletions, is a walk away)."""
 _parsed_lock = ForkSafeLock()
 
 
@@ -203,13 +207,13 @@ def _metadata(blob: bytes) -> tuple[str, dict[str, Any], KVSpec, Any]:
         around = _metadata_around_created(spec, codec, _dumps(codec_params))
         with _parsed_lock:
             if around not in _known_metadata and len(_known_metadata) >= _KNOWN_METADATA:
-                _known_metadata.popitem(last=False)
+                del _known_metadata[next(iter(_known_metadata))]  # a few dozen at most
             _known_metadata[around] = (codec, codec_params, spec)
     return codec, codec_params, spec, created
 
 
 _KNOWN_METADATA = 64
-_known_metadata: OrderedDict[tuple[bytes, bytes], tuple[str, dict[str, Any], KVSpec]] = OrderedDict()
+_known_metadata: dict[tuple[bytes, bytes], tuple[str, dict[str, Any], KVSpec]] = {}
 """By the metadata JSON before and after the value of ``created`` (as :func:`_metadata_around_created` writes
 them): what that JSON says."""
 

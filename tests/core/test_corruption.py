@@ -314,21 +314,26 @@ def test_a_batch_read_whole_still_checks_each_chunk_on_its_own():
 def test_headers_kept_are_bounded_first_in_first_out(monkeypatch):
     """At most ``_PARSED_HEADERS`` headers are kept, the first kept going first; one no longer kept, or kept for
     another header of its key, is parsed again, with the same answer."""
+    import collections
+
     from gdscache.format import chunkfile
     from gdscache.format.chunkfile import ChunkMeta, pack_header, unpack_header
     from gdscache.spec import KVSpec
 
     monkeypatch.setattr(chunkfile, "_PARSED_HEADERS", 3)
-    monkeypatch.setattr(chunkfile, "_parsed", type(chunkfile._parsed)())
+    monkeypatch.setattr(chunkfile, "_parsed", {})
+    monkeypatch.setattr(chunkfile, "_parsed_order", collections.deque())
     spec = KVSpec(4, 2, 8, 128, torch.bfloat16)
     metas = [ChunkMeta(bytes([80 + k]) * 16, b"n" * 16, spec, 256, "raw", {}, 1 << 20, 2, b"d" * 24, 1.0 + k)
              for k in range(5)]
     for meta in metas:
         assert unpack_header(pack_header(meta)) == meta
-    assert list(chunkfile._parsed) == [m.key for m in metas[2:]]
+    assert list(chunkfile._parsed) == list(chunkfile._parsed_order) == [m.key for m in metas[2:]]
     assert unpack_header(pack_header(metas[0])) == metas[0]  # parsed again, and kept: the oldest goes
-    assert list(chunkfile._parsed) == [m.key for m in (metas[3], metas[4], metas[0])]
+    assert list(chunkfile._parsed_order) == [m.key for m in (metas[3], metas[4], metas[0])]
+    assert sorted(chunkfile._parsed) == sorted(chunkfile._parsed_order)
     again = dataclasses.replace(metas[3], created=9.5)  # its key written again: kept in its place, not added
     assert unpack_header(pack_header(again)) == again
-    assert list(chunkfile._parsed) == [m.key for m in (metas[3], metas[4], metas[0])]
+    assert list(chunkfile._parsed_order) == [m.key for m in (metas[3], metas[4], metas[0])]
+    assert len(chunkfile._parsed) == 3
     assert chunkfile._parsed[metas[3].key][1] == again
