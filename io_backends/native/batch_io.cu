@@ -30,7 +30,8 @@
 //
 // Results, per range or file: the bytes read (0 for a file read whole or published), or -errno (an OS error), or
 // -kShortFile (the file ends before the range does), or -kSizeChanged (a file to read whole is larger than its
-// caller said), or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it). No C++ exception leaves the library: a pool that cannot start a thread makes a call return -EAGAIN.
+// caller said), or -(kCudaErrorBase + cudaError_t) for a failed CUDA call (gio_cuda_error_name names it). No C++
+// exception leaves the library: a pool that cannot start a thread makes a call return -EAGAIN.
 
 #include <cuda_runtime.h>
 #include <errno.h>
