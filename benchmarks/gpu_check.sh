@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
 # read_steps, fetch_groups and store_files (~1 min each), warm_files (~2 min), issue3 (~1.5 min: "build issue3" gives issue 3's table),
-# udev (~1 min: creates /run/udev where absent, so put it last).
+# udev (~1 min: creates /run/udev where absent, so put it last), cufile (~6 min: cuFile's udev entry, removed after).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli read_under_store})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -129,15 +129,43 @@ step_store_files() {
 }
 
 step_udev() {
-    # kvikio drives cuFile only where /run/udev exists, and these VMs have none (cuFile refuses their files). This
-    # creates it (only if absent; removed after) to check that the backend then asks cuFile, is refused, and runs
-    # and reports kvikio's POSIX path for every file: the io_mode test, then issue 3's small-shape run.
+    # kvikio drives cuFile only where /run/udev exists, and these VMs have none. This creates it (only if absent;
+    # removed after) to check that the backend, seeing cuFile without nvidia-fs, runs and reports kvikio's POSIX path
+    # for every file: the io_mode test, then issue 3's small-shape run.
     local rc=0
     if [ ! -e /run/udev ]; then
         mkdir /run/udev && trap 'rmdir /run/udev' EXIT && trap 'exit 143' TERM INT
     fi
     python3 -m pytest tests/gpu/test_kvikio_gpu.py -k after_asking_cufile -q -rs -s -p no:cacheprovider || rc=$?
     issue3_bench "$OUT/udev_small.json" small || rc=$?
+    return $rc
+}
+
+step_cufile() {
+    # bare cuFile and kvikio through cuFile against kvikio's POSIX path and libgdscache_io (issue 3). cuFile identifies
+    # a file's block device by its udev properties (ID_FS_TYPE, ID_FS_USAGE), and these VMs have no udev database, so
+    # cuFile refuses their files; this writes the entry it asks for, for the device under .bench (only where absent;
+    # removed after), then runs the mode test, the raw engines on one file and issue 3's runs through either path.
+    local rc=0 dev entry made=""
+    mkdir -p "$REPO/.bench"
+    dev=$(python3 -c 'import os, sys; s = os.stat(sys.argv[1]); print(f"{os.major(s.st_dev)}:{os.minor(s.st_dev)}")' \
+        "$REPO/.bench")
+    entry=/run/udev/data/b$dev
+    if [ ! -e "$entry" ]; then
+        [ -e /run/udev ] || made=/run/udev
+        mkdir -p /run/udev/data
+        printf 'I:1\nE:DEVNAME=%s\nE:ID_FS_TYPE=%s\nE:ID_FS_USAGE=filesystem\n' \
+            "$(findmnt -no SOURCE -T "$REPO/.bench")" "$(findmnt -no FSTYPE -T "$REPO/.bench")" > "$entry"
+        trap "rm -f $entry; [ -z '$made' ] || rm -r '$made'" EXIT
+        trap 'exit 143' TERM INT
+    fi
+    cat "$entry"
+    python3 -m pytest tests/gpu/test_kvikio_gpu.py -k cufile -q -rs -s -p no:cacheprovider || rc=$?
+    python3 benchmarks/bench_gds.py --dir "$REPO/.bench/gds" --skip-cache --out "$OUT/gds_cufile.json" || rc=$?
+    for shape in llama small; do  # the same runs through cuFile (compat mode where no nvidia-fs) and kvikio's POSIX path
+        (export KVIKIO_COMPAT_MODE=OFF; issue3_bench "$OUT/cufile_$shape.json" $shape) || rc=$?
+        (export KVIKIO_COMPAT_MODE=ON; issue3_bench "$OUT/posix_$shape.json" $shape) || rc=$?
+    done
     return $rc
 }
 
@@ -176,6 +204,7 @@ for s in "${STEPS[@]}"; do
         fetch_groups) run_step fetch_groups 240 ;;
         issue3) run_step issue3 300 ;;
         udev) run_step udev 200 ;;
+        cufile) run_step cufile 540 ;;
         warm_files) run_step warm_files 300 ;;
         store_files) run_step store_files 240 ;;
         *) run_step "$s" 60 ;;

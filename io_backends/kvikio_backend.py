@@ -9,12 +9,19 @@ Which path runs is kvikio's decision, reported by :func:`detect_io_mode`:
   goes between the storage device and GPU memory.
 - ``cufile-compat``: kvikio drives cuFile, but cuFile runs its own compatibility mode (no nvidia-fs).
 
-Where kvikio would drive cuFile (compat mode ``AUTO``), the backend first asks cuFile to register one
-file in the cache directory (:func:`cufile_refusal`). If cuFile refuses (say, no udev database to
-identify the block device), kvikio would fall back to POSIX file by file, paying a failed registration
-on every chunk file and reporting a cuFile mode it does not run; the backend sets kvikio's compat mode
-``ON`` instead, so every file takes the POSIX path at once and ``kvikio-posix`` is reported. kvikio's settings
-are process-wide: so is that choice.
+Where kvikio would drive cuFile of its own accord (compat mode ``AUTO``), the backend keeps cuFile only for
+GPUDirect, and sets kvikio's compat mode ``ON`` (its POSIX path for every file, ``kvikio-posix`` reported) where:
+
+- cuFile would run its own compat mode (no nvidia-fs). That mode opens files ``O_DIRECT``, so no read is ever
+  served from the page cache: on a lent H200, 4 GiB of Llama-8B chunks were retrieved warm at 1.62-1.77 GB/s
+  through cuFile and at 36.91-38.78 through kvikio's POSIX path and ``libgdscache_io.so``; cold reads were level
+  (1.57-1.76 and 1.54-1.79), stores 1.86-2.33 and 1.93-2.05 (benchmarks/RESULTS.md). ``KVIKIO_COMPAT_MODE=OFF``
+  keeps cuFile.
+- cuFile refuses to register a file in the cache directory (:func:`cufile_refusal`; say, no udev entry to
+  identify the block device). kvikio would fall back to POSIX file by file, paying a failed registration on every
+  chunk file and reporting a cuFile mode it does not run.
+
+kvikio's settings are process-wide: so is that choice.
 
 In ``kvikio-posix`` mode, where ``libgdscache_io.so`` is built (:mod:`io_backends.native`), a batch of files to read
 whole (:meth:`KvikioBackend.start_read_files`: a group of a request's chunk files, each opened, read and closed by
@@ -73,6 +80,21 @@ def detect_io_mode(kvikio: ModuleType) -> str:
     import kvikio.cufile_driver
 
     return "gds" if kvikio.cufile_driver.properties.is_gds_available else "cufile-compat"
+
+
+def _cufile_only_for_gds(kvikio: ModuleType, probe_dir: str | None) -> None:
+    """Where kvikio would drive cuFile of its own accord, keep cuFile only for GPUDirect that registers files in
+    ``probe_dir``; else set kvikio's POSIX path for every file of this process (module docstring)."""
+    if detect_io_mode(kvikio) != "gds":
+        log.info("cuFile runs without nvidia-fs here: its compat mode reads with O_DIRECT, never from the page cache, "
+                 "so kvikio's POSIX path is used (KVIKIO_COMPAT_MODE=OFF keeps cuFile)")
+    else:
+        refusal = cufile_refusal(probe_dir) if probe_dir is not None else None
+        if refusal is None:
+            return
+        log.warning("cuFile cannot register files in %s (%s); kvikio's POSIX path is used for every file in this "
+                    "process", probe_dir, refusal)
+    kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
 
 
 def cufile_refusal(directory: str) -> str | None:
@@ -148,8 +170,8 @@ class KvikioBackend(FileBackend):
     sets them.
     ``o_direct``: ``on`` lets kvikio use O_DIRECT for aligned reads and writes; ``off`` never;
     ``auto`` for writes only, so reads can still hit the page cache.
-    ``probe_dir``: where files will live; where kvikio would drive cuFile, one file is registered there first,
-    and kvikio's POSIX path is forced if cuFile refuses it (module docstring).
+    ``probe_dir``: where files will live; where kvikio would drive cuFile with GPUDirect, one file is registered
+    there first, and kvikio's POSIX path is forced if cuFile refuses it (module docstring).
     ``keep_open``: how many files' read handles stay open between reads (:class:`OpenFiles`); by default an eighth
     of the process's file-descriptor limit, at most 1024 (each handle holds two descriptors).
     ``native``: batches of reads and writes may go through ``libgdscache_io.so`` (module docstring); False leaves
@@ -185,15 +207,9 @@ class KvikioBackend(FileBackend):
                 "auto_direct_io_read": o_direct == "on",
             }
         )
+        if detect_io_mode(kvikio) != "kvikio-posix" and kvikio.defaults.get("compat_mode") == kvikio.CompatMode.AUTO:
+            _cufile_only_for_gds(kvikio, probe_dir)
         self._mode = detect_io_mode(kvikio)
-        if self._mode != "kvikio-posix" and probe_dir is not None and \
-                kvikio.defaults.get("compat_mode") == kvikio.CompatMode.AUTO:
-            refusal = cufile_refusal(probe_dir)
-            if refusal is not None:
-                log.warning("cuFile cannot register files in %s (%s); kvikio's POSIX path is used for every file "
-                            "in this process", probe_dir, refusal)
-                kvikio.defaults.set({"compat_mode": kvikio.CompatMode.ON})
-                self._mode = detect_io_mode(kvikio)
         self._threads, self._task_size = max(1, threads), task_size
         self.native_writes = native and self._mode == "kvikio-posix" and native_io.available()
         """Whether batches of files are written and published through ``libgdscache_io.so`` (module docstring)."""

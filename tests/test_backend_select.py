@@ -137,11 +137,12 @@ def test_bad_arguments_are_named(kwargs: dict, word: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "compat, gds, mode",
-    [(True, True, "kvikio-posix"), (False, True, "gds"), (False, False, "cufile-compat")],
+    "compat, gds, setting, mode",
+    [(True, True, "AUTO", "kvikio-posix"), (False, True, "AUTO", "gds"), (False, False, "OFF", "cufile-compat")],
 )
-def test_gds_with_cuda_uses_kvikio_and_reports_mode(fake_kvikio, compat: bool, gds: bool, mode: str) -> None:
-    fake_kvikio.compat_preferred, fake_kvikio.gds_available = compat, gds
+def test_gds_with_cuda_uses_kvikio_and_reports_mode(fake_kvikio, compat: bool, gds: bool, setting: str,
+                                                     mode: str) -> None:
+    fake_kvikio.compat_preferred, fake_kvikio.gds_available, fake_kvikio.compat_mode = compat, gds, setting
     backend = make_file_backend("gds", threads=3, o_direct="auto")
     try:
         assert type(backend).__name__ == "KvikioBackend"
@@ -152,6 +153,23 @@ def test_gds_with_cuda_uses_kvikio_and_reports_mode(fake_kvikio, compat: bool, g
         }
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("directory", [True, False])
+def test_cufile_without_nvidia_fs_gives_way_to_kvikio_posix(fake_kvikio, fake_cufile, tmp_path, caplog,
+                                                             directory: bool) -> None:
+    """Where kvikio would drive cuFile of its own accord but cuFile has no nvidia-fs (its compat mode: O_DIRECT
+    reads, no page-cache hits), kvikio's POSIX path is set for every file and reported, with one line at INFO saying
+    why; cuFile is not asked to register anything."""
+    fake_kvikio.compat_preferred, fake_kvikio.gds_available = False, False
+    caplog.set_level(logging.INFO, logger="gdscache")
+    backend = make_file_backend("gds", threads=2, directory=str(tmp_path) if directory else None)
+    backend.close()
+    assert backend.io_mode == "kvikio-posix" and fake_kvikio.compat_mode == "ON"
+    assert fake_cufile.registered == []
+    (message,) = [r.getMessage() for r in caplog.records if "nvidia-fs" in r.getMessage()]
+    assert "page cache" in message and "KVIKIO_COMPAT_MODE=OFF" in message and "\n" not in message
+    assert _warnings(caplog) == []
 
 
 @pytest.fixture
@@ -183,13 +201,13 @@ def fake_cufile(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     return knobs
 
 
-@pytest.mark.parametrize("refuse, mode", [(True, "kvikio-posix"), (False, "cufile-compat")])
+@pytest.mark.parametrize("refuse, mode", [(True, "kvikio-posix"), (False, "gds")])
 def test_cufile_is_asked_once_in_the_cache_directory(fake_kvikio, fake_cufile, tmp_path, caplog, refuse: bool,
                                                      mode: str) -> None:
-    """Where kvikio would drive cuFile, one file in the directory is registered first; a refusal forces kvikio's
-    POSIX path for every file (one warning naming the directory and cuFile's error) instead of a failed
-    registration per chunk file under a cuFile io_mode."""
-    fake_kvikio.compat_preferred, fake_cufile.refuse = False, refuse
+    """Where kvikio would drive cuFile with GPUDirect, one file in the directory is registered first; a refusal
+    forces kvikio's POSIX path for every file (one warning naming the directory and cuFile's error) instead of a
+    failed registration per chunk file under a cuFile io_mode."""
+    fake_kvikio.compat_preferred, fake_kvikio.gds_available, fake_cufile.refuse = False, True, refuse
     backend = make_file_backend("gds", threads=2, directory=str(tmp_path))
     backend.close()
     assert backend.io_mode == mode
@@ -209,12 +227,14 @@ def test_cufile_is_asked_once_in_the_cache_directory(fake_kvikio, fake_cufile, t
 def test_cufile_is_not_asked_where_kvikio_decided(fake_kvikio, fake_cufile, tmp_path, setting: str,
                                                   preferred: bool) -> None:
     """No probe where kvikio already takes its POSIX path, nor where the user set ``KVIKIO_COMPAT_MODE=OFF``
-    (cuFile or nothing: its errors then surface as failed writes, not as a quiet switch)."""
+    (cuFile or nothing: its errors then surface as failed writes, not as a quiet switch; and its compat mode is
+    kept)."""
     fake_kvikio.compat_preferred, fake_kvikio.compat_mode, fake_cufile.refuse = preferred, setting, True
     backend = make_file_backend("gds", threads=2, directory=str(tmp_path))
     backend.close()
     assert fake_cufile.registered == []
     assert backend.io_mode == ("kvikio-posix" if preferred else "cufile-compat")
+    assert fake_kvikio.compat_mode == setting
 
 
 def test_kvikio_write_read_round_trip(fake_kvikio, tmp_path) -> None:

@@ -38,22 +38,28 @@ def test_io_mode_is_what_kvikio_runs(kvikio_backend):
 
 
 def test_io_mode_after_asking_cufile(tmp_path):
-    """Where kvikio would drive cuFile, the backend runs and reports what cuFile allows in this directory: a cuFile
-    mode where it registers files, else kvikio's POSIX path (forced for every file). These VMs prefer the POSIX
-    path unless /run/udev exists: ``GPU_CHECK_STEPS=udev bash benchmarks/gpu_check.sh`` creates it to run this."""
+    """Where kvikio would drive cuFile, the backend runs and reports GPUDirect where cuFile has nvidia-fs and
+    registers files in this directory, else kvikio's POSIX path (forced for every file). These VMs prefer the POSIX
+    path unless /run/udev exists: ``GPU_CHECK_STEPS=udev`` creates it (cuFile then refuses their files),
+    ``GPU_CHECK_STEPS=cufile`` adds the udev entry cuFile needs (it then registers them, in its compat mode)."""
     import kvikio
+    import kvikio.cufile_driver
     import kvikio.defaults
+
+    from io_backends import native
 
     if kvikio.defaults.is_compat_mode_preferred():
         pytest.skip("kvikio takes its POSIX path here without asking cuFile")
     refusal = cufile_refusal(str(tmp_path))
+    gds = bool(kvikio.cufile_driver.properties.is_gds_available)
     backend = KvikioBackend(threads=2, probe_dir=str(tmp_path))
     try:
-        print(f"cuFile refusal: {refusal}; io_mode={backend.io_mode}")
-        if refusal is None:
-            assert backend.io_mode in ("gds", "cufile-compat")
+        print(f"cuFile refusal: {refusal}; nvidia-fs: {gds}; io_mode={backend.io_mode}")
+        if gds and refusal is None:
+            assert backend.io_mode == "gds"
         else:
             assert backend.io_mode == "kvikio-posix" and kvikio.defaults.is_compat_mode_preferred()
+            assert backend.native_reads == backend.native_writes == native.available()
         payload = _random_bytes(3 * MiB)
         path = str(tmp_path / "c.gdc")
         backend.write_file(path, [Part(0, payload)])
