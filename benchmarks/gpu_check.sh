@@ -20,7 +20,8 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # Not in the default list: warm_probe (benchmarks/kvikio_warm_probe.py, ~2-3 min; GPU_CHECK_STEPS=warm_probe),
 # read_steps, fetch_groups and store_files (~1 min each), warm_files (~2 min), issue3 (~1.5 min: "build issue3" gives issue 3's table),
-# udev (~1 min: creates /run/udev where absent, so put it last), cufile (~6 min: cuFile's udev entry, removed after).
+# udev (~1 min: creates /run/udev where absent, so put it last), cufile (~3 min: gives cuFile the udev entry it
+# needs, removed after; bare cuFile against kvikio).
 STEPS=(${GPU_CHECK_STEPS:-probe build tests codecs bench_gds bench_cli read_under_store})
 
 export GDSCACHE_CUDA_LIB=$REPO/build/cuda/libgdscache_cuda.so
@@ -145,24 +146,25 @@ step_cufile() {
     # bare cuFile and kvikio through cuFile against kvikio's POSIX path and libgdscache_io (issue 3). cuFile identifies
     # a file's block device by its udev properties (ID_FS_TYPE, ID_FS_USAGE), and these VMs have no udev database, so
     # cuFile refuses their files; this writes the entry it asks for, for the device under .bench (only where absent;
-    # removed after), then runs the mode test, the raw engines on one file and issue 3's runs through either path.
-    local rc=0 dev entry made=""
+    # the entry and the folders made for it are removed after), then runs the mode test, the raw engines on one file
+    # and issue 3's runs through either path.
+    local rc=0 dev entry made=()
     mkdir -p "$REPO/.bench"
     dev=$(python3 -c 'import os, sys; s = os.stat(sys.argv[1]); print(f"{os.major(s.st_dev)}:{os.minor(s.st_dev)}")' \
-        "$REPO/.bench")
+        "$REPO/.bench") || return 1
     entry=/run/udev/data/b$dev
     if [ ! -e "$entry" ]; then
-        [ -e /run/udev ] || made=/run/udev
-        mkdir -p /run/udev/data
-        printf 'I:1\nE:DEVNAME=%s\nE:ID_FS_TYPE=%s\nE:ID_FS_USAGE=filesystem\n' \
-            "$(findmnt -no SOURCE -T "$REPO/.bench")" "$(findmnt -no FSTYPE -T "$REPO/.bench")" > "$entry"
-        trap "rm -f $entry; [ -z '$made' ] || rm -r '$made'" EXIT
+        [ -d /run/udev/data ] || made+=(/run/udev/data)
+        [ -d /run/udev ] || made+=(/run/udev)
+        trap "rm -f '$entry'; rmdir ${made[*]} 2>/dev/null; true" EXIT
         trap 'exit 143' TERM INT
+        mkdir -p /run/udev/data && printf 'I:1\nE:DEVNAME=%s\nE:ID_FS_TYPE=%s\nE:ID_FS_USAGE=filesystem\n' \
+            "$(findmnt -nvo SOURCE -T "$REPO/.bench")" "$(findmnt -no FSTYPE -T "$REPO/.bench")" > "$entry" || return 1
     fi
     cat "$entry"
     python3 -m pytest tests/gpu/test_kvikio_gpu.py -k cufile -q -rs -s -p no:cacheprovider || rc=$?
     python3 benchmarks/bench_gds.py --dir "$REPO/.bench/gds" --skip-cache --out "$OUT/gds_cufile.json" || rc=$?
-    for shape in llama small; do  # the same runs through cuFile (compat mode where no nvidia-fs) and kvikio's POSIX path
+    for shape in llama small; do  # through cuFile (its compat mode where no nvidia-fs), then kvikio's POSIX path
         (export KVIKIO_COMPAT_MODE=OFF; issue3_bench "$OUT/cufile_$shape.json" $shape) || rc=$?
         (export KVIKIO_COMPAT_MODE=ON; issue3_bench "$OUT/posix_$shape.json" $shape) || rc=$?
     done

@@ -1,13 +1,17 @@
 """kvikio / cuFile backend: chunk files move straight between GPU buffers and storage.
 
-Which path runs is kvikio's decision, reported by :func:`detect_io_mode`:
+Which path runs, as :func:`detect_io_mode` reports it:
 
-- ``kvikio-posix``: kvikio prefers its own POSIX path (``KVIKIO_COMPAT_MODE=ON``, or ``AUTO`` where
-  cuFile is unusable: no libcufile, no nvidia-fs/udev access, WSL). GPU buffers go through kvikio's
-  pinned bounce buffers, split into ``task_size`` pieces on kvikio's thread pool.
+- ``kvikio-posix``: kvikio's own POSIX path, where kvikio prefers it (``KVIKIO_COMPAT_MODE=ON``, or ``AUTO``
+  where cuFile is unusable: no libcufile, no udev, WSL) or where the backend sets it (below). GPU buffers go
+  through pinned staging: kvikio's bounce buffers in ``task_size`` pieces on its thread pool, or
+  ``libgdscache_io.so``'s for batches.
 - ``gds``: kvikio drives cuFile and the cuFile driver reports the nvidia-fs module loaded, so DMA
-  goes between the storage device and GPU memory.
-- ``cufile-compat``: kvikio drives cuFile, but cuFile runs its own compatibility mode (no nvidia-fs).
+  goes between the storage device and GPU memory. (Where cuFile still serves a file in its compat mode with
+  nvidia-fs loaded, say ``force_compat_mode`` in cufile.json or a filesystem nvidia-fs does not handle, this is
+  reported too: cuFile does not say so per file.)
+- ``cufile-compat``: kvikio drives cuFile, which runs its own compatibility mode (no nvidia-fs); only where the
+  user set ``KVIKIO_COMPAT_MODE=OFF``.
 
 Where kvikio would drive cuFile of its own accord (compat mode ``AUTO``), the backend keeps cuFile only for
 GPUDirect, and sets kvikio's compat mode ``ON`` (its POSIX path for every file, ``kvikio-posix`` reported) where:

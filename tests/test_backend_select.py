@@ -163,9 +163,10 @@ def test_cufile_without_nvidia_fs_gives_way_to_kvikio_posix(fake_kvikio, fake_cu
     why; cuFile is not asked to register anything."""
     fake_kvikio.compat_preferred, fake_kvikio.gds_available = False, False
     caplog.set_level(logging.INFO, logger="gdscache")
-    backend = make_file_backend("gds", threads=2, directory=str(tmp_path) if directory else None)
-    backend.close()
-    assert backend.io_mode == "kvikio-posix" and fake_kvikio.compat_mode == "ON"
+    for _ in range(2):  # the choice holds for the process: said once
+        backend = make_file_backend("gds", threads=2, directory=str(tmp_path) if directory else None)
+        backend.close()
+        assert backend.io_mode == "kvikio-posix" and fake_kvikio.compat_mode == "ON"
     assert fake_cufile.registered == []
     (message,) = [r.getMessage() for r in caplog.records if "nvidia-fs" in r.getMessage()]
     assert "page cache" in message and "KVIKIO_COMPAT_MODE=OFF" in message and "\n" not in message
@@ -223,18 +224,28 @@ def test_cufile_is_asked_once_in_the_cache_directory(fake_kvikio, fake_cufile, t
         assert warnings == []
 
 
+def test_gds_without_a_directory_is_not_probed(fake_kvikio, fake_cufile) -> None:
+    """With GPUDirect and no directory to try a file in, cuFile is trusted: no probe, ``gds`` reported."""
+    fake_kvikio.compat_preferred, fake_kvikio.gds_available, fake_cufile.refuse = False, True, True
+    backend = make_file_backend("gds", threads=2)
+    backend.close()
+    assert fake_cufile.registered == [] and backend.io_mode == "gds" and fake_kvikio.compat_mode == "AUTO"
+
+
 @pytest.mark.parametrize("setting, preferred", [("AUTO", True), ("OFF", False)])
-def test_cufile_is_not_asked_where_kvikio_decided(fake_kvikio, fake_cufile, tmp_path, setting: str,
+def test_cufile_is_not_asked_where_kvikio_decided(fake_kvikio, fake_cufile, tmp_path, caplog, setting: str,
                                                   preferred: bool) -> None:
     """No probe where kvikio already takes its POSIX path, nor where the user set ``KVIKIO_COMPAT_MODE=OFF``
     (cuFile or nothing: its errors then surface as failed writes, not as a quiet switch; and its compat mode is
     kept)."""
     fake_kvikio.compat_preferred, fake_kvikio.compat_mode, fake_cufile.refuse = preferred, setting, True
+    caplog.set_level(logging.INFO, logger="gdscache")
     backend = make_file_backend("gds", threads=2, directory=str(tmp_path))
     backend.close()
     assert fake_cufile.registered == []
     assert backend.io_mode == ("kvikio-posix" if preferred else "cufile-compat")
     assert fake_kvikio.compat_mode == setting
+    assert not [r for r in caplog.records if "nvidia-fs" in r.getMessage()]
 
 
 def test_kvikio_write_read_round_trip(fake_kvikio, tmp_path) -> None:

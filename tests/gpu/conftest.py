@@ -16,10 +16,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def kvikio_backend():
-    """A KvikioBackend; kvikio is only imported once CUDA is known to be present."""
+    """A KvikioBackend; kvikio is only imported once CUDA is known to be present. kvikio's compat mode, which a
+    backend may set for the whole process, is put back after."""
     pytest.importorskip("kvikio")
+    import kvikio.defaults
+
     from io_backends.kvikio_backend import KvikioBackend
 
+    compat_mode = kvikio.defaults.get("compat_mode")
     backend = KvikioBackend(threads=4)
     yield backend
     backend.close()
+    kvikio.defaults.set({"compat_mode": compat_mode})
