@@ -77,12 +77,6 @@ class Rows(Sequence[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self._all())
 
-    def __add__(self, other: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [*self, *other]
-
-    def __radd__(self, other: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [*other, *self]
-
     def _all(self) -> tuple[torch.Tensor, ...]:
         if self._views is None:
             self._views = self.stack.unbind()  # one call for every view, once one is asked for
