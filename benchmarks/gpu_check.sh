@@ -147,18 +147,18 @@ step_cufile() {
     # a file's block device by its udev properties (ID_FS_TYPE, ID_FS_USAGE), and these VMs have no udev database, so
     # cuFile refuses their files; this writes the entry it asks for, for the device under .bench (only where absent;
     # the entry and the folders made for it are removed after), then runs the mode test, the raw engines on one file
-    # and issue 3's runs through either path.
-    local rc=0 dev entry made=()
+    # and issue 3's runs through either path. UDEV_DIR: where udev's database is (tests/test_gpu_check.py).
+    local rc=0 dev entry made=() udev=${UDEV_DIR:-/run/udev}
     mkdir -p "$REPO/.bench"
     dev=$(python3 -c 'import os, sys; s = os.stat(sys.argv[1]); print(f"{os.major(s.st_dev)}:{os.minor(s.st_dev)}")' \
         "$REPO/.bench") || return 1
-    entry=/run/udev/data/b$dev
+    entry=$udev/data/b$dev
     if [ ! -e "$entry" ]; then
-        [ -d /run/udev/data ] || made+=(/run/udev/data)
-        [ -d /run/udev ] || made+=(/run/udev)
-        trap "rm -f '$entry'; rmdir ${made[*]} 2>/dev/null; true" EXIT
+        [ -d "$udev/data" ] || made+=("$udev/data")
+        [ -d "$udev" ] || made+=("$udev")
+        trap "rm -f $(printf %q "$entry"); rmdir $(printf '%q ' "${made[@]}") 2>/dev/null; true" EXIT
         trap 'exit 143' TERM INT
-        mkdir -p /run/udev/data && printf 'I:1\nE:DEVNAME=%s\nE:ID_FS_TYPE=%s\nE:ID_FS_USAGE=filesystem\n' \
+        mkdir -p "$udev/data" && printf 'I:1\nE:DEVNAME=%s\nE:ID_FS_TYPE=%s\nE:ID_FS_USAGE=filesystem\n' \
             "$(findmnt -nvo SOURCE -T "$REPO/.bench")" "$(findmnt -no FSTYPE -T "$REPO/.bench")" > "$entry" || return 1
     fi
     cat "$entry"
