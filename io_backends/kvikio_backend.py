@@ -86,10 +86,11 @@ def detect_io_mode(kvikio: ModuleType) -> str:
     return "gds" if kvikio.cufile_driver.properties.is_gds_available else "cufile-compat"
 
 
-def _cufile_only_for_gds(kvikio: ModuleType, probe_dir: str | None) -> None:
-    """Where kvikio would drive cuFile of its own accord, keep cuFile only for GPUDirect that registers files in
-    ``probe_dir``; else set kvikio's POSIX path for every file of this process (module docstring)."""
-    if detect_io_mode(kvikio) != "gds":
+def _cufile_only_for_gds(kvikio: ModuleType, mode: str, probe_dir: str | None) -> None:
+    """Where kvikio would drive cuFile of its own accord (in io_mode ``mode``), keep cuFile only for GPUDirect that
+    registers files in ``probe_dir``; else set kvikio's POSIX path for every file of this process (module
+    docstring)."""
+    if mode != "gds":
         log.info("cuFile runs without nvidia-fs here: its compat mode reads with O_DIRECT, never from the page cache, "
                  "so kvikio's POSIX path is used (KVIKIO_COMPAT_MODE=OFF keeps cuFile)")
     else:
@@ -211,9 +212,10 @@ class KvikioBackend(FileBackend):
                 "auto_direct_io_read": o_direct == "on",
             }
         )
-        if detect_io_mode(kvikio) != "kvikio-posix" and kvikio.defaults.get("compat_mode") == kvikio.CompatMode.AUTO:
-            _cufile_only_for_gds(kvikio, probe_dir)
-        self._mode = detect_io_mode(kvikio)
+        mode = detect_io_mode(kvikio)
+        if mode != "kvikio-posix" and kvikio.defaults.get("compat_mode") == kvikio.CompatMode.AUTO:
+            _cufile_only_for_gds(kvikio, mode, probe_dir)
+        self._mode = detect_io_mode(kvikio)  # again: the call above may have set kvikio's POSIX path
         self._threads, self._task_size = max(1, threads), task_size
         self.native_writes = native and self._mode == "kvikio-posix" and native_io.available()
         """Whether batches of files are written and published through ``libgdscache_io.so`` (module docstring)."""
