@@ -17,13 +17,18 @@ import torch
 from gdscache.spec import KVSpec
 
 KEY_SIZE = 16
-_MAX_TOKEN = np.iinfo(np.int64).max
+KEY_SCHEME = 2
+"""What a key chain hashes, recorded in every fingerprint (a change moves keys to new namespaces): 1 hashed each token
+id as 8 bytes, 2 as 4 (half the bytes per key; no vocabulary comes near 2**32 ids)."""
+TOKEN_LIMIT = 1 << 32
+TOKEN_DTYPE = "<u4"
 
 
 def fingerprint(*, model_id: str, spec: KVSpec, layout: str, tp_rank: int, tp_size: int, chunk_size: int,
                 codec: str, codec_params: dict[str, Any]) -> dict[str, Any]:
     """Everything that makes two chunks incompatible, as a JSON-able dict."""
     return {
+        "key_scheme": KEY_SCHEME,
         "model_id": model_id,
         "kv": spec.to_json(),
         "layout": layout,
@@ -42,7 +47,7 @@ def namespace_of(fp: dict[str, Any]) -> bytes:
 
 
 def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
-    """Tokens as a 1-D little-endian int64 array; TypeError/ValueError name what is wrong."""
+    """Tokens as a 1-D little-endian uint32 array (as keys hash them); TypeError/ValueError name what is wrong."""
     if isinstance(tokens, torch.Tensor):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise TypeError(f"tokens must be integers, got a tensor of dtype {tokens.dtype}")
@@ -59,21 +64,22 @@ def as_token_array(tokens: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndar
         raise TypeError(f"tokens must be integers, got dtype {arr.dtype}")
     if arr.size and arr.min() < 0:
         raise ValueError(f"token ids must be >= 0, found {int(arr.min())}")
-    if arr.size and arr.dtype.kind == "u" and arr.max() > _MAX_TOKEN:  # a uint64 array
-        raise ValueError(f"token ids must be below 2**63, found {int(arr.max())}")
-    return np.ascontiguousarray(arr, dtype="<i8")
+    if arr.size and arr.itemsize > 4 and arr.max() >= TOKEN_LIMIT:
+        raise ValueError(f"token ids must be below 2**32, found {int(arr.max())}")
+    return np.ascontiguousarray(arr, dtype=TOKEN_DTYPE)
 
 
 def _sequence_array(tokens: Sequence[int]) -> np.ndarray:
-    """A list, tuple or range of ints as an int64 array (a vLLM request's token list comes this way on every call:
-    the element types are checked once each, not per element, and numpy converts in C)."""
+    """A list, tuple or range of ints as an int64 array, for :func:`as_token_array` to check (a vLLM request's token
+    list comes this way on every call: the element types are checked once each, not per element, and numpy converts in
+    C)."""
     if not all(map(_is_int_type, set(map(type, tokens)))):
         bad = next(t for t in tokens if not _is_int_type(type(t)))
         raise TypeError(f"tokens must be ints, found {bad!r} ({type(bad).__name__})")
     try:
         return np.asarray(tokens, dtype=np.int64)
     except OverflowError:
-        raise ValueError("token ids must be >= 0 and below 2**63; found one outside") from None
+        raise ValueError("token ids must be >= 0 and below 2**32; found one outside") from None
 
 
 def _is_int_type(kind: type) -> bool:
@@ -81,7 +87,8 @@ def _is_int_type(kind: type) -> bool:
 
 
 def chunk_keys(namespace: bytes, tokens: np.ndarray, chunk_size: int) -> list[bytes]:
-    """Keys of the whole chunks of ``tokens``: key[i] = blake2b(key[i-1] || tokens of chunk i)."""
+    """Keys of the whole chunks of ``tokens`` (:func:`as_token_array`'s): key[i] = blake2b(key[i-1] || tokens of chunk
+    i, 4 bytes each)."""
     return ChunkKeys(namespace, tokens, chunk_size)[:]
 
 

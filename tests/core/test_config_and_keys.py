@@ -64,11 +64,24 @@ def test_key_chain_matches_its_definition():
     keys = chunk_keys(ns, tokens, 4)
     assert len(keys) == 2  # the partial third chunk has no key
     k0 = hashlib.blake2b(ns, digest_size=16, person=b"gdscache-kv")
-    k0.update(np.arange(4, dtype="<i8").tobytes())
+    k0.update(np.arange(4, dtype="<u4").tobytes())
     assert keys[0] == k0.digest()
     k1 = hashlib.blake2b(keys[0], digest_size=16, person=b"gdscache-kv")
-    k1.update(np.arange(4, 8, dtype="<i8").tobytes())
+    k1.update(np.arange(4, 8, dtype="<u4").tobytes())
     assert keys[1] == k1.digest()
+
+
+def test_keys_stay_what_they_were():
+    """Keys are persistent: one written by this version must be found by the next, on every host. A change to the
+    scheme must be deliberate (``KEY_SCHEME`` raised, which moves every key to a new namespace), never a side effect."""
+    spec = KVSpec(2, 2, 4, 8, torch.bfloat16)
+    fp = fingerprint(model_id="m", spec=spec, layout="LPTHD", tp_rank=0, tp_size=1, chunk_size=4, codec="raw",
+                     codec_params={})
+    assert fp["key_scheme"] == 2
+    ns = namespace_of(fp)
+    assert ns.hex() == "5f6dbe88fb6db0c3eb5da54a91b4ac0b"
+    assert [k.hex() for k in chunk_keys(ns, as_token_array(np.arange(10, dtype=np.int64)), 4)] == [
+        "b8f82e9abe681fc8052a0e08b1424d4d", "06042f9e96902b5998661a6bfa88bc4d"]
 
 
 def test_keys_hashed_as_asked_for_are_the_chain_s():
