@@ -276,7 +276,6 @@ class GDSCache:
         batch: list[Fetched] = []  # fetched in order, not yet counted (or decoded): chunks n_read, n_read + 1, ...
         # a codec that gains nothing from decoding chunks together decodes each on its I/O thread, in parallel
         decode_here = not (self._codec.batches and out.is_cuda)
-        caller = torch.cuda.current_stream(out.device) if out.is_cuda else None
         written: list[torch.cuda.Event] = []  # I/O threads' writes into ``out``: the caller's stream waits for all
 
         def take(job: FetchJob) -> list[Fetched]:
@@ -294,9 +293,9 @@ class GDSCache:
         # I/O threads write into ``out`` only after the work the caller has queued on it so far (the DRAM prefix's
         # copies too); this thread decodes on the caller's stream, after that work already
         after = None
-        if caller is not None and decode_here and not here:
+        if left and out.is_cuda and decode_here and not here:
             after = torch.cuda.Event()
-            after.record(caller)
+            after.record(torch.cuda.current_stream(out.device))
         window = max(2, 2 * self.config.io_threads)  # fetch tasks in flight
         if out.is_cuda:
             window = max(2, min(window, INFLIGHT_BYTES // (group * spec.bytes_per_token() * chunk)))
@@ -321,14 +320,16 @@ class GDSCache:
                 # once, decoded by one codec call where the codec batches (fuller kernels), bounding the payloads held
                 last = not inflight and next_submit == len(chunk_keys)
                 if batch and (stopped or last or not out.is_cuda or len(batch) >= window * group):
-                    done = self._decode_prefix(batch, spec, self._chunk_views(out, n_read, len(batch)))
+                    done = self._decode_prefix(batch, spec, out, n_read)
                     n_read, stopped, batch = n_read + done, stopped or done < len(batch), []
         finally:
             self._drain([job for job, _ in inflight], take, recycle=not out.is_cuda)
             if here:
                 self._inline_slots.release()
-            for event in written:
-                caller.wait_event(event)
+            if written:
+                caller = torch.cuda.current_stream(out.device)
+                for event in written:
+                    caller.wait_event(event)
         misses = len(chunk_keys) - n_read
         self.metrics.inc("hit_chunks", n_read)
         self.metrics.inc("miss_chunks", misses)
@@ -574,7 +575,9 @@ class GDSCache:
 
         def finish() -> list[Fetched]:
             found, payloads = fetch()
-            return self._decode_here(found, targets, spec, after, payloads) if decode_here else found
+            if decode_here:
+                return self._decode_here(found, targets, spec, after, payloads)
+            return found if payloads is None else _with_payloads(found, payloads)
 
         return finish
 
@@ -583,7 +586,8 @@ class GDSCache:
         """Begin :meth:`_fetch` of consecutive chunks for a GPU up to the first miss: those the local tier holds, up
         to the first it does not, are read together (started now); the rest as :meth:`_fetch_each` does, when the
         returned function (to call once, on this thread) has the local tier's answers. It also gives every chunk's
-        payload as rows of one view, where all were read together (:attr:`ChunksRead.payloads`), else None."""
+        payload as rows of one view, where all were read together (:attr:`ChunksRead.payloads`), else None; where it
+        does, a chunk's own ``payload`` may be None (:func:`_with_payloads` sets them)."""
         plan: list[Fetched | None] = []  # a chunk held nearer (write queue, DRAM), or None: in the local tier
         if self._writer is None and self._dram is None:  # only the local tier: one look at its index for all
             plan += [None] * sum(self._local.contains_many(self._namespace, chunk_keys, leading=True))
@@ -600,8 +604,8 @@ class GDSCache:
             read = reading() if reading is not None else None
             if read is not None and read.payloads is not None and len(local_keys) == len(chunk_keys) and \
                     self._dram is None:  # every chunk a hit, and no tier to promote it into
-                self.metrics.inc("local_hits", len(read.hits))
-                return [Fetched(meta, payload, True) for meta, payload in read.hits], read.payloads
+                self.metrics.inc("local_hits", len(read.metas))
+                return [Fetched(meta, None, True) for meta in read.metas], read.payloads  # no view per payload
             local = iter(read.hits if read is not None else ())
             found: list[Fetched] = []
             hits = 0
@@ -727,10 +731,13 @@ class GDSCache:
         after ``after`` (the caller's work on ``out``), or with ``after`` None on this thread's current stream (the
         caller's: after its work, and with nothing for it to wait for). Host payloads for a GPU (DRAM or remote hits)
         and chunks that do not decode go back as fetched, for the caller to copy in batches or to report.
-        ``payloads``: every found chunk's payload as rows of one view, where they are (then no view per chunk)."""
+        ``payloads``: every found chunk's payload as rows of one view, where they are (then no view per chunk, and a
+        chunk's own ``payload`` may be None)."""
         device = _device_of(targets)  # the targets are views of one ``out``
         on_device = device.index if device.type == "cuda" else -1  # as ``get_device`` says it, without a device object
         rows = payloads if payloads is not None and payloads.stack.get_device() == on_device else None
+        if payloads is not None and rows is None:
+            found = _with_payloads(found, payloads)
         if rows is not None:
             todo = [i for i, fetched in enumerate(found) if self._same_settings(fetched.meta, spec)]
         else:
@@ -741,7 +748,8 @@ class GDSCache:
         if len(todo) == len(found):  # all of them: whole sequences, no view per chunk
             sources, dests = rows if rows is not None else [f.payload for f in found], targets[: len(found)]
         else:
-            sources, dests = [found[i].payload for i in todo], [targets[i] for i in todo]
+            sources = [rows[i] if rows is not None else found[i].payload for i in todo]
+            dests = [targets[i] for i in todo]
         stream = thread_stream(device) if on_device >= 0 and after is not None else None
         if on_device >= 0:  # GPU payloads come from the reading thread's stream: kept until the decoding one is done
             decoding = stream if stream is not None else torch.cuda.current_stream(device)
@@ -759,10 +767,10 @@ class GDSCache:
             # all decoded here, nothing to recycle
             return [Fetched(fetched.meta, None, False, ready) for fetched in found]
         decoded = list(found)
-        for i, error in zip(todo, errors, strict=True):
+        for i, source, error in zip(todo, sources, errors, strict=True):
             fetched = found[i]
             if error is not None:  # the caller decodes it again and reports it, after ``ready``
-                decoded[i] = fetched._replace(ready=ready)
+                decoded[i] = fetched._replace(payload=source, ready=ready)
                 continue
             if fetched.owned and on_device < 0:
                 self._recycle(fetched.payload)
@@ -782,15 +790,16 @@ class GDSCache:
         # the same views as token_slice's, as rows of one view, made when asked for (Python per chunk adds up on a GPU)
         return Rows(kv[:, :, first * chunk : (first + count) * chunk].unflatten(2, (count, chunk)).movedim(2, 0))
 
-    def _decode_prefix(self, fetched: list[Fetched], spec: KVSpec, outs: Sequence[KV]) -> int:
-        """Decode fetched chunks into ``outs`` with one codec call; how many, from the first, are now in place.
+    def _decode_prefix(self, fetched: list[Fetched], spec: KVSpec, out: KV, first: int) -> int:
+        """Decode fetched chunks into chunks ``first, first + 1, ...`` of ``out`` with one codec call; how many, from
+        the first, are now in place (those an I/O thread decoded too).
 
         Payloads this call owns go back to the buffer pool once decoding no longer needs them.
         """
         usable = 0
         while usable < len(fetched) and self._matches(fetched[usable].meta, spec):
             usable += 1
-        device = _device_of(outs)
+        device = out.device
         for ready in _distinct_events(item.ready for item in fetched[:usable]):  # written (or tried) by an I/O thread
             torch.cuda.current_stream(device).wait_event(ready)
         todo = [k for k in range(usable) if fetched[k].payload is not None]
@@ -800,7 +809,10 @@ class GDSCache:
                 payload.record_stream(torch.cuda.current_stream(payload.device))
         if not self._codec.decodes_from_host:
             payloads = [p.to(device, non_blocking=True) for p in payloads]
-        errors = self._codec.decode_many(payloads, spec, self.config.chunk_size, [outs[k] for k in todo]) if todo else []
+        errors = []
+        if todo:  # the views only where a chunk is left to decode here
+            outs = self._chunk_views(out, first, len(fetched))
+            errors = self._codec.decode_many(payloads, spec, self.config.chunk_size, [outs[k] for k in todo])
         failed = next(((k, error) for k, error in zip(todo, errors, strict=True) if error is not None), None)
         done = usable
         if failed is not None:  # the prefix ends before the first chunk that did not decode
@@ -860,6 +872,12 @@ def _buffers(payloads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors that ``payloads`` are views of, each once (a batched read's payloads share one): a stream recorded
     on a view is recorded on its whole allocation."""
     return list({id(base): base for base in (p if p._base is None else p._base for p in payloads)}.values())
+
+
+def _with_payloads(found: list[Fetched], payloads: Rows) -> list[Fetched]:
+    """``found`` with each chunk's payload set to its row of ``payloads`` where it is None."""
+    return [fetched if fetched.payload is not None else fetched._replace(payload=row)
+            for fetched, row in zip(found, payloads, strict=True)]
 
 
 def _device_of(targets: Sequence[KV]) -> torch.device:

@@ -81,10 +81,13 @@ class RawCodec(Codec):
         """Host payloads into a GPU tensor by 2-D copies, the destinations reckoned from ``out``'s strides (no view per
         chunk): DRAM-tier hits of a whole request for a few Python calls."""
         end = start + len(payloads) * num_tokens
-        if not payloads or isinstance(out, KVPages) or not out.is_cuda or end > out.shape[2] or \
-                _rows(out[:, :, start:end]) is None:  # the whole run's tokens evenly laid out, not only a chunk's
+        if not payloads or isinstance(out, KVPages) or not out.is_cuda or end > out.shape[2] or out.dim() != 5:
             return False
-        rows = _rows(out[:, :, start : start + num_tokens])
+        layers, planes, _, heads, dim = out.shape  # the rows of token slices of ``out``, reckoned without slicing it
+        strides, size = out.stride(), out.element_size()
+        rows = _rows_of((layers, planes, num_tokens, heads, dim), strides, size)
+        if rows is None or _rows_of((layers, planes, end - start, heads, dim), strides, size) is None:
+            return False  # the whole run's tokens must be evenly laid out, not only a chunk's
         step = num_tokens * out.stride(2) * out.element_size()
         first = out.data_ptr() + start * out.stride(2) * out.element_size()
         return self._copy_rows_to(payloads, [first + k * step for k in range(len(payloads))], rows, out, spec)
@@ -131,8 +134,13 @@ def _rows(out: torch.Tensor | KVPages) -> tuple[int, int, int] | None:
     contiguous, evenly spaced and not overlapping; None for any other layout (pages, other strides)."""
     if isinstance(out, KVPages) or out.dim() != 5:
         return None
-    layers, planes, tokens, heads, dim = out.shape
-    s0, s1, s2, s3, s4 = out.stride()
+    return _rows_of(out.shape, out.stride(), out.element_size())
+
+
+def _rows_of(shape: Sequence[int], strides: Sequence[int], element_size: int) -> tuple[int, int, int] | None:
+    """:func:`_rows` of a 5-D tensor of this shape, these strides and this element size."""
+    layers, planes, tokens, heads, dim = shape
+    s0, s1, s2, s3, s4 = strides
     if (s4 != 1 and dim > 1) or (s3 != dim and heads > 1) or (s2 != heads * dim and tokens > 1) or \
             (layers > 1 and planes > 1 and s0 != planes * s1):
         return None
@@ -140,7 +148,7 @@ def _rows(out: torch.Tensor | KVPages) -> tuple[int, int, int] | None:
     pitch = width if layers * planes == 1 else s1 if planes > 1 else s0
     if pitch < width:  # rows that overlap
         return None
-    return layers * planes, width * out.element_size(), pitch * out.element_size()
+    return layers * planes, width * element_size, pitch * element_size
 
 
 def _copy_wide(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -77,12 +77,30 @@ class _Pending:
 
 
 class ChunksRead(NamedTuple):
-    """What :meth:`LocalTier.start_read_many` read: per chunk ``(meta, payload)`` or None (a miss), and ``payloads``:
-    every payload as :class:`~io_backends.base.Rows` of one view where every chunk is a hit of one length (a
-    batch's next steps then take them whole), else None."""
+    """What :meth:`LocalTier.start_read_many` read: per chunk ``(meta, payload)`` or None (a miss), and ``payloads``
+    and ``metas``: every payload as :class:`~io_backends.base.Rows` of one view, and every meta, where every chunk is
+    a hit of one length (a batch's next steps then take them whole, and no view per payload is made unless one of
+    ``hits`` is asked for), else None."""
 
-    hits: list[tuple[ChunkMeta, torch.Tensor] | None]
+    hits: Sequence[tuple[ChunkMeta, torch.Tensor] | None]
     payloads: Rows | None
+    metas: list[ChunkMeta] | None = None
+
+
+class _RowHits(Sequence[tuple[ChunkMeta, torch.Tensor]]):
+    """:attr:`ChunksRead.hits` where every chunk is a hit whose payload is a row of one view: each ``(meta, payload)``
+    made when asked for."""
+
+    def __init__(self, metas: list[ChunkMeta], rows: Rows) -> None:
+        self.metas, self._rows = metas, rows
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(zip(self.metas[index], self._rows[index], strict=True))
+        return self.metas[index], self._rows[index]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -439,7 +457,10 @@ class LocalTier:
                     outcome, payloads = self._verified(keys, reading())
             finally:
                 self._unpin(keys)
-            return ChunksRead(self._account(keys, paths, outcome), payloads)
+            if isinstance(outcome, _RowHits):  # every chunk a hit
+                self._hits(keys)
+                return ChunksRead(outcome, payloads, outcome.metas)
+            return ChunksRead(self._account(keys, paths, outcome), None)
 
         return finish
 
@@ -467,16 +488,17 @@ class LocalTier:
 
     @staticmethod
     def _verified(keys: Sequence[bytes], read: FilesRead
-                  ) -> tuple[list[tuple[ChunkMeta, torch.Tensor] | Exception], Rows | None]:
+                  ) -> tuple[Sequence[tuple[ChunkMeta, torch.Tensor] | Exception], Rows | None]:
         """Per chunk of :meth:`read_many`: ``(meta, payload)`` once its header and checksum hold, or the exception
         that makes it a miss (a :class:`CorruptChunk` quarantines its file); and the payloads as :class:`Rows` where
-        every chunk holds and all are of one length (:attr:`ChunksRead.payloads`)."""
+        every chunk holds and all are of one length (:attr:`ChunksRead.payloads`; then the first is a
+        :class:`_RowHits`)."""
         metas = unpack_headers(keys, read.heads, read.sizes)
         rows = _payload_rows(metas, read)
         if rows is not None:  # every chunk read whole, of one length: checked together
             sums = digests(rows, [meta.checksum_alg for meta in metas])
             if b"".join(sums) == b"".join(meta.payload_digest for meta in metas):
-                return list(zip(metas, rows)), rows
+                return _RowHits(metas, rows), rows  # ``_payload_rows`` found every one a ChunkMeta
         outcome: list[tuple[ChunkMeta, torch.Tensor] | Exception] = list(read.errors)
         checked: list[tuple[int, ChunkMeta, torch.Tensor]] = []
         for i, (meta, size) in enumerate(zip(metas, read.sizes, strict=True)):

@@ -105,6 +105,10 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
         whole = local.start_read_many(ns, keys, cpu)()  # every chunk holds: their payloads as rows of one view too
         assert whole.payloads is not None and len(whole.payloads) == 6
         assert all(torch.equal(whole.payloads.stack[k], singles[k][1]) for k in range(6))
+        assert whole.metas == [meta for meta, _ in singles] and len(whole.hits) == 6  # each hit made when asked for
+        assert all(meta == singles[k][0] and torch.equal(payload, singles[k][1])
+                   for k, (meta, payload) in enumerate(whole.hits))
+        assert [meta for meta, _ in whole.hits[-2:]] == whole.metas[4:] and whole.hits[-1][0] == singles[5][0]
         _damage(paths[1], "payload-bitflip")  # every file read whole, of one length: checked together, then each
         read = local.start_read_many(ns, keys, cpu)()
         assert [hit is not None for hit in read.hits] == [True, False, True, True, True, True]
