@@ -70,7 +70,7 @@ class Config(BaseModel):
                             "being written), flush() waits")
     write_queue_depth: int = Field(32, gt=0, description="chunks queued or being written in async mode "
                                                         "before store() blocks")
-    io_threads: int = Field(8, gt=0, le=256, description="parallel file operations")
+    io_threads: int = Field(12, gt=0, le=256, description="parallel file operations")
     o_direct: Literal["auto", "on", "off"] = Field("auto", description="POSIX O_DIRECT use")
     durable: bool = Field(True, description="fsync each chunk before publishing it")
     remote_url: str | None = Field(None, description="fsspec URL of the shared object tier, e.g. s3://bucket/kv")

@@ -54,7 +54,7 @@ class BenchOptions:
     device: str = "cpu"
     storage: str = "gds"
     o_direct: str = "auto"
-    threads: int = 8
+    threads: int = 12
     write_mode: str = "async"
     total_bytes: int = 512 << 20
     cold: bool = True

@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gds: kvikio/cuFile (GPUDirect or its compat mode); posix: pread/pwrite "
                         "(default gds on CUDA, posix on CPU)")
     s.add_argument("--o-direct", default="auto", choices=("auto", "on", "off"), help="POSIX O_DIRECT (default auto)")
-    s.add_argument("--threads", type=int, default=8, help="parallel file operations (default 8)")
+    s.add_argument("--threads", type=int, default=12, help="parallel file operations (default 12)")
     s.add_argument("--write-mode", default="async", choices=("sync", "async"),
                    help="the cache's write_mode: async returns from store() before the files are published, sync "
                         "after; each round's flush() is timed, so both measure until published (default async)")
