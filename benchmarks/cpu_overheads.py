@@ -1,5 +1,5 @@
 """CPU cost per call of pieces of Python on every request: turning a token list into an array (the vLLM connector
-passes lists), packing a chunk header (once per chunk stored) and checking one (once per chunk read): one kept from
+passes lists), hashing a request's chunk keys (per key), packing a chunk header (once per chunk stored) and checking one (once per chunk read): one kept from
 an earlier read of its key, and one past those kept (a warm working set of ``CYCLED`` chunks, more than any tree
 keeps, so that every header read was let go since its last read).
 
@@ -32,6 +32,7 @@ from gdscache.format import chunkfile
 from gdscache.spec import KVSpec
 
 TOKENS = 4096
+CHUNK = 256
 ROUNDS = 7
 CYCLED = 8192
 
@@ -57,6 +58,8 @@ def main() -> None:
         if chunkfile_module.pack_header(meta) != chunkfile.pack_header(meta):
             raise SystemExit(f"{label}: pack_header writes other bytes than this tree")
         calls[f"as_token_array(list of {TOKENS}), {label}"] = (lambda m=keys_module: m.as_token_array(as_list), 200)
+        calls[f"chunk keys of {TOKENS} tokens, per key, {label}"] = (
+            lambda m=keys_module: m.chunk_keys(b"n" * 16, m.as_token_array(tokens), CHUNK), 500)
         calls[f"pack_header, {label}"] = (lambda m=chunkfile_module: m.pack_header(meta), 20000)
         calls[f"unpack_header kept, {label}"] = (
             lambda m=chunkfile_module: m.unpack_header(kept[: chunkfile.HEADER_SIZE]), 20000)
@@ -72,7 +75,7 @@ def main() -> None:
         for name, (fn, number) in calls.items() if round_no % 2 == 0 else reversed(calls.items()):
             times[name].append(min(timeit.repeat(fn, number=number, repeat=3)) / number * 1e6)
     for name, samples in times.items():
-        per = 64 if name.startswith("unpack_headers") else 1
+        per = 64 if name.startswith("unpack_headers") else TOKENS // CHUNK if name.startswith("chunk keys") else 1
         print(f"{name:<45} median {np.median(samples) / per:8.2f} us  "
               f"(rounds: {' '.join(f'{t / per:.2f}' for t in samples)})")
 
