@@ -97,6 +97,8 @@ class ChunkKeys(Sequence[bytes]):
     first chunks before it has hashed the rest (a key costs a few microseconds), and hashes none past a miss."""
 
     def __init__(self, namespace: bytes, tokens: np.ndarray, chunk_size: int) -> None:
+        if tokens.dtype != np.dtype(TOKEN_DTYPE):  # other widths would hash other bytes: keys no other process derives
+            raise TypeError(f"chunk keys hash tokens as {TOKEN_DTYPE} (as_token_array's), got {tokens.dtype}")
         self._data = memoryview(tokens.tobytes())  # one copy, sliced per chunk
         self._step = chunk_size * tokens.itemsize
         self._count = len(tokens) // chunk_size

@@ -82,6 +82,8 @@ def test_keys_stay_what_they_were():
     assert ns.hex() == "5f6dbe88fb6db0c3eb5da54a91b4ac0b"
     assert [k.hex() for k in chunk_keys(ns, as_token_array(np.arange(10, dtype=np.int64)), 4)] == [
         "b8f82e9abe681fc8052a0e08b1424d4d", "06042f9e96902b5998661a6bfa88bc4d"]
+    with pytest.raises(TypeError, match="<u4"):  # token ids of another width would give other keys
+        chunk_keys(ns, np.arange(10, dtype=np.int64), 4)
 
 
 def test_keys_hashed_as_asked_for_are_the_chain_s():
