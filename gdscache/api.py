@@ -740,6 +740,8 @@ class GDSCache:
             found = _with_payloads(found, payloads)
         if rows is not None:
             todo = [i for i, fetched in enumerate(found) if self._same_settings(fetched.meta, spec)]
+            if len(todo) < len(found):  # a chunk left undecoded goes back with its payload (None means decoded)
+                found = _with_payloads(found, rows)
         else:
             todo = [i for i, fetched in enumerate(found) if fetched.payload is not None
                     and fetched.payload.get_device() == on_device and self._same_settings(fetched.meta, spec)]
@@ -748,8 +750,7 @@ class GDSCache:
         if len(todo) == len(found):  # all of them: whole sequences, no view per chunk
             sources, dests = rows if rows is not None else [f.payload for f in found], targets[: len(found)]
         else:
-            sources = [rows[i] if rows is not None else found[i].payload for i in todo]
-            dests = [targets[i] for i in todo]
+            sources, dests = [found[i].payload for i in todo], [targets[i] for i in todo]
         stream = thread_stream(device) if on_device >= 0 and after is not None else None
         if on_device >= 0:  # GPU payloads come from the reading thread's stream: kept until the decoding one is done
             decoding = stream if stream is not None else torch.cuda.current_stream(device)
@@ -772,7 +773,7 @@ class GDSCache:
             if error is not None:  # the caller decodes it again and reports it, after ``ready``
                 decoded[i] = fetched._replace(payload=source, ready=ready)
                 continue
-            if fetched.owned and on_device < 0:
+            if fetched.owned and on_device < 0 and fetched.payload is not None:
                 self._recycle(fetched.payload)
             decoded[i] = Fetched(fetched.meta, None, False, ready)
         return decoded

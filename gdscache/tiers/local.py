@@ -428,7 +428,7 @@ class LocalTier:
 
         A CUDA ``device`` needs a backend that reads into GPU memory (``gpu_native``).
         """
-        return self.start_read_many(namespace, keys, device)().hits
+        return list(self.start_read_many(namespace, keys, device)().hits)
 
     def start_read_many(self, namespace: bytes, keys: Sequence[bytes],
                         device: torch.device) -> Callable[[], ChunksRead]:

@@ -13,6 +13,7 @@ import torch
 from kvtestlib import make_kv
 
 from gdscache import GDSCache
+from gdscache.api import Fetched
 from gdscache.format.chunkfile import HEADER_SIZE
 
 
@@ -102,7 +103,9 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
         local, ns, cpu = cache._local, cache.namespace, torch.device("cpu")
         paths = [local.path_of(ns, key) for key in keys]
         singles = [local.read(ns, key, cpu) for key in keys]
+        reads = local.stats.reads
         whole = local.start_read_many(ns, keys, cpu)()  # every chunk holds: their payloads as rows of one view too
+        assert local.stats.reads == reads + 6 and list(local._index)[-6:] == keys  # counted, most recently used
         assert whole.payloads is not None and len(whole.payloads) == 6
         assert all(torch.equal(whole.payloads.stack[k], singles[k][1]) for k in range(6))
         assert whole.metas == [meta for meta, _ in singles] and len(whole.hits) == 6  # each hit made when asked for
@@ -130,6 +133,45 @@ def test_batched_read_tells_each_chunk_apart(cache_dir):
         out = torch.zeros_like(kv)
         assert cache.retrieve(tokens, out) == 16
         assert torch.equal(out[:, :, :16], kv[:, :, :16])
+
+
+@pytest.mark.parametrize("trouble", ["none", "decode-error", "other-settings"])
+def test_a_batch_read_whole_counts_only_chunks_in_place(cache_dir, monkeypatch, trouble):
+    """A batch read whole goes on with no payload per chunk (``payload`` None is what a decoded chunk has): a chunk
+    that then fails to decode, or was written with other settings, must get its payload back and end the prefix
+    there, never count as in place. Driven on CPU tensors through the steps a GPU retrieve takes."""
+    kv = make_kv(2, 3 * 16, 2, 8, dtype=torch.bfloat16)
+    tokens = list(range(kv.shape[2]))
+    with GDSCache(path=cache_dir, chunk_size=16, model_id="m") as cache:
+        cache.store(tokens, kv)
+        keys = cache.chunk_keys(tokens)
+        out = torch.zeros_like(kv)
+        _, spec = cache._prepare(tokens, out, "out")
+        read = cache._local.start_read_many(cache.namespace, keys, torch.device("cpu"))()
+        assert read.payloads is not None and read.metas is not None
+        metas = list(read.metas)
+        if trouble == "other-settings":
+            metas[1] = dataclasses.replace(metas[1], codec_params={"bits": 3})
+        decode_many = cache._codec.decode_many
+        second = read.payloads.stack[1].data_ptr()
+
+        def failing(payloads, spec, num_tokens, outs):  # chunk 1 writes garbage and says it failed
+            errors = decode_many(payloads, spec, num_tokens, outs)
+            for k, payload in enumerate(payloads):
+                if payload.data_ptr() == second:
+                    outs[k].fill_(float("nan"))
+                    errors[k] = "bad stream"
+            return errors
+
+        if trouble == "decode-error":
+            monkeypatch.setattr(cache._codec, "decode_many", failing)
+        found = [Fetched(meta, None, True) for meta in metas]
+        decoded = cache._decode_here(found, cache._chunk_views(out, 0, 3), spec, None, read.payloads)
+        if trouble != "none":
+            assert decoded[1].payload is not None and torch.equal(decoded[1].payload, read.payloads.stack[1])
+        done = cache._decode_prefix(decoded, spec, out, 0)
+        assert done == (3 if trouble == "none" else 1)
+        assert torch.equal(out[:, :, : done * 16], kv[:, :, : done * 16])
 
 
 def test_a_stray_file_of_absurd_size_is_a_miss_without_claiming_memory(cache_dir):
