@@ -84,7 +84,10 @@ class ChunksRead(NamedTuple):
 
     hits: Sequence[tuple[ChunkMeta, torch.Tensor] | None]
     payloads: Rows | None
-    metas: list[ChunkMeta] | None = None
+
+    @property
+    def metas(self) -> list[ChunkMeta] | None:
+        return self.hits.metas if isinstance(self.hits, _RowHits) else None
 
 
 class _RowHits(Sequence[tuple[ChunkMeta, torch.Tensor]]):
@@ -459,7 +462,7 @@ class LocalTier:
                 self._unpin(keys)
             if isinstance(outcome, _RowHits):  # every chunk a hit
                 self._hits(keys)
-                return ChunksRead(outcome, payloads, outcome.metas)
+                return ChunksRead(outcome, payloads)
             return ChunksRead(self._account(keys, paths, outcome), None)
 
         return finish
