@@ -88,8 +88,8 @@ class RawCodec(Codec):
         rows = _rows_of((layers, planes, num_tokens, heads, dim), strides, size)
         if rows is None or _rows_of((layers, planes, end - start, heads, dim), strides, size) is None:
             return False  # the whole run's tokens must be evenly laid out, not only a chunk's
-        step = num_tokens * out.stride(2) * out.element_size()
-        first = out.data_ptr() + start * out.stride(2) * out.element_size()
+        step = num_tokens * strides[2] * size
+        first = out.data_ptr() + start * strides[2] * size
         return self._copy_rows_to(payloads, [first + k * step for k in range(len(payloads))], rows, out, spec)
 
     def encode(self, chunk: torch.Tensor | KVPages) -> torch.Tensor:
